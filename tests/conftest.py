@@ -1,0 +1,151 @@
+"""Test harness: the real server over trio's in-memory streams, a real SQLite file, and
+trio's MockClock with autojump, so timeouts of minutes take milliseconds."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, AsyncIterator, Callable
+
+import attrs
+import orjson
+import pytest
+import trio
+import trio.testing
+from trio_websocket import WebSocketConnection, wrap_client_stream
+
+from winkr.auth import mint_token
+from winkr.clock import trio_wall_clock
+from winkr.config import Settings, load_settings
+from winkr.server import Server
+from winkr.store.writer import run_inline
+
+SECRET = "test-secret-please-ignore-0123456789abcdef"
+RECV_TIMEOUT = 30.0  # mock seconds: a missing event fails the test, instantly in real time
+
+
+def make_settings(tmp_path: Any, **overrides: Any) -> Settings:
+    limits = overrides.pop("limits", {})
+    flags = {"db": str(tmp_path / "winkr.db"), "jwt_secret": SECRET, **overrides}
+    if limits:
+        flags["limits"] = limits
+    return load_settings(None, flags, environ={})
+
+
+@attrs.define
+class Client:
+    """A test client: one WebSocket plus the events it received and has not yet looked at."""
+
+    ws: WebSocketConnection
+    user_id: str
+    refs: Any = attrs.Factory(lambda: (f"r{n}" for n in itertools.count()))
+    backlog: list[dict[str, Any]] = attrs.Factory(list)
+
+    async def send(self, event: str, data: dict[str, Any] | None = None, ref: str | None = None) -> str:
+        ref = ref if ref is not None else next(self.refs)
+        await self.ws.send_message(orjson.dumps({"event": event, "data": data or {}, "ref": ref}).decode())
+        return ref
+
+    async def send_raw(self, frame: str | bytes) -> None:
+        await self.ws.send_message(frame)
+
+    async def _next(self) -> dict[str, Any]:
+        with trio.fail_after(RECV_TIMEOUT):
+            return orjson.loads(await self.ws.get_message())
+
+    async def recv(self) -> dict[str, Any]:
+        """The next event, in order."""
+        if self.backlog:
+            return self.backlog.pop(0)
+        return await self._next()
+
+    async def expect(self, event: str, ref: str | None = None,
+                     where: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        """The first event of this name (and ref) — earlier others are kept for later."""
+        for i, msg in enumerate(self.backlog):
+            if msg["event"] == event and (ref is None or msg.get("ref") == ref) and (where is None or where(msg)):
+                return self.backlog.pop(i)
+        while True:
+            msg = await self._next()
+            if msg["event"] == event and (ref is None or msg.get("ref") == ref) and (where is None or where(msg)):
+                return msg
+            self.backlog.append(msg)
+
+    async def request(self, event: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send and return the direct reply (success or error) carrying our ref."""
+        ref = await self.send(event, data)
+        for i, msg in enumerate(self.backlog):
+            if msg.get("ref") == ref:
+                return self.backlog.pop(i)
+        while True:
+            msg = await self._next()
+            if msg.get("ref") == ref:
+                return msg
+            self.backlog.append(msg)
+
+    async def nothing_more(self, wait: float = 1.0) -> list[dict[str, Any]]:
+        """Whatever arrives within ``wait`` mock seconds (for "nothing else was sent")."""
+        got = list(self.backlog)
+        self.backlog.clear()
+        with trio.move_on_after(wait):
+            while True:
+                got.append(orjson.loads(await self.ws.get_message()))
+        return got
+
+    def events(self) -> list[str]:
+        return [m["event"] for m in self.backlog]
+
+    async def close(self) -> None:
+        await self.ws.aclose()
+
+
+@attrs.define
+class Harness:
+    server: Server
+    nursery: trio.Nursery
+    settings: Settings
+
+    def token(self, user_id: str, *, ttl: float = 3600, service: bool = False, **claims: Any) -> str:
+        return mint_token(self.settings, SECRET, user_id, ttl=ttl, now=self.server.clock(),
+                          username=claims.get("username", f"name-{user_id}"),
+                          avatar_url=claims.get("avatar_url"), service=service)
+
+    async def open_ws(self, path: str = "/ws", headers: list[tuple[str, str]] | None = None,
+                      subprotocols: list[str] | None = None) -> WebSocketConnection:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self.server.handle_stream, server_stream)
+        return await wrap_client_stream(self.nursery, client_stream, "localhost", path,
+                                        subprotocols=subprotocols, extra_headers=headers)
+
+    async def connect(self, user_id: str, *, established: bool = True, token: str | None = None,
+                      service: bool = False) -> Client:
+        token = token or self.token(user_id, service=service)
+        ws = await self.open_ws(headers=[("Authorization", f"Bearer {token}")])
+        client = Client(ws, user_id)
+        if established:
+            hello = await client.recv()
+            assert hello["event"] == "connection:established", hello
+        return client
+
+    async def conversation(self, creator: Client, *others: str) -> str:
+        reply = await creator.request("conversation:create", {"participant_ids": list(others)})
+        assert reply["event"] == "conversation:created", reply
+        return reply["data"]["conversation"]["id"]
+
+
+async def start_server(nursery: trio.Nursery, settings: Settings) -> Server:
+    server = Server(settings, SECRET, clock=trio_wall_clock(), run_sync=run_inline)
+    await nursery.start(server.serve, [])
+    return server
+
+
+@pytest.fixture
+def settings(tmp_path: Any) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+async def harness(autojump_clock: Any, settings: Settings) -> AsyncIterator[Harness]:
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, settings)
+        yield Harness(server, nursery, settings)
+        server.request_shutdown()
+        nursery.cancel_scope.deadline = trio.current_time() + 30

@@ -1,0 +1,3 @@
+from winkr.cli import main
+
+raise SystemExit(main())

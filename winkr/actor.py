@@ -1,0 +1,55 @@
+"""Small pieces every actor uses: a one-shot reply and a frame factory."""
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from winkr.clock import WallClock, iso
+from winkr.errors import ProtocolError
+from winkr.protocol.codec import encode, error_data
+
+T = TypeVar("T")
+
+
+class Reply(Generic[T]):
+    """An answer set once by the actor that owns the request, awaited by the asker."""
+
+    __slots__ = ("_done", "_value", "_error")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def set(self, value: T) -> None:
+        self._value = value
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    async def wait(self) -> T:
+        """The value, or the error the owner failed it with. Cancelling the wait does not
+        cancel the request: the owner still completes it."""
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class Frames:
+    """Builds server frames with the shared wall clock; each frame encoded once."""
+
+    def __init__(self, clock: WallClock) -> None:
+        self.clock = clock
+
+    def now(self) -> float:
+        return self.clock()
+
+    def event(self, event: str, data: dict[str, Any], ref: str | None = None) -> str:
+        return encode(event, data, iso(self.clock()), ref)
+
+    def error(self, exc: ProtocolError, request_event: str | None, ref: str | None) -> str:
+        return encode("error", error_data(exc, request_event), iso(self.clock()), ref)

@@ -1,0 +1,126 @@
+"""The operator interface (contract §1): ``winkr serve``, ``winkr token``,
+``winkr conversation create``. Output for machines goes to stdout; logs go to stderr."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any, Sequence
+
+import orjson
+import trio
+
+from winkr.auth import load_or_create_secret, mint_token
+from winkr.config import ConfigError, Settings, load_settings
+from winkr.logs import setup_logging
+
+log = logging.getLogger("winkr")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    common.add_argument("--db", help="SQLite database file (default ./winkr.db)")
+
+    parser = argparse.ArgumentParser(prog="winkr", description="Winkr realtime chat service")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", parents=[common], help="run the WebSocket server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int, help="0 picks a free port")
+    serve.add_argument("--log-format", choices=("text", "json"))
+    serve.add_argument("--log-level")
+    serve.add_argument("--metrics-port", type=int)
+
+    token = commands.add_parser("token", parents=[common], help="print a signed token for a user")
+    token.add_argument("user_id")
+    token.add_argument("--username")
+    token.add_argument("--avatar-url")
+    token.add_argument("--ttl", type=float, default=24 * 3600, help="seconds (default one day)")
+    token.add_argument("--service", action="store_true", help="a service account token")
+
+    conversation = commands.add_parser("conversation", help="manage conversations")
+    conversation_commands = conversation.add_subparsers(dest="action", required=True)
+    create = conversation_commands.add_parser("create", parents=[common], help="create a conversation")
+    create.add_argument("user_ids", nargs="+", metavar="USER_ID")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags: dict[str, Any] = {"db": args.db}
+    for name in ("host", "port", "log_format", "log_level", "metrics_port"):
+        flags[name] = getattr(args, name, None)
+    return load_settings(args.config, flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"winkr: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_format, settings.log_level)
+    if args.command == "serve":
+        return _serve(settings)
+    if args.command == "token":
+        return _token(settings, args)
+    return _create_conversation(settings, args.user_ids)
+
+
+def _secret(settings: Settings) -> str | None:
+    if settings.jwt_algorithm != "HS256":
+        return None
+    secret, created = load_or_create_secret(settings)
+    if created:
+        log.warning("no JWT secret configured: generated one and stored it in %s", settings.secret_path)
+    return secret
+
+
+def _serve(settings: Settings) -> int:
+    from winkr.server import serve_forever
+
+    secret = _secret(settings)
+
+    def on_listening(ports: list[int]) -> None:
+        host = settings.host if ":" not in settings.host else f"[{settings.host}]"
+        print(f"winkr: listening on ws://{host}:{ports[0]}/ws", flush=True)
+
+    trio.run(lambda: serve_forever(settings, secret or "", on_listening=on_listening))
+    return 0
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        token = mint_token(settings, _secret(settings), args.user_id, ttl=args.ttl, now=time.time(),
+                           username=args.username, avatar_url=args.avatar_url, service=args.service)
+    except (ValueError, OSError) as exc:
+        print(f"winkr: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def _create_conversation(settings: Settings, user_ids: list[str]) -> int:
+    from winkr.errors import ProtocolError
+    from winkr.store.schema import open_database
+    from winkr.store.store import Store
+
+    db = open_database(settings.db, settings.sqlite_synchronous)
+    try:
+        store = Store(db)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            conversation, _ = store.create_conversation(
+                user_ids[0], user_ids, is_service=True, max_participants=settings.max_participants,
+                now=time.time())
+            db.execute("COMMIT")
+        except ProtocolError as exc:
+            db.execute("ROLLBACK")
+            print(f"winkr: {exc.message}", file=sys.stderr)
+            return 2
+    finally:
+        db.close()
+    print(orjson.dumps(conversation).decode())
+    return 0

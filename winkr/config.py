@@ -1,0 +1,145 @@
+"""Settings: defaults < TOML file < ``WINKR_*`` environment < command-line flags.
+
+Every number of the contract is a setting here, never a constant buried in code. Limits live
+in the ``[limits]`` table of the TOML file; ``0`` switches a limit off.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+import cattrs
+
+from winkr.policy import default_blocked_words
+
+UNBOUNDED_QUEUE = 1_000_000
+"""Outbound queue size when the limit is switched off: bounded, but never reached."""
+
+
+@attrs.frozen
+class Limits:
+    messages_per_minute: int = 30
+    messages_per_hour: int = 500
+    messages_per_day: int = 2000
+    typing_per_minute: int = 20
+    connections_per_minute: int = 10
+    conversations_per_day: int = 50
+    connections_per_user: int = 5
+    failed_handshakes_per_minute_per_ip: int = 60
+    max_frame_bytes: int = 32 * 1024
+    outbound_queue: int = 256
+
+    @property
+    def outbound_queue_size(self) -> int:
+        return self.outbound_queue or UNBOUNDED_QUEUE
+
+
+@attrs.frozen
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    db: str = "winkr.db"
+    jwt_secret: str | None = None
+    jwt_algorithm: str = "HS256"
+    jwt_public_key: str | None = None  # PEM text or a path to it, for RS256/ES256
+    jwt_private_key: str | None = None  # lets `winkr token` sign RS256/ES256 (tests, dev)
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    handshake_timeout: float = 30.0
+    ping_interval: float = 30.0
+    pong_timeout: float = 60.0
+    typing_timeout: float = 6.0
+    presence_grace: float = 5.0
+    shutdown_timeout: float = 5.0
+    max_participants: int = 10
+    max_room_connections: int = 50
+    pii_policy: str = "mask"
+    blocked_words: tuple[str, ...] = attrs.field(factory=default_blocked_words)
+    sqlite_synchronous: str = "NORMAL"
+    log_format: str = "text"
+    log_level: str = "INFO"
+    metrics_port: int | None = None
+    limits: Limits = Limits()
+
+    @property
+    def secret_path(self) -> Path:
+        """Where a generated secret is kept: beside the database."""
+        return Path(self.db).with_suffix(Path(self.db).suffix + ".secret")
+
+
+_converter = cattrs.Converter(forbid_extra_keys=True)
+_converter.register_structure_hook_func(
+    lambda t: t == tuple[str, ...],
+    # A comma-separated string (environment variables) or a TOML array.
+    lambda v, _: tuple(s.strip() for s in v.split(",") if s.strip()) if isinstance(v, str) else tuple(map(str, v)),
+)
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message says which setting and why."""
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    for field in attrs.fields(Settings):
+        if field.name != "limits" and (value := environ.get(f"WINKR_{field.name.upper()}")) is not None:
+            found[field.name] = value
+    for field in attrs.fields(Limits):
+        if (value := environ.get(f"WINKR_{field.name.upper()}")) is not None:
+            limits[field.name] = value
+    if limits:
+        found["limits"] = limits
+    return found
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        elif value is not None:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    config_file: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from a TOML file, the environment and flags (in that order)."""
+    raw: dict[str, Any] = {}
+    if config_file:
+        try:
+            raw = tomllib.loads(Path(config_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+    raw = _merge(raw, _from_env(os.environ if environ is None else environ))
+    raw = _merge(raw, flags or {})
+    try:
+        settings = _converter.structure(raw, Settings)
+    except cattrs.BaseValidationError as exc:
+        raise ConfigError("invalid setting: " + "; ".join(cattrs.transform_error(exc))) from exc
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
+    if settings.jwt_algorithm not in ("HS256", "RS256", "ES256"):
+        raise ConfigError("jwt_algorithm must be HS256, RS256 or ES256")
+    if settings.jwt_algorithm != "HS256" and not settings.jwt_public_key:
+        raise ConfigError(f"jwt_algorithm {settings.jwt_algorithm} needs jwt_public_key")
+    if settings.pii_policy not in ("mask", "reject", "allow"):
+        raise ConfigError("pii_policy must be mask, reject or allow")
+    if settings.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
+        raise ConfigError("sqlite_synchronous must be NORMAL or FULL")
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError("log_format must be text or json")
+    for field in attrs.fields(Limits):
+        if getattr(settings.limits, field.name) < 0:
+            raise ConfigError(f"limits.{field.name} must be >= 0")

@@ -1,0 +1,213 @@
+"""The connection actor: one per WebSocket.
+
+Owns its principal, its outbox, the rooms it has joined and its heartbeat. Its nursery holds
+the reader (this task: decode → validate → dispatch to a handler in ``winkr.handlers``), the
+writer (outbox → socket) and the heartbeat; when one ends, all end. Everything that
+goes wrong inside is caught here, so one bad connection never takes the server down.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from winkr.auth import Principal
+from winkr.clock import iso
+from winkr.errors import INTERNAL_ERROR, MESSAGE_TOO_LARGE, ProtocolError
+from winkr.handlers import HANDLERS
+from winkr.peer import Peer
+from winkr.protocol.codec import EnvelopeError, parse_envelope
+from winkr.protocol.requests import structure_request
+from winkr.room import RoomHandle, RoomRetired
+from winkr.services import Services
+
+log = logging.getLogger("winkr.connection")
+
+CLOSE_CODES = {"normal_closure": 1000, "server_shutdown": 1001, "message_too_large": 1009,
+               "internal_error": 1011, "token_expired": 4001, "pong_timeout": 4002,
+               "slow_consumer": 4003}
+MAX_CACHED_ROOMS = 512
+CLOSE_FLUSH_SECONDS = 2.0
+
+
+class Connection:
+    def __init__(self, ws: WebSocketConnection, principal: Principal, services: Services) -> None:
+        self.ws = ws
+        self.principal = principal
+        self.s = services
+        self.id = secrets.token_hex(8)
+        limits = services.settings.limits
+        self._outbox_send, self._outbox = trio.open_memory_channel[str](limits.outbound_queue_size)
+        self.peer = Peer(self.id, principal.user_id, principal.username, principal.avatar_url,
+                         principal.is_service, self._outbox_send, self.close_soon)
+        self.rooms: dict[str, RoomHandle] = {}
+        self.joined: set[str] = set()
+        self.close_reason: str | None = None
+        self.registered = False  # whether presence holds this connection (else: its admission)
+        self._scope: trio.CancelScope | None = None
+        self.opened_at = trio.current_time()
+
+    # --- closing ---------------------------------------------------------------------
+
+    def close_soon(self, reason: str) -> None:
+        """Ask the connection to close with ``reason`` (from any task; never blocks)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def set_expiry(self, expires_at: float) -> None:
+        """(Re)arm the token expiry: the connection's scope ends when the token does."""
+        assert self._scope is not None
+        self._scope.deadline = trio.current_time() + (expires_at - self.s.frames.now())
+
+    # --- the actor -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until the client leaves or the server closes it."""
+        self.peer.deliver(self.s.frames.event("connection:established", {
+            "user_id": self.principal.user_id, "connection_id": self.id,
+            "timestamp": iso(self.s.frames.now())}))
+        try:
+            with trio.CancelScope() as self._scope:
+                self.set_expiry(self.principal.expires_at)
+                contacts = await self.s.store.call(self._register_user)
+                await self.s.presence.connect(self.peer, contacts)
+                self.registered = True
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_outbox)
+                    nursery.start_soon(self._heartbeat)
+                    await self._send_unread_summary()
+                    await self._read_frames()
+                    nursery.cancel_scope.cancel()
+            if self._scope.cancelled_caught and self.close_reason is None:
+                self.close_reason = "token_expired"
+        except Exception:  # the connection's exception barrier
+            log.exception("connection %s (user %s) failed", self.id, self.principal.user_id)
+            self.close_reason = "internal_error"
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(CLOSE_FLUSH_SECONDS):
+                    await self._leave_everything()
+                with trio.move_on_after(CLOSE_FLUSH_SECONDS):
+                    await self._close_socket()
+
+    def _register_user(self, store: Any) -> set[str]:
+        store.upsert_user(self.principal.user_id, self.principal.username, self.principal.avatar_url)
+        return store.contacts(self.principal.user_id)
+
+    async def _leave_everything(self) -> None:
+        from winkr.room import Leave
+
+        for conversation_id in list(self.joined):
+            await self.to_room(conversation_id, Leave(self.peer, None, reply=False))
+        if self.registered:
+            await self.s.presence.disconnect(self.peer)
+        else:
+            await self.s.presence.release(self.principal.user_id)
+        self._outbox_send.close()
+
+    async def _close_socket(self) -> None:
+        reason = self.close_reason
+        if reason is None:  # the client closed; nothing to tell it
+            await self.ws.aclose()
+            return
+        code = CLOSE_CODES[reason]
+        try:
+            if reason != "slow_consumer":  # a slow client's backlog stays behind; history has it
+                while True:
+                    try:
+                        await self.ws.send_message(self._outbox.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+            if reason != "internal_error":
+                await self.ws.send_message(self.s.frames.event("connection:closed", {
+                    "reason": reason, "code": code, "timestamp": iso(self.s.frames.now())}))
+        except ConnectionClosed:
+            pass
+        await self.ws.aclose(code, reason)
+
+    # --- tasks -----------------------------------------------------------------------
+
+    async def _write_outbox(self) -> None:
+        try:
+            async for frame in self._outbox:
+                await self.ws.send_message(frame)
+        except ConnectionClosed:
+            self.close_soon_silently()
+
+    def close_soon_silently(self) -> None:
+        """The socket is gone: stop without trying to say goodbye."""
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _heartbeat(self) -> None:
+        settings = self.s.settings
+        while True:
+            await trio.sleep(settings.ping_interval)
+            with trio.move_on_after(settings.pong_timeout) as waiting:
+                try:
+                    await self.ws.ping()
+                except ConnectionClosed:
+                    return
+            if waiting.cancelled_caught:
+                self.close_soon("pong_timeout")
+                return
+
+    async def _read_frames(self) -> None:
+        while True:
+            try:
+                frame = await self.ws.get_message()
+            except ConnectionClosed:
+                return
+            await self.handle_frame(frame)
+
+    async def handle_frame(self, frame: str | bytes) -> None:
+        """Decode, validate and dispatch one client frame; every failure becomes an error
+        event and the connection stays usable (except for an oversized frame)."""
+        event: str | None = None
+        ref: str | None = None
+        try:
+            envelope = parse_envelope(frame, self.s.settings.limits.max_frame_bytes)
+            event, ref = envelope.event, envelope.ref
+            request = structure_request(envelope.event, envelope.data)
+            await HANDLERS[envelope.event](self, request, ref)
+        except EnvelopeError as exc:
+            self.reply_error(exc, exc.request_event, exc.ref)
+            if exc.code == MESSAGE_TOO_LARGE:
+                self.close_soon("message_too_large")
+        except ProtocolError as exc:
+            self.reply_error(exc, event, ref)
+        except Exception:
+            log.exception("handler for %s failed on connection %s", event, self.id)
+            self.reply_error(ProtocolError(INTERNAL_ERROR, "internal error"), event, ref)
+
+    # --- helpers for handlers --------------------------------------------------------
+
+    def reply(self, event: str, data: dict[str, Any], ref: str | None) -> None:
+        self.peer.deliver(self.s.frames.event(event, data, ref))
+
+    def reply_error(self, exc: ProtocolError, request_event: str | None, ref: str | None) -> None:
+        self.peer.deliver(self.s.frames.error(exc, request_event, ref))
+
+    async def to_room(self, conversation_id: str, request: Any) -> None:
+        """Hand a request to the conversation's room (waking it, or finding its successor)."""
+        while True:
+            handle = self.rooms.get(conversation_id)
+            if handle is None:
+                if len(self.rooms) >= MAX_CACHED_ROOMS:
+                    self.rooms = {c: h for c, h in self.rooms.items() if c in self.joined}
+                handle = self.rooms[conversation_id] = await self.s.hub.room(conversation_id)
+            try:
+                await handle.send(request)
+                return
+            except RoomRetired:
+                self.rooms.pop(conversation_id, None)
+
+    async def _send_unread_summary(self) -> None:
+        from winkr.handlers.catchup import send_unread_summary
+
+        await send_unread_summary(self)

@@ -1,0 +1,327 @@
+"""The presence actor: who is online, through which connections, and who should hear of it.
+
+Owns, per user: the open connections (``Peer``), admissions in progress (for the
+per-user connection limit), the chosen status, the contacts to tell, and the offline grace
+timer. It is also the one place that can reach "every connection of user X", so broadcasts
+to users (not to a room's joined connections) go through it.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from typing import Any, Iterable
+
+import attrs
+import trio
+
+from winkr.actor import Frames, Reply
+from winkr.clock import iso
+from winkr.store.store import Delivery, Message, Store, last_message_summary
+from winkr.store.writer import StoreHandle
+
+log = logging.getLogger("winkr.presence")
+
+
+@attrs.define
+class _User:
+    username: str
+    peers: dict[str, Any] = attrs.Factory(dict)  # connection id -> Peer
+    admitting: int = 0
+    status: str = "online"
+    contacts: set[str] = attrs.Factory(set)
+    visible: bool = False  # whether contacts were told "online"
+    grace_generation: int = 0
+
+
+# --- requests -------------------------------------------------------------------------
+
+@attrs.frozen
+class _Admit:
+    user_id: str
+    username: str
+    limit: int
+    reply: Reply[bool]
+
+
+@attrs.frozen
+class _Release:
+    user_id: str
+
+
+@attrs.frozen
+class _Connect:
+    peer: Any
+    contacts: frozenset[str]
+
+
+@attrs.frozen
+class _Disconnect:
+    peer: Any
+
+
+@attrs.frozen
+class _SetStatus:
+    peer: Any
+    status: str
+    reply: Reply[float]
+
+
+@attrs.frozen
+class Published:
+    """A committed message after its room fanned it out to the joined connections."""
+
+    message: Message
+    participants: tuple[str, ...]
+    joined_connections: frozenset[str]
+    reached_users: frozenset[str]  # recipients that got it as message:new
+    unread: dict[str, int]
+
+
+@attrs.frozen
+class _SendToUsers:
+    user_ids: tuple[str, ...]
+    frame: str
+    except_connection: str | None
+
+
+@attrs.frozen
+class _Online:
+    user_ids: tuple[str, ...]
+    reply: Reply[dict[str, bool]]
+
+
+@attrs.frozen
+class _AddContacts:
+    user_ids: tuple[str, ...]
+
+
+@attrs.frozen
+class _CloseAll:
+    reason: str
+
+
+class PresenceHandle:
+    def __init__(self, inbox: trio.MemorySendChannel[Any]) -> None:
+        self._inbox = inbox
+
+    async def admit(self, user_id: str, username: str, limit: int) -> bool:
+        """Reserve one of the user's ``limit`` connection slots (0 = no limit)."""
+        reply: Reply[bool] = Reply()
+        await self._inbox.send(_Admit(user_id, username, limit, reply))
+        return await reply.wait()
+
+    async def release(self, user_id: str) -> None:
+        await self._inbox.send(_Release(user_id))
+
+    async def connect(self, peer: Any, contacts: Iterable[str]) -> None:
+        await self._inbox.send(_Connect(peer, frozenset(contacts)))
+
+    async def disconnect(self, peer: Any) -> None:
+        await self._inbox.send(_Disconnect(peer))
+
+    async def set_status(self, peer: Any, status: str) -> float:
+        reply: Reply[float] = Reply()
+        await self._inbox.send(_SetStatus(peer, status, reply))
+        return await reply.wait()
+
+    async def published(self, event: Published) -> None:
+        await self._inbox.send(event)
+
+    async def send_to_users(self, user_ids: Iterable[str], frame: str,
+                            except_connection: str | None = None) -> None:
+        await self._inbox.send(_SendToUsers(tuple(user_ids), frame, except_connection))
+
+    async def online(self, user_ids: Iterable[str]) -> dict[str, bool]:
+        reply: Reply[dict[str, bool]] = Reply()
+        await self._inbox.send(_Online(tuple(user_ids), reply))
+        return await reply.wait()
+
+    async def add_contacts(self, user_ids: Iterable[str]) -> None:
+        await self._inbox.send(_AddContacts(tuple(user_ids)))
+
+    async def close_all(self, reason: str) -> None:
+        await self._inbox.send(_CloseAll(reason))
+
+
+class _Presence:
+    def __init__(self, frames: Frames, store: StoreHandle, grace: float) -> None:
+        self.frames = frames
+        self.store = store
+        self.grace = grace
+        self.users: dict[str, _User] = {}
+        self.grace_timers: list[tuple[float, int, str]] = []  # (deadline, generation, user)
+        self.closing: str | None = None
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _deliver(self, user_ids: Iterable[str], frame: str, except_connection: str | None = None) -> None:
+        for user_id in user_ids:
+            state = self.users.get(user_id)
+            if state is not None:
+                for peer in state.peers.values():
+                    if peer.id != except_connection:
+                        peer.deliver(frame)
+
+    def _announce(self, user_id: str, state: _User, online: bool) -> None:
+        if online:
+            frame = self.frames.event("user:online", {"user_id": user_id, "username": state.username,
+                                                      "online_at": iso(self.frames.now())})
+        else:
+            frame = self.frames.event("user:offline", {"user_id": user_id, "username": state.username,
+                                                       "offline_at": iso(self.frames.now())})
+        state.visible = online
+        self._deliver(state.contacts, frame)
+
+    def _forget_if_idle(self, user_id: str, state: _User) -> None:
+        if not state.peers and not state.admitting and not state.visible:
+            del self.users[user_id]
+
+    # --- requests --------------------------------------------------------------------
+
+    async def handle(self, request: Any) -> None:
+        if isinstance(request, Published):
+            await self._published(request)
+        elif isinstance(request, _SendToUsers):
+            self._deliver(request.user_ids, request.frame, request.except_connection)
+        elif isinstance(request, _Admit):
+            state = self.users.setdefault(request.user_id, _User(request.username))
+            allowed = self.closing is None and (
+                not request.limit or len(state.peers) + state.admitting < request.limit)
+            if allowed:
+                state.admitting += 1
+            request.reply.set(allowed)
+        elif isinstance(request, _Release):
+            state = self.users[request.user_id]
+            state.admitting -= 1
+            self._forget_if_idle(request.user_id, state)
+        elif isinstance(request, _Connect):
+            self._connect(request.peer, request.contacts)
+        elif isinstance(request, _Disconnect):
+            await self._disconnect(request.peer)
+        elif isinstance(request, _SetStatus):
+            self._set_status(request)
+        elif isinstance(request, _Online):
+            request.reply.set({user: self._is_online(user) for user in request.user_ids})
+        elif isinstance(request, _AddContacts):
+            for user in request.user_ids:
+                if (state := self.users.get(user)) is not None:
+                    state.contacts.update(u for u in request.user_ids if u != user)
+        elif isinstance(request, _CloseAll):
+            self.closing = request.reason
+            for state in self.users.values():
+                for peer in list(state.peers.values()):
+                    peer.close(request.reason)
+
+    def _is_online(self, user_id: str) -> bool:
+        state = self.users.get(user_id)
+        return state is not None and state.visible
+
+    def _connect(self, peer: Any, contacts: frozenset[str]) -> None:
+        state = self.users[peer.user_id]
+        state.admitting -= 1
+        state.username = peer.username
+        state.contacts = set(contacts)
+        state.peers[peer.id] = peer
+        state.grace_generation += 1  # a pending offline announcement is void now
+        if self.closing is not None:
+            peer.close(self.closing)
+        elif len(state.peers) == 1 and not state.visible:
+            state.status = "online"
+            self._announce(peer.user_id, state, online=True)
+
+    async def _disconnect(self, peer: Any) -> None:
+        state = self.users.get(peer.user_id)
+        if state is None or state.peers.pop(peer.id, None) is None:
+            return
+        if not state.peers:
+            state.grace_generation += 1
+            heapq.heappush(self.grace_timers, (trio.current_time() + self.grace,
+                                               state.grace_generation, peer.user_id))
+
+    async def expire_grace(self) -> None:
+        now = trio.current_time()
+        while self.grace_timers and self.grace_timers[0][0] <= now:
+            _, generation, user_id = heapq.heappop(self.grace_timers)
+            state = self.users.get(user_id)
+            if state is None or state.peers or generation != state.grace_generation:
+                continue
+            if state.visible:
+                self._announce(user_id, state, online=False)
+            stamp = self.frames.now()
+            await self.store.fire(lambda store, u=user_id, t=stamp: store.touch_last_seen(u, t))
+            self._forget_if_idle(user_id, state)
+
+    def next_deadline(self) -> float:
+        return self.grace_timers[0][0] if self.grace_timers else math.inf
+
+    def _set_status(self, request: _SetStatus) -> None:
+        state = self.users[request.peer.user_id]
+        state.status = request.status
+        if request.status == "offline" and state.visible:
+            self._announce(request.peer.user_id, state, online=False)
+        elif request.status != "offline" and not state.visible:
+            self._announce(request.peer.user_id, state, online=True)
+        request.reply.set(self.frames.now())
+
+    async def _published(self, event: Published) -> None:
+        message = event.message
+        sender = message["sender_id"]
+        reached = set(event.reached_users)
+        summary: dict[str, Any] | None = None
+        for user_id in event.participants:
+            if user_id == sender or (state := self.users.get(user_id)) is None:
+                continue
+            outside = [p for p in state.peers.values() if p.id not in event.joined_connections]
+            if not outside:
+                continue
+            summary = summary or last_message_summary(message)
+            frame = self.frames.event("conversation:unread", {
+                "conversation_id": message["conversation_id"],
+                "unread_count": event.unread.get(user_id, 0), "last_message": summary})
+            for peer in outside:
+                peer.deliver(frame)
+            reached.add(user_id)
+        if not reached:
+            return
+        sender_state = self.users.get(sender)
+        sender_peers = list(sender_state.peers.values()) if sender_state else []
+        now = self.frames.now()
+        await self.store.fire(
+            lambda store: store.record_delivered_to(message, sorted(reached), now),
+            lambda fresh: notify_delivered(self.frames, fresh, sender_peers))
+
+
+def delivered_frame(frames: Frames, delivery: Delivery) -> str:
+    return frames.event("message:delivered", {
+        "message_id": delivery.message_id, "conversation_id": delivery.conversation_id,
+        "recipient_id": delivery.recipient_id, "delivered_at": iso(delivery.delivered_at)})
+
+
+def notify_delivered(frames: Frames, deliveries: list[Delivery], sender_peers: list[Any]) -> None:
+    """Tell a sender's connections about first deliveries of their messages."""
+    for delivery in deliveries:
+        frame = delivered_frame(frames, delivery)
+        for peer in sender_peers:
+            peer.deliver(frame)
+
+
+async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, inbox_size: int = 4096,
+                       task_status: trio.TaskStatus[PresenceHandle] = trio.TASK_STATUS_IGNORED) -> None:
+    send, receive = trio.open_memory_channel[Any](inbox_size)
+    presence = _Presence(frames, store, grace)
+    task_status.started(PresenceHandle(send))
+    async with receive:
+        while True:
+            request = None
+            with trio.move_on_at(presence.next_deadline()):
+                try:
+                    request = await receive.receive()
+                except trio.EndOfChannel:
+                    return
+            if request is not None:
+                await presence.handle(request)
+            await presence.expire_grace()
+
+
+__all__ = ["PresenceHandle", "Published", "run_presence", "notify_delivered", "delivered_frame", "Store"]

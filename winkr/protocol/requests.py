@@ -1,0 +1,178 @@
+"""Client requests as attrs values, structured from ``data`` by one strict cattrs converter.
+
+Validation belongs at the edge: a request that comes out of :func:`structure_request` has
+the right types and bounds; handlers never re-check them. Every failure names the field.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NewType
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from winkr.errors import VALIDATION_ERROR, ProtocolError
+
+Id = NewType("Id", str)
+"""A conversation, message or user id: a string of 1–64 characters."""
+
+MAX_ID_CHARS = 64
+MAX_HISTORY_LIMIT = 100
+
+
+@attrs.frozen
+class MessageSend:
+    conversation_id: Id
+    type: Any
+    content: Any = None
+    metadata: Any = None
+    client_message_id: Id | None = None
+
+
+@attrs.frozen
+class MessageRef:
+    """``message:read`` and ``message:delete``."""
+
+    conversation_id: Id
+    message_id: Id
+
+
+@attrs.frozen
+class ConversationRef:
+    """``typing:*``, ``conversation:join`` and ``conversation:leave``."""
+
+    conversation_id: Id
+
+
+@attrs.frozen
+class ConversationCreate:
+    participant_ids: list[Id]
+
+
+@attrs.frozen
+class Empty:
+    pass
+
+
+@attrs.frozen
+class MessageHistory:
+    conversation_id: Id
+    before_seq: int | None = None
+    after_seq: int | None = None
+    limit: int = 50
+
+
+@attrs.frozen
+class UserStatus:
+    status: str
+
+
+@attrs.frozen
+class AuthRefresh:
+    token: str
+
+
+REQUEST_TYPES: dict[str, type] = {
+    "message:send": MessageSend,
+    "message:read": MessageRef,
+    "message:delete": MessageRef,
+    "message:history": MessageHistory,
+    "typing:start": ConversationRef,
+    "typing:stop": ConversationRef,
+    "conversation:join": ConversationRef,
+    "conversation:leave": ConversationRef,
+    "conversation:create": ConversationCreate,
+    "conversation:list": Empty,
+    "user:status": UserStatus,
+    "auth:refresh": AuthRefresh,
+}
+
+STATUSES = ("online", "away", "busy", "offline")
+
+
+class _FieldError(ValueError):
+    """Raised by the strict hooks; cattrs attaches the attribute path around it."""
+
+    def __init__(self, reason: str, *subpath: str) -> None:
+        super().__init__(reason)
+        self.subpath = subpath
+
+
+def _strict(kind: type, check: Callable[[Any], bool], what: str) -> Callable[[Any, Any], Any]:
+    def hook(value: Any, _: Any) -> Any:
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool or not check(value):
+            raise _FieldError(what)
+        return value
+    return hook
+
+
+converter = cattrs.Converter(detailed_validation=True)
+converter.register_structure_hook(
+    Id, _strict(str, lambda v: 0 < len(v) <= MAX_ID_CHARS, f"must be a string of 1-{MAX_ID_CHARS} characters"))
+converter.register_structure_hook(str, _strict(str, lambda v: True, "must be a string"))
+converter.register_structure_hook(
+    int, _strict(int, lambda v: -(2**63) <= v < 2**63, "must be an integer"))
+converter.register_structure_hook(
+    float, _strict((int, float), lambda v: math.isfinite(v), "must be a number"))  # type: ignore[arg-type]
+converter.register_structure_hook(Any, lambda v, _: v)
+
+
+def _structure_id_list(value: Any, _: Any) -> list[Id]:
+    if not isinstance(value, list):
+        raise _FieldError("must be a list of user ids")
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not 0 < len(item) <= MAX_ID_CHARS:
+            raise _FieldError(f"must be a string of 1-{MAX_ID_CHARS} characters", str(index))
+    return list(value)
+
+
+converter.register_structure_hook_func(lambda t: t == list[Id], _structure_id_list)
+
+
+def _first_error(exc: BaseException, path: list[str]) -> tuple[str, str]:
+    """Walk a cattrs exception tree to the first leaf: (dotted field path, reason)."""
+    if isinstance(exc, (ClassValidationError, IterableValidationError)):
+        for inner, note in exc.group_exceptions()[0]:
+            step = getattr(note, "name", None)
+            if step is None:
+                step = str(getattr(note, "index", ""))
+            return _first_error(inner, [*path, str(step)])
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return ".".join(path), "unexpected field"
+    if isinstance(exc, KeyError):
+        return ".".join(path), "is required"
+    if isinstance(exc, _FieldError):
+        return ".".join([*path, *exc.subpath]), str(exc)
+    return ".".join(path), "has the wrong type"
+
+
+def structure_request(event: str, data: dict[str, Any]) -> Any:
+    """Return the request value for ``event``; raise ``ProtocolError`` naming the bad field."""
+    kind = REQUEST_TYPES.get(event)
+    if kind is None:
+        raise ProtocolError(VALIDATION_ERROR, f"unknown event {event!r}", field="event")
+    try:
+        request = converter.structure(data, kind)
+    except (ClassValidationError, IterableValidationError) as exc:
+        field, reason = _first_error(exc, [])
+        raise ProtocolError(VALIDATION_ERROR, f"{field} {reason}", field=field) from None
+    _check_bounds(request)
+    return request
+
+
+def _check_bounds(request: Any) -> None:
+    if isinstance(request, MessageHistory):
+        if not 1 <= request.limit <= MAX_HISTORY_LIMIT:
+            raise ProtocolError(VALIDATION_ERROR, f"limit must be between 1 and {MAX_HISTORY_LIMIT}",
+                                field="limit")
+        for name in ("before_seq", "after_seq"):
+            value = getattr(request, name)
+            if value is not None and value < 0:
+                raise ProtocolError(VALIDATION_ERROR, f"{name} must be >= 0", field=name)
+    elif isinstance(request, UserStatus) and request.status not in STATUSES:
+        raise ProtocolError(VALIDATION_ERROR, "status must be one of " + ", ".join(STATUSES),
+                            field="status")
+    elif isinstance(request, ConversationCreate) and not request.participant_ids:
+        raise ProtocolError(VALIDATION_ERROR, "participant_ids must name at least one other user",
+                            field="participant_ids")

@@ -1,0 +1,132 @@
+"""Rate limits: GCRA (the generic cell rate algorithm), and the actor that owns the
+in-memory limits (typing, new connections, failed handshakes per IP).
+
+Why GCRA: one number per (user, limit) — the theoretical arrival time — so memory is O(1)
+per user whatever the limit; no fixed-window edge where twice the limit slips through in a
+moment; and the exact ``retry_after`` falls out of the arithmetic. A limit of N per period
+admits a burst of N, then one every period/N. Message limits are checked by the store in the
+same transaction as the insert, with their state persisted, so the hour and day windows
+survive a restart.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import trio
+
+from winkr.actor import Reply
+from winkr.errors import RATE_LIMITED, ProtocolError
+
+PERIODS = {"minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+@attrs.frozen
+class Rate:
+    count: int  # 0 = off
+    period: str  # "minute" | "hour" | "day"
+
+    @property
+    def seconds(self) -> float:
+        return PERIODS[self.period]
+
+    @property
+    def label(self) -> str:
+        return f"{self.count}/{self.period}"
+
+
+def gcra(tat: float | None, now: float, rate: Rate) -> tuple[bool, float, float]:
+    """One request against a limit: ``(allowed, new_tat, retry_after)``."""
+    if not rate.count:
+        return True, tat or now, 0.0
+    interval = rate.seconds / rate.count
+    tat = now if tat is None or tat < now else tat
+    new_tat = tat + interval
+    allowed_at = new_tat - rate.seconds
+    if allowed_at > now:
+        return False, tat, allowed_at - now
+    return True, new_tat, 0.0
+
+
+def rate_limited(rate: Rate, retry_after: float, what: str) -> ProtocolError:
+    return ProtocolError(RATE_LIMITED, f"too many {what}: limit {rate.label}",
+                         retry_after=max(0.001, round(retry_after, 3)), limit=rate.label)
+
+
+class Limits:
+    """A table of GCRA states, owned by whoever holds it. Forgets keys whose state is idle."""
+
+    def __init__(self) -> None:
+        self._tats: dict[tuple[str, str], float] = {}
+
+    def hit(self, key: str, rate: Rate, now: float) -> float:
+        """Count one event; return 0 if allowed, else the seconds until it would be."""
+        slot = (key, rate.label)
+        allowed, tat, retry_after = gcra(self._tats.get(slot), now, rate)
+        if allowed and rate.count:
+            self._tats[slot] = tat
+        return retry_after
+
+    def would_allow(self, key: str, rate: Rate, now: float) -> float:
+        """Like ``hit`` but counts nothing."""
+        return gcra(self._tats.get((key, rate.label)), now, rate)[2]
+
+    def prune(self, now: float) -> None:
+        self._tats = {slot: tat for slot, tat in self._tats.items() if tat > now}
+
+    def __len__(self) -> int:
+        return len(self._tats)
+
+
+@attrs.frozen
+class _Hit:
+    key: str
+    rate: Rate
+    count: bool  # False: only ask
+    reply: Reply[float]
+
+
+class RateLimiterHandle:
+    def __init__(self, inbox: trio.MemorySendChannel[Any]) -> None:
+        self._inbox = inbox
+
+    async def hit(self, key: str, rate: Rate) -> float:
+        """Count one event under ``key``; 0.0 if allowed, else seconds to wait."""
+        reply: Reply[float] = Reply()
+        await self._inbox.send(_Hit(key, rate, True, reply))
+        return await reply.wait()
+
+    async def check(self, key: str, rate: Rate) -> float:
+        """Whether one more event would be allowed, without counting it."""
+        reply: Reply[float] = Reply()
+        await self._inbox.send(_Hit(key, rate, False, reply))
+        return await reply.wait()
+
+
+async def run_rate_limiter(clock: Any, *, inbox_size: int = 4096, prune_every: float = 300.0,
+                           task_status: trio.TaskStatus[RateLimiterHandle] = trio.TASK_STATUS_IGNORED) -> None:
+    """Own the in-memory limits; answer each hit at once."""
+    send, receive = trio.open_memory_channel[Any](inbox_size)
+    limits = Limits()
+    next_prune = trio.current_time() + prune_every
+    task_status.started(RateLimiterHandle(send))
+    async with receive:
+        while True:
+            request = None
+            with trio.move_on_at(next_prune):
+                try:
+                    request = await receive.receive()
+                except trio.EndOfChannel:
+                    return
+            if request is not None:
+                if request.count:
+                    request.reply.set(limits.hit(request.key, request.rate, clock()))
+                else:
+                    request.reply.set(limits.would_allow(request.key, request.rate, clock()))
+            if trio.current_time() >= next_prune:
+                limits.prune(clock())
+                next_prune = trio.current_time() + prune_every
+
+
+__all__ = ["Rate", "gcra", "Limits", "rate_limited", "run_rate_limiter", "RateLimiterHandle", "math"]

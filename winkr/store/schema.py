@@ -1,0 +1,98 @@
+"""Versioned migrations, tracked with ``PRAGMA user_version``; forward only."""
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: list[str] = [
+    # 1: the core schema
+    """
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        username TEXT NOT NULL,
+        avatar_url TEXT,
+        last_seen_at REAL
+    );
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL,
+        pair_key TEXT UNIQUE,           -- 'a\x1fb' for two-person conversations: find-or-create
+        last_seq INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX conversations_created_by ON conversations (created_by, created_at);
+    CREATE TABLE participants (
+        conversation_id TEXT NOT NULL REFERENCES conversations (id),
+        user_id TEXT NOT NULL,
+        last_read_seq INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (conversation_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX participants_by_user ON participants (user_id, conversation_id);
+    CREATE TABLE messages (
+        id TEXT PRIMARY KEY,
+        conversation_id TEXT NOT NULL REFERENCES conversations (id),
+        seq INTEGER NOT NULL,
+        sender_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        content TEXT NOT NULL,
+        metadata TEXT NOT NULL,          -- JSON object
+        client_message_id TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        deleted_at REAL,
+        deleted_by TEXT,
+        expires_at REAL,                 -- photo_ephemeral: erase at this wall-clock time
+        UNIQUE (conversation_id, seq)
+    );
+    CREATE UNIQUE INDEX messages_client_id ON messages (conversation_id, sender_id, client_message_id)
+        WHERE client_message_id IS NOT NULL;
+    CREATE INDEX messages_by_sender ON messages (conversation_id, sender_id, seq);
+    CREATE INDEX messages_deleted ON messages (conversation_id, seq) WHERE deleted_at IS NOT NULL;
+    CREATE INDEX messages_expiring ON messages (expires_at) WHERE expires_at IS NOT NULL;
+    CREATE TABLE deliveries (
+        message_id TEXT NOT NULL REFERENCES messages (id),
+        user_id TEXT NOT NULL,
+        delivered_at REAL NOT NULL,
+        PRIMARY KEY (message_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE rate_state (
+        key TEXT PRIMARY KEY,           -- 'user\x1flimit'
+        tat REAL NOT NULL               -- GCRA theoretical arrival time (wall clock)
+    ) WITHOUT ROWID;
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(Exception):
+    """The database was written by a newer winkr; refuse rather than corrupt it."""
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring the schema to ``SCHEMA_VERSION``; each step in its own transaction."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(f"database schema {version} is newer than this code ({SCHEMA_VERSION})")
+    for number in range(version, SCHEMA_VERSION):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[number].split(";\n"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION
+
+
+def open_database(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """One connection in autocommit mode (transactions are explicit), WAL, foreign keys on."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("PRAGMA busy_timeout = 5000")
+    migrate(db)
+    return db
