@@ -111,7 +111,7 @@ class Harness:
     async def open_ws(self, path: str = "/ws", headers: list[tuple[str, str]] | None = None,
                       subprotocols: list[str] | None = None) -> WebSocketConnection:
         client_stream, server_stream = trio.testing.memory_stream_pair()
-        self.nursery.start_soon(self.server.handle_stream, server_stream)
+        self.server.accept_stream(server_stream)
         return await wrap_client_stream(self.nursery, client_stream, "localhost", path,
                                         subprotocols=subprotocols, extra_headers=headers)
 

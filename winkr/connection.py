@@ -21,7 +21,7 @@ from winkr.handlers import HANDLERS
 from winkr.peer import Peer
 from winkr.protocol.codec import EnvelopeError, parse_envelope
 from winkr.protocol.requests import structure_request
-from winkr.room import RoomHandle, RoomRetired
+from winkr.room import Leave, RoomHandle, RoomRetired
 from winkr.services import Services
 
 log = logging.getLogger("winkr.connection")
@@ -47,6 +47,8 @@ class Connection:
         self.joined: set[str] = set()
         self.close_reason: str | None = None
         self.registered = False  # whether presence holds this connection (else: its admission)
+        self._left = False
+        self._socket_gone = False
         self._scope: trio.CancelScope | None = None
         self.opened_at = trio.current_time()
 
@@ -72,26 +74,33 @@ class Connection:
             "user_id": self.principal.user_id, "connection_id": self.id,
             "timestamp": iso(self.s.frames.now())}))
         try:
-            with trio.CancelScope() as self._scope:
-                self.set_expiry(self.principal.expires_at)
-                contacts = await self.s.store.call(self._register_user)
-                await self.s.presence.connect(self.peer, contacts)
-                self.registered = True
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write_outbox)
-                    nursery.start_soon(self._heartbeat)
-                    await self._send_unread_summary()
-                    await self._read_frames()
-                    nursery.cancel_scope.cancel()
-            if self._scope.cancelled_caught and self.close_reason is None:
-                self.close_reason = "token_expired"
+            # The outbox writer lives outside the connection's scope: when the connection
+            # closes it still drains what was queued (an error, an acknowledgement) first.
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._write_outbox)
+                with trio.CancelScope() as self._scope:
+                    self.set_expiry(self.principal.expires_at)
+                    contacts = await self.s.store.call(self._register_user)
+                    await self.s.presence.connect(self.peer, contacts)
+                    self.registered = True
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._heartbeat)
+                        await self._send_unread_summary()
+                        await self._read_frames()
+                        nursery.cancel_scope.cancel()
+                if self._scope.cancelled_caught and self.close_reason is None and not self._socket_gone:
+                    self.close_reason = "token_expired"
+                await self._leave_everything()
+                if self.close_reason == "slow_consumer" or self._socket_gone:
+                    outer.cancel_scope.cancel()  # a slow client's backlog stays behind; history has it
+                else:
+                    outer.cancel_scope.deadline = trio.current_time() + CLOSE_FLUSH_SECONDS
         except Exception:  # the connection's exception barrier
             log.exception("connection %s (user %s) failed", self.id, self.principal.user_id)
             self.close_reason = "internal_error"
         finally:
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(CLOSE_FLUSH_SECONDS):
-                    await self._leave_everything()
+                await self._leave_everything()
                 with trio.move_on_after(CLOSE_FLUSH_SECONDS):
                     await self._close_socket()
 
@@ -100,49 +109,44 @@ class Connection:
         return store.contacts(self.principal.user_id)
 
     async def _leave_everything(self) -> None:
-        from winkr.room import Leave
-
-        for conversation_id in list(self.joined):
-            await self.to_room(conversation_id, Leave(self.peer, None, reply=False))
-        if self.registered:
-            await self.s.presence.disconnect(self.peer)
-        else:
-            await self.s.presence.release(self.principal.user_id)
+        """Leave every room, tell presence, close the outbox. Once; bounded in time."""
+        if self._left:
+            return
+        self._left = True
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_FLUSH_SECONDS):
+            for conversation_id in list(self.joined):
+                await self.to_room(conversation_id, Leave(self.peer, None, reply=False))
+            if self.registered:
+                await self.s.presence.disconnect(self.peer)
+            else:
+                await self.s.presence.release(self.principal.user_id)
         self._outbox_send.close()
 
     async def _close_socket(self) -> None:
         reason = self.close_reason
-        if reason is None:  # the client closed; nothing to tell it
+        if reason is None or self._socket_gone:  # the client closed; nothing to tell it
             await self.ws.aclose()
             return
         code = CLOSE_CODES[reason]
-        try:
-            if reason != "slow_consumer":  # a slow client's backlog stays behind; history has it
-                while True:
-                    try:
-                        await self.ws.send_message(self._outbox.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-            if reason != "internal_error":
+        if reason != "internal_error":
+            try:
                 await self.ws.send_message(self.s.frames.event("connection:closed", {
                     "reason": reason, "code": code, "timestamp": iso(self.s.frames.now())}))
-        except ConnectionClosed:
-            pass
+            except ConnectionClosed:
+                pass
         await self.ws.aclose(code, reason)
 
     # --- tasks -----------------------------------------------------------------------
 
     async def _write_outbox(self) -> None:
+        """Outbox → socket, until the outbox is closed and drained."""
         try:
             async for frame in self._outbox:
                 await self.ws.send_message(frame)
         except ConnectionClosed:
-            self.close_soon_silently()
-
-    def close_soon_silently(self) -> None:
-        """The socket is gone: stop without trying to say goodbye."""
-        if self._scope is not None:
-            self._scope.cancel()
+            self._socket_gone = True
+            if self._scope is not None:
+                self._scope.cancel()
 
     async def _heartbeat(self) -> None:
         settings = self.s.settings

@@ -75,7 +75,6 @@ class Published:
     participants: tuple[str, ...]
     joined_connections: frozenset[str]
     reached_users: frozenset[str]  # recipients that got it as message:new
-    unread: dict[str, int]
 
 
 @attrs.frozen
@@ -265,31 +264,41 @@ class _Presence:
         request.reply.set(self.frames.now())
 
     async def _published(self, event: Published) -> None:
+        """Tell participants' connections outside the room (``conversation:unread``) and the
+        sender (``message:delivered``) — both after one background store request that
+        records the deliveries and counts the unread messages."""
         message = event.message
         sender = message["sender_id"]
-        reached = set(event.reached_users)
-        summary: dict[str, Any] | None = None
+        outside: dict[str, list[Any]] = {}
         for user_id in event.participants:
-            if user_id == sender or (state := self.users.get(user_id)) is None:
-                continue
-            outside = [p for p in state.peers.values() if p.id not in event.joined_connections]
-            if not outside:
-                continue
-            summary = summary or last_message_summary(message)
-            frame = self.frames.event("conversation:unread", {
-                "conversation_id": message["conversation_id"],
-                "unread_count": event.unread.get(user_id, 0), "last_message": summary})
-            for peer in outside:
-                peer.deliver(frame)
-            reached.add(user_id)
+            if user_id != sender and (state := self.users.get(user_id)) is not None:
+                peers = [p for p in state.peers.values() if p.id not in event.joined_connections]
+                if peers:
+                    outside[user_id] = peers
+        reached = sorted(event.reached_users | outside.keys())
         if not reached:
             return
         sender_state = self.users.get(sender)
         sender_peers = list(sender_state.peers.values()) if sender_state else []
-        now = self.frames.now()
-        await self.store.fire(
-            lambda store: store.record_delivered_to(message, sorted(reached), now),
-            lambda fresh: notify_delivered(self.frames, fresh, sender_peers))
+        now, frames = self.frames.now(), self.frames
+        conversation_id = message["conversation_id"]
+
+        def work(store: Store) -> tuple[dict[str, int], list[Delivery]]:
+            return (store.unread_counts(conversation_id, outside),
+                    store.record_delivered_to(message, reached, now))
+
+        def done(result: tuple[dict[str, int], list[Delivery]]) -> None:
+            counts, deliveries = result
+            summary = last_message_summary(message)
+            for user_id, peers in outside.items():
+                frame = frames.event("conversation:unread", {
+                    "conversation_id": conversation_id, "unread_count": counts[user_id],
+                    "last_message": summary})
+                for peer in peers:
+                    peer.deliver(frame)
+            notify_delivered(frames, deliveries, sender_peers)
+
+        await self.store.fire(work, done)
 
 
 def delivered_frame(frames: Frames, delivery: Delivery) -> str:

@@ -28,6 +28,7 @@ from winkr.store.writer import StoreHandle
 log = logging.getLogger("winkr.room")
 
 MAX_SEND_RUN = 64  # sends committed together from one room
+UNKNOWN_ROOM_SECONDS = 1.0  # how long a room for a conversation that does not exist stays awake
 
 
 @attrs.frozen
@@ -295,8 +296,7 @@ class Room:
                 if member.user_id != peer.user_id:
                     reached.add(member.user_id)
         await self.s.presence.published(Published(
-            result.message, self.participants or (), frozenset(self.members), frozenset(reached),
-            result.unread))
+            result.message, self.participants or (), frozenset(self.members), frozenset(reached)))
 
     async def _read(self, request: Read) -> None:
         peer = request.peer
@@ -343,8 +343,8 @@ async def run_room(conversation_id: str, services: RoomServices, handle: RoomHan
     """Serve one conversation until the hub closes its inbox (after it went idle)."""
     room = Room(conversation_id, services, handle)
     room.participants = await services.store.call(lambda store: store.participants(conversation_id))
-    if room.participants is None:
-        room.idle_since = -math.inf  # nothing to keep awake for: retire at the first idle moment
+    if room.participants is None:  # an unknown id: answer what is waiting, then sleep soon
+        room.idle_since = trio.current_time() - services.idle_timeout + UNKNOWN_ROOM_SECONDS
     async with inbox:
         while True:
             first = None

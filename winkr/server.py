@@ -73,6 +73,7 @@ class Server:
         self.policy = PolicySettings(blocked_words=settings.blocked_words, pii_policy=settings.pii_policy)
         self.services: Services | None = None
         self._shutdown = trio.Event()
+        self._connections: trio.Nursery | None = None
         self.ports: list[int] = []
 
     def request_shutdown(self) -> None:
@@ -89,6 +90,7 @@ class Server:
             async with trio.open_nursery() as actors:
                 await self._start_actors(actors, Store(db))
                 async with trio.open_nursery() as connections:
+                    self._connections = connections
                     async with trio.open_nursery() as listening:
                         if listeners is None:
                             listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
@@ -132,6 +134,12 @@ class Server:
 
     # --- one connection ----------------------------------------------------------------
 
+    def accept_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve a stream that did not come from a listener (an in-memory one in tests) in
+        the connections nursery, so shutdown treats it like any other connection."""
+        assert self._connections is not None, "the server is not running"
+        self._connections.start_soon(self.handle_stream, stream)
+
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one client stream: handshake (within the timeout), then the connection."""
         ip = _remote_ip(stream)
@@ -146,7 +154,7 @@ class Server:
                     await self._serve_request(request, ip)
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # noqa: BLE001 - one bad stream must not stop the listener
-            log.debug("stream from %s ended with %r", ip, exc)
+            log.debug("stream from %s ended with %r", ip, exc, exc_info=True)
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -219,17 +227,16 @@ class Server:
                              body=body)
 
 
-async def serve_forever(settings: Settings, secret: str, *, on_listening: Callable[[list[int]], None],
-                        install_signal_handlers: bool = True) -> None:
+async def serve_forever(settings: Settings, secret: str, *, on_listening: Callable[[list[int]], None]) -> None:
     """Run a server until SIGINT/SIGTERM (the CLI's entry point)."""
     import signal
 
     server = Server(settings, secret)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
-        on_listening(server.ports)
-        if install_signal_handlers:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    server.request_shutdown()
-                    break
+    # Signals are caught before the "listening" line, so a signal right after it is graceful.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            on_listening(server.ports)
+            async for _ in signals:
+                server.request_shutdown()
+                break

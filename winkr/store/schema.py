@@ -16,8 +16,7 @@ MIGRATIONS: list[str] = [
         id TEXT PRIMARY KEY,
         created_at REAL NOT NULL,
         created_by TEXT NOT NULL,
-        pair_key TEXT UNIQUE,           -- 'a\x1fb' for two-person conversations: find-or-create
-        last_seq INTEGER NOT NULL DEFAULT 0
+        pair_key TEXT UNIQUE            -- 'a\x1fb' for two-person conversations: find-or-create
     );
     CREATE INDEX conversations_created_by ON conversations (created_by, created_at);
     CREATE TABLE participants (
@@ -28,7 +27,6 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX participants_by_user ON participants (user_id, conversation_id);
     CREATE TABLE messages (
-        id TEXT PRIMARY KEY,
         conversation_id TEXT NOT NULL REFERENCES conversations (id),
         seq INTEGER NOT NULL,
         sender_id TEXT NOT NULL,
@@ -41,18 +39,22 @@ MIGRATIONS: list[str] = [
         deleted_at REAL,
         deleted_by TEXT,
         expires_at REAL,                 -- photo_ephemeral: erase at this wall-clock time
-        UNIQUE (conversation_id, seq)
-    );
+        PRIMARY KEY (conversation_id, seq)
+    ) WITHOUT ROWID;
+    -- A message's id is "<conversation_id>.<seq>": the primary key finds it, and an insert
+    -- appends to its conversation's range instead of touching a random index page.
     CREATE UNIQUE INDEX messages_client_id ON messages (conversation_id, sender_id, client_message_id)
         WHERE client_message_id IS NOT NULL;
     CREATE INDEX messages_by_sender ON messages (conversation_id, sender_id, seq);
     CREATE INDEX messages_deleted ON messages (conversation_id, seq) WHERE deleted_at IS NOT NULL;
     CREATE INDEX messages_expiring ON messages (expires_at) WHERE expires_at IS NOT NULL;
     CREATE TABLE deliveries (
-        message_id TEXT NOT NULL REFERENCES messages (id),
+        conversation_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
         user_id TEXT NOT NULL,
         delivered_at REAL NOT NULL,
-        PRIMARY KEY (message_id, user_id)
+        PRIMARY KEY (conversation_id, seq, user_id),
+        FOREIGN KEY (conversation_id, seq) REFERENCES messages (conversation_id, seq)
     ) WITHOUT ROWID;
     CREATE TABLE rate_state (
         key TEXT PRIMARY KEY,           -- 'user\x1flimit'
@@ -94,5 +96,6 @@ def open_database(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
     db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
     db.execute("PRAGMA foreign_keys = ON")
     db.execute("PRAGMA busy_timeout = 5000")
+    db.execute("PRAGMA cache_size = -65536")  # 64 MiB: the hot end of every conversation stays in memory
     migrate(db)
     return db

@@ -20,17 +20,18 @@ from winkr.ratelimit import PERIODS, Rate, gcra, rate_limited
 Message = dict[str, Any]
 """A message object exactly as it goes on the wire (contract §5)."""
 
-_MESSAGE_COLUMNS = ("id, conversation_id, seq, sender_id, type, content, metadata, client_message_id,"
+_MESSAGE_COLUMNS = ("conversation_id, seq, sender_id, type, content, metadata, client_message_id,"
                     " created_at, updated_at, deleted_at")
 
 _UNREAD_SQL = """
 SELECT p.user_id,
-       (c.last_seq - p.last_read_seq)
+       ((SELECT coalesce(max(m.seq), 0) FROM messages m WHERE m.conversation_id = p.conversation_id)
+        - p.last_read_seq)
        - (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id
             AND m.sender_id = p.user_id AND m.seq > p.last_read_seq)
        - (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id
             AND m.deleted_at IS NOT NULL AND m.sender_id != p.user_id AND m.seq > p.last_read_seq)
-FROM participants p JOIN conversations c ON c.id = p.conversation_id
+FROM participants p
 WHERE p.conversation_id = ?"""
 
 
@@ -38,7 +39,6 @@ WHERE p.conversation_id = ?"""
 class SendResult:
     message: Message
     duplicate: bool
-    unread: dict[str, int]  # other participant -> their unread count after this message
 
 
 @attrs.frozen
@@ -66,10 +66,22 @@ class UnreadSummary:
     last_message: Message | None
 
 
+def message_id(conversation_id: str, seq: int) -> str:
+    return f"{conversation_id}.{seq}"
+
+
+def parse_message_id(conversation_id: str, message_id: str) -> int | None:
+    """The ``seq`` a message id names within this conversation, if it does."""
+    prefix, dot, seq = message_id.rpartition(".")
+    if not dot or prefix != conversation_id or not seq.isdigit() or len(seq) > 18:
+        return None
+    return int(seq)
+
+
 def _message(row: tuple[Any, ...], is_read: bool = False) -> Message:
-    (mid, conv, seq, sender, type_, content, metadata, cmid, created, updated, deleted) = row
+    (conv, seq, sender, type_, content, metadata, cmid, created, updated, deleted) = row
     message: Message = {
-        "id": mid, "conversation_id": conv, "seq": seq, "sender_id": sender, "type": type_,
+        "id": message_id(conv, seq), "conversation_id": conv, "seq": seq, "sender_id": sender, "type": type_,
         "content": content, "metadata": orjson.loads(metadata), "created_at": iso(created),
         "updated_at": iso(updated), "is_read": is_read, "is_deleted": deleted is not None,
     }
@@ -173,7 +185,7 @@ class Store:
     def _next_seq(self, conversation_id: str) -> int:
         last = self._last_seq.get(conversation_id)
         if last is None:
-            last = self.db.execute("SELECT last_seq FROM conversations WHERE id = ?",
+            last = self.db.execute("SELECT coalesce(max(seq), 0) FROM messages WHERE conversation_id = ?",
                                    (conversation_id,)).fetchone()[0]
         return last + 1
 
@@ -188,40 +200,40 @@ class Store:
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND sender_id = ? "
                 "AND client_message_id = ?", (conversation_id, sender_id, client_message_id)).fetchone()
             if row is not None:
-                return SendResult(_message(row), True, {})
+                return SendResult(_message(row), True)
         if rates:
             self._count_messages(sender_id, rates, now)
         seq = self._next_seq(conversation_id)
-        message_id = str(uuid.uuid4())
-        metadata_json = orjson.dumps(metadata).decode()
         self.db.execute(
-            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-            (message_id, conversation_id, seq, sender_id, type_, content, metadata_json,
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            (conversation_id, seq, sender_id, type_, content, orjson.dumps(metadata).decode(),
              client_message_id, now, now))
-        self.db.execute("UPDATE conversations SET last_seq = ? WHERE id = ?", (seq, conversation_id))
         self._last_seq[conversation_id] = seq
-        unread = {user: count for user, count in self.db.execute(_UNREAD_SQL + " AND p.user_id != ?",
-                                                                   (conversation_id, sender_id))}
         created = iso(now)
         message: Message = {
-            "id": message_id, "conversation_id": conversation_id, "seq": seq, "sender_id": sender_id,
+            "id": message_id(conversation_id, seq), "conversation_id": conversation_id, "seq": seq, "sender_id": sender_id,
             "type": type_, "content": content, "metadata": metadata, "created_at": created,
             "updated_at": created, "is_read": False, "is_deleted": False,
         }
         if client_message_id is not None:
             message["client_message_id"] = client_message_id
-        return SendResult(message, False, unread)
+        return SendResult(message, False)
 
     def unread_count(self, conversation_id: str, user_id: str) -> int:
         row = self.db.execute(_UNREAD_SQL + " AND p.user_id = ?", (conversation_id, user_id)).fetchone()
         return row[1] if row else 0
 
+    def unread_counts(self, conversation_id: str, user_ids: Iterable[str]) -> dict[str, int]:
+        return {user: self.unread_count(conversation_id, user) for user in user_ids}
+
     def _message_seq(self, conversation_id: str, message_id: str) -> tuple[int, float | None]:
-        row = self.db.execute("SELECT seq, deleted_at FROM messages WHERE id = ? AND conversation_id = ?",
-                              (message_id, conversation_id)).fetchone()
-        if row is None:
+        seq = parse_message_id(conversation_id, message_id)
+        row = None if seq is None else self.db.execute(
+            "SELECT deleted_at FROM messages WHERE conversation_id = ? AND seq = ?",
+            (conversation_id, seq)).fetchone()
+        if seq is None or row is None:
             raise ProtocolError(NOT_FOUND, "message not found", field="message_id")
-        return row[0], row[1]
+        return seq, row[0]
 
     def read_up_to(self, conversation_id: str, reader: str, message_id: str, now: float) -> ReadResult:
         """Mark every message up to ``message_id`` not sent by ``reader`` as read by them."""
@@ -244,12 +256,12 @@ class Store:
 
     def delete_message(self, conversation_id: str, message_id: str, deleted_by: str, now: float) -> float:
         """Erase content and metadata, keep a tombstone. Returns ``deleted_at``."""
-        _, deleted_at = self._message_seq(conversation_id, message_id)
+        seq, deleted_at = self._message_seq(conversation_id, message_id)
         if deleted_at is not None:
             raise ProtocolError(NOT_FOUND, "message already deleted", field="message_id")
         self.db.execute("UPDATE messages SET content = '', metadata = '{}', deleted_at = ?, deleted_by = ?, "
-                        "expires_at = NULL, updated_at = ? WHERE id = ?",
-                        (now, deleted_by, now, message_id))
+                        "expires_at = NULL, updated_at = ? WHERE conversation_id = ? AND seq = ?",
+                        (now, deleted_by, now, conversation_id, seq))
         return now
 
     def next_expiry(self) -> float | None:
@@ -258,11 +270,12 @@ class Store:
 
     def expire_due(self, now: float) -> list[tuple[str, str]]:
         """Erase every ephemeral message whose time has come: ``[(conversation_id, message_id)]``."""
-        due = self.db.execute("SELECT conversation_id, id FROM messages WHERE expires_at IS NOT NULL "
-                              "AND expires_at <= ?", (now,)).fetchall()
-        for conversation_id, message_id in due:
-            self.delete_message(conversation_id, message_id, "system", now)
-        return [(c, m) for c, m in due]
+        due = [(c, message_id(c, seq)) for c, seq in self.db.execute(
+            "SELECT conversation_id, seq FROM messages WHERE expires_at IS NOT NULL AND expires_at <= ?",
+            (now,)).fetchall()]
+        for conversation_id, mid in due:
+            self.delete_message(conversation_id, mid, "system", now)
+        return due
 
     def history(self, conversation_id: str, user_id: str, before_seq: int | None,
                 after_seq: int | None, limit: int) -> tuple[list[Message], bool]:
@@ -278,12 +291,12 @@ class Store:
         rows = self.db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where} "
                                f"ORDER BY seq {order} LIMIT ?", (*args, limit + 1)).fetchall()
         has_more = len(rows) > limit
-        rows = sorted(rows[:limit], key=lambda r: r[2])
+        rows = sorted(rows[:limit], key=lambda r: r[1])
         reads = dict(self.db.execute("SELECT user_id, last_read_seq FROM participants WHERE "
                                      "conversation_id = ?", (conversation_id,)).fetchall())
         mine = reads.get(user_id, 0)
         others = max((seq for user, seq in reads.items() if user != user_id), default=0)
-        return [_message(row, row[2] <= (others if row[3] == user_id else mine)) for row in rows], has_more
+        return [_message(row, row[1] <= (others if row[2] == user_id else mine)) for row in rows], has_more
 
     def last_message(self, conversation_id: str) -> Message | None:
         row = self.db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? "
@@ -298,8 +311,9 @@ class Store:
         for message in messages:
             if message["sender_id"] == recipient_id or message["is_deleted"]:
                 continue
-            cursor = self.db.execute("INSERT OR IGNORE INTO deliveries (message_id, user_id, delivered_at) "
-                                     "VALUES (?, ?, ?)", (message["id"], recipient_id, now))
+            cursor = self.db.execute(
+                "INSERT OR IGNORE INTO deliveries (conversation_id, seq, user_id, delivered_at) "
+                "VALUES (?, ?, ?, ?)", (message["conversation_id"], message["seq"], recipient_id, now))
             if cursor.rowcount:
                 fresh.append(Delivery(message["id"], message["conversation_id"], message["sender_id"],
                                       recipient_id, now))

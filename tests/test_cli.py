@@ -1,0 +1,259 @@
+"""The operator interface (contract §1) as a user runs it: real processes, real loopback
+sockets, real time (every wait bounded)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import re
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jwt
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+SECRET = "cli-test-secret-0123456789abcdef0123456789"
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+LISTENING = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)/ws")
+START_TIMEOUT = 20.0
+COMMAND_TIMEOUT = 30.0
+
+
+def environment(secret: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WINKR_")}
+    if secret is not None:
+        env["WINKR_JWT_SECRET"] = secret
+    return env
+
+
+def winkr(args: list[str], cwd: Path, secret: str | None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "winkr", *args], cwd=cwd, env=environment(secret),
+                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+
+
+class RunningServer:
+    def __init__(self, proc: subprocess.Popen[str], port: int, lines: queue.Queue[str], stderr: Path) -> None:
+        self.proc, self.port, self.lines, self.stderr = proc, port, lines, stderr
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def stderr_text(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+
+def start_server(tmp_path: Path, db: Path, secret: str | None) -> tuple[subprocess.Popen[str], Any]:
+    stderr = open(tmp_path / "serve.stderr", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "winkr", "serve", "--port", "0", "--db", str(db)],
+                            cwd=tmp_path, env=environment(secret), stdout=subprocess.PIPE,
+                            stderr=stderr, text=True)
+    stderr.close()
+    return proc, tmp_path / "serve.stderr"
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    """``serve(db, secret)`` starts ``winkr serve --port 0`` and waits for its listening line;
+    every process started is killed at the end whatever happened."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def run(db: Path, secret: str | None) -> RunningServer:
+        proc, stderr = start_server(tmp_path, db, secret)
+        procs.append(proc)
+        lines: queue.Queue[str] = queue.Queue()
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no listening line; stderr:\n{stderr.read_text()}")
+            try:
+                line = lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if match := LISTENING.search(line):
+                return RunningServer(proc, int(match.group(1)), lines, stderr)
+
+    yield run
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def stop(server: RunningServer, sig: int) -> int:
+    """Send ``sig`` and return the exit status; it must come within 10 seconds."""
+    started = time.monotonic()
+    server.proc.send_signal(sig)
+    try:
+        status = server.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running 10 s after {signal.Signals(sig).name}:\n{server.stderr_text()}")
+    assert time.monotonic() - started < 10
+    return status
+
+
+async def recv_json(ws: Any, timeout: float = 10.0) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def reply_to(ws: Any, ref: str, timeout: float = 10.0) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            event = json.loads(await ws.recv())
+            if event.get("ref") == ref:
+                return event
+
+
+# --- winkr token -------------------------------------------------------------------------------
+
+def test_token_prints_only_a_verifiable_token(tmp_path: Path) -> None:
+    before = int(time.time())
+    result = winkr(["token", "alice", "--username", "Alice A", "--ttl", "600", "--db",
+                    str(tmp_path / "w.db")], tmp_path, SECRET)
+    after = int(time.time()) + 1
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n")
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    claims = jwt.decode(lines[0], SECRET, algorithms=["HS256"])
+    assert jwt.get_unverified_header(lines[0])["alg"] == "HS256"
+    assert claims["sub"] == "alice"
+    assert claims["username"] == "Alice A"
+    assert before + 600 <= claims["exp"] <= after + 600
+    assert not (tmp_path / "w.db.secret").exists()  # a configured secret is never replaced
+
+
+# --- the generated secret ----------------------------------------------------------------------
+
+def test_generated_secret_is_private_and_used_by_token(tmp_path: Path, serve: Any) -> None:
+    db = tmp_path / "data" / "chat.db"
+    db.parent.mkdir()
+    server = serve(db, None)
+    secret_file = Path(str(db) + ".secret")
+    assert secret_file.exists(), list(db.parent.iterdir())
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    secret = secret_file.read_text().strip()
+    assert len(secret) >= 32
+    assert "chat.db.secret" in server.stderr_text()  # it says so in its log
+
+    result = winkr(["token", "alice", "--db", str(db)], tmp_path, None)
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert jwt.decode(token, secret, algorithms=["HS256"])["sub"] == "alice"
+
+    async def scenario() -> None:
+        async with connect(server.url, additional_headers={"Authorization": f"Bearer {token}"},
+                           open_timeout=10) as ws:
+            hello = await recv_json(ws)
+            assert hello["event"] == "connection:established", hello
+            assert hello["data"]["user_id"] == "alice"
+
+    asyncio.run(scenario())
+    assert stop(server, signal.SIGTERM) == 0
+    assert secret_file.read_text().strip() == secret
+
+
+# --- winkr conversation create --------------------------------------------------------------------
+
+def test_conversation_create_prints_one_json_object(tmp_path: Path) -> None:
+    db = tmp_path / "w.db"
+    result = winkr(["conversation", "create", "anna", "ben", "--db", str(db)], tmp_path, SECRET)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    conversation = json.loads(lines[0])
+    assert set(conversation) == {"id", "participant_ids", "created_at"}
+    assert isinstance(conversation["id"], str) and conversation["id"]
+    assert sorted(conversation["participant_ids"]) == ["anna", "ben"]
+    assert TIMESTAMP.match(conversation["created_at"]), conversation
+
+
+# --- winkr serve, end to end, and graceful shutdown -----------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_end_to_end_then_graceful_shutdown(tmp_path: Path, serve: Any, sig: int) -> None:
+    db = tmp_path / "live.db"
+    server = serve(db, SECRET)
+
+    # The CLI works against the running server's database.
+    created = winkr(["conversation", "create", "alice", "bob", "--db", str(db)], tmp_path, SECRET)
+    assert created.returncode == 0, created.stderr
+    listed_conversation = json.loads(created.stdout)
+    token = winkr(["token", "alice", "--db", str(db)], tmp_path, SECRET).stdout.strip()
+
+    acked: dict[str, Any] = {}
+    signalled: list[float] = []
+
+    async def scenario() -> None:
+        async with connect(server.url, additional_headers={"Authorization": f"Bearer {token}"},
+                           open_timeout=10) as ws:
+            hello = await recv_json(ws)
+            assert hello["event"] == "connection:established", hello
+
+            await ws.send(json.dumps({"event": "conversation:list", "data": {}, "ref": "l1"}))
+            listing = await reply_to(ws, "l1")
+            assert listing["event"] == "conversation:list", listing
+            assert listed_conversation["id"] in [c["id"] for c in listing["data"]["conversations"]]
+
+            await ws.send(json.dumps({"event": "conversation:create",
+                                      "data": {"participant_ids": ["carol"]}, "ref": "c1"}))
+            created_reply = await reply_to(ws, "c1")
+            assert created_reply["event"] == "conversation:created", created_reply
+            conv = created_reply["data"]["conversation"]["id"]
+
+            await ws.send(json.dumps({"event": "message:send", "ref": "m1", "data": {
+                "conversation_id": conv, "content": "hello over loopback", "type": "text", "metadata": {}}}))
+            ack = await reply_to(ws, "m1")
+            assert ack["event"] == "message:new", ack
+            assert ack["data"]["message"]["content"] == "hello over loopback"
+            acked.update(ack["data"]["message"])
+
+            server.proc.send_signal(sig)
+            signalled.append(time.monotonic())
+            events = []
+            with pytest.raises(ConnectionClosed) as info:
+                async with asyncio.timeout(10):
+                    while True:
+                        events.append(json.loads(await ws.recv()))
+            assert events and events[-1]["event"] == "connection:closed", events
+            assert events[-1]["data"]["reason"] == "server_shutdown"
+            assert events[-1]["data"]["code"] == 1001
+            assert info.value.rcvd is not None, "no close frame from the server"
+            assert info.value.rcvd.code == 1001
+
+    try:
+        asyncio.run(scenario())
+    except BaseException:
+        print(server.stderr_text(), file=sys.stderr)
+        raise
+    try:
+        status = server.proc.wait(timeout=max(0.1, 10 - (time.monotonic() - signalled[0])))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running 10 s after the signal:\n{server.stderr_text()}")
+    assert status == 0, server.stderr_text()
+
+    db_conn = sqlite3.connect(db)
+    try:
+        row = db_conn.execute("SELECT content FROM messages WHERE conversation_id = ? AND seq = ?",
+                              (acked["conversation_id"], acked["seq"])).fetchone()
+    finally:
+        db_conn.close()
+    assert row == ("hello over loopback",)
