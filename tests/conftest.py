@@ -2,6 +2,7 @@
 trio's MockClock with autojump, so timeouts of minutes take milliseconds."""
 from __future__ import annotations
 
+import inspect
 import itertools
 from typing import Any, AsyncIterator, Callable
 
@@ -131,6 +132,21 @@ class Harness:
         return reply["data"]["conversation"]["id"]
 
 
+def run_with_autojump(fn: Any, clock: Any = None, instruments: Any = ()) -> Any:
+    """Every trio test runs on MockClock with autojump unless it names its own clock, so no
+    test waits for real time by accident."""
+    return trio.run(fn, clock=clock or trio.testing.MockClock(autojump_threshold=0),
+                    instruments=instruments)
+
+
+def pytest_collection_modifyitems(items: list[Any]) -> None:
+    for item in items:
+        if not inspect.iscoroutinefunction(getattr(item, "function", None)):
+            continue
+        if not any("run" in marker.kwargs for marker in item.iter_markers("trio")):
+            item.add_marker(pytest.mark.trio(run=run_with_autojump))
+
+
 async def start_server(nursery: trio.Nursery, settings: Settings) -> Server:
     server = Server(settings, SECRET, clock=trio_wall_clock(), run_sync=run_inline)
     await nursery.start(server.serve, [])
@@ -143,7 +159,7 @@ def settings(tmp_path: Any) -> Settings:
 
 
 @pytest.fixture
-async def harness(autojump_clock: Any, settings: Settings) -> AsyncIterator[Harness]:
+async def harness(settings: Settings) -> AsyncIterator[Harness]:
     async with trio.open_nursery() as nursery:
         server = await start_server(nursery, settings)
         yield Harness(server, nursery, settings)
