@@ -59,6 +59,8 @@ async def harness(harness: Harness, watchdog: dict[str, Any]) -> Any:
     """conftest's harness, with the watchdog armed for this trio run."""
     watchdog["token"] = trio.lowlevel.current_trio_token()
     yield harness
+
+
 MESSAGE_FIELDS = {"id", "conversation_id", "sender_id", "content", "type", "created_at", "updated_at",
                   "is_read", "metadata", "seq"}
 
@@ -73,7 +75,8 @@ def text(conversation_id: str, content: str = "hello there", **extra: Any) -> di
     return {"conversation_id": conversation_id, "content": content, "type": "text", "metadata": {}, **extra}
 
 
-async def send(client: Client, conversation_id: str, content: str = "hello there", **extra: Any) -> dict[str, Any]:
+async def send(
+        client: Client, conversation_id: str, content: str = "hello there", **extra: Any) -> dict[str, Any]:
     """Send a text message; return the acknowledged message object."""
     reply = await client.request("message:send", text(conversation_id, content, **extra))
     assert reply["event"] == "message:new", reply
@@ -97,13 +100,16 @@ async def settle(*clients: Client) -> None:
         await client.nothing_more()
 
 
-def concerning(events: list[dict[str, Any]], conversation_id: str, event: str | None = None) -> list[dict[str, Any]]:
+def concerning(
+        events: list[dict[str, Any]], conversation_id: str, event: str | None = None) -> list[dict[str, Any]]:
     """The events that mention the conversation (optionally: only of one name)."""
     return [e for e in events if conversation_id in orjson.dumps(e).decode()
             and (event is None or e["event"] == event)]
 
 
-def assert_error(reply: dict[str, Any], code: str, field: str | None, request_event: str, ref: str | None = None) -> None:
+def assert_error(
+        reply: dict[str, Any], code: str, field: str | None, request_event: str,
+        ref: str | None = None) -> None:
     assert reply["event"] == "error", reply
     assert reply["data"]["code"] == code, reply
     assert reply["data"]["request_event"] == request_event, reply
@@ -127,7 +133,8 @@ def timestamps(obj: Any, path: str = "") -> list[tuple[str, Any]]:
     return found
 
 
-async def pair(harness: Harness, *, alice_joined: bool = True, bob_joined: bool = True) -> tuple[Client, Client, str]:
+async def pair(harness: Harness, *, alice_joined: bool = True,
+               bob_joined: bool = True) -> tuple[Client, Client, str]:
     alice = await harness.connect("alice")
     bob = await harness.connect("bob")
     conv = await harness.conversation(alice, "bob")
@@ -141,7 +148,8 @@ async def pair(harness: Harness, *, alice_joined: bool = True, bob_joined: bool 
 
 # --- message:send ---------------------------------------------------------------------
 
-async def test_send_acks_sender_with_ref_and_broadcasts_to_joined_connections_without_ref(autojump_clock: Any, harness: Harness) -> None:
+async def test_send_acks_sender_with_ref_and_broadcasts_to_joined_connections_without_ref(
+        autojump_clock: Any, harness: Harness) -> None:
     alice, bob, conv = await pair(harness)
     alice2 = await harness.connect("alice")
     await join(alice2, conv)
@@ -154,10 +162,12 @@ async def test_send_acks_sender_with_ref_and_broadcasts_to_joined_connections_wi
         got = await other.expect("message:new")
         assert "ref" not in got
         assert got["data"] == ack["data"]
+        assert concerning(await other.nothing_more(), conv, "conversation:unread") == []  # joined: no unread
 
 
 @pytest.mark.parametrize("client_message_id", [None, "cm-0001"])
-async def test_message_object_has_the_contract_fields(autojump_clock: Any, harness: Harness, client_message_id: str | None) -> None:
+async def test_message_object_has_the_contract_fields(
+        autojump_clock: Any, harness: Harness, client_message_id: str | None) -> None:
     token = harness.token("alice", avatar_url="https://example.com/a.png")
     alice = await harness.connect("alice", token=token)
     conv = await harness.conversation(alice, "bob")
@@ -193,7 +203,8 @@ async def test_message_new_carries_the_sender(autojump_clock: Any, harness: Harn
     assert (await bob.expect("message:new"))["data"]["sender"] == expected
 
 
-async def test_every_timestamp_is_rfc3339_utc_with_milliseconds(autojump_clock: Any, harness: Harness) -> None:
+async def test_every_timestamp_is_rfc3339_utc_with_milliseconds(
+        autojump_clock: Any, harness: Harness) -> None:
     alice, bob, conv = await pair(harness)
     bob_outside = await harness.connect("bob")
     m1 = await send(alice, conv, "one")
@@ -214,7 +225,8 @@ async def test_every_timestamp_is_rfc3339_utc_with_milliseconds(autojump_clock: 
     assert all("timestamp" in f for f in frames)
 
 
-async def test_non_joined_participant_gets_conversation_unread_instead_of_message_new(autojump_clock: Any, harness: Harness) -> None:
+async def test_non_joined_participant_gets_conversation_unread_instead_of_message_new(
+        autojump_clock: Any, harness: Harness) -> None:
     alice, bob, conv = await pair(harness, bob_joined=False)
 
     first = await send(alice, conv, "first")
@@ -277,7 +289,8 @@ async def test_seq_counts_per_conversation_independently(autojump_clock: Any, ha
     assert seqs == [(with_bob, 1), (with_bob, 2), (with_carol, 1), (with_bob, 3), (with_carol, 2)]
 
 
-async def test_concurrent_senders_are_seen_in_ascending_seq_everywhere(autojump_clock: Any, harness: Harness) -> None:
+async def test_concurrent_senders_are_seen_in_ascending_seq_everywhere(
+        autojump_clock: Any, harness: Harness) -> None:
     alice = await harness.connect("alice")
     bob = await harness.connect("bob")
     carol = await harness.connect("carol")
@@ -300,7 +313,8 @@ async def test_concurrent_senders_are_seen_in_ascending_seq_everywhere(autojump_
 
 # --- client_message_id ----------------------------------------------------------------
 
-async def test_resent_client_message_id_returns_original_to_sender_only(autojump_clock: Any, harness: Harness) -> None:
+async def test_resent_client_message_id_returns_original_to_sender_only(
+        autojump_clock: Any, harness: Harness) -> None:
     alice, bob, conv = await pair(harness)
     original = await send(alice, conv, "once", client_message_id="cm-1")
     await settle(alice, bob)
@@ -312,7 +326,8 @@ async def test_resent_client_message_id_returns_original_to_sender_only(autojump
     assert (await send(alice, conv, "next"))["seq"] == 2
 
 
-async def test_same_client_message_id_from_another_sender_is_a_new_message(autojump_clock: Any, harness: Harness) -> None:
+async def test_same_client_message_id_from_another_sender_is_a_new_message(
+        autojump_clock: Any, harness: Harness) -> None:
     alice, bob, conv = await pair(harness)
     from_alice = await send(alice, conv, "mine", client_message_id="cm-1")
     from_bob = await send(bob, conv, "mine too", client_message_id="cm-1")
@@ -322,11 +337,14 @@ async def test_same_client_message_id_from_another_sender_is_a_new_message(autoj
 
 # --- message:read ---------------------------------------------------------------------
 
-async def test_read_notifies_reader_senders_and_readers_other_connections(autojump_clock: Any, harness: Harness) -> None:
+async def test_read_notifies_reader_senders_and_readers_other_connections(
+        autojump_clock: Any, harness: Harness) -> None:
     alice, bob, conv = await pair(harness)
     alice_outside = await harness.connect("alice")
     bob_outside = await harness.connect("bob")
-    m1, m2, m3 = [await send(alice, conv, f"m{i}") for i in (1, 2, 3)]
+    await send(alice, conv, "m1")
+    await send(bob, conv, "the reader's own message, inside the range read")
+    m2, m3 = [await send(alice, conv, f"m{i}") for i in (2, 3)]
     await settle(alice, bob, alice_outside, bob_outside)
 
     ref = await bob.send("message:read", {"conversation_id": conv, "message_id": m2["id"]})
@@ -341,7 +359,8 @@ async def test_read_notifies_reader_senders_and_readers_other_connections(autoju
     assert unread["data"]["conversation_id"] == conv
     assert unread["data"]["unread_count"] == 1
     assert unread["data"]["last_message"]["id"] == m3["id"]
-    assert concerning(await bob.nothing_more(), conv, "conversation:unread") == []
+    assert concerning(await bob.nothing_more(), conv) == []  # the reader's own connection: only its reply
+    assert concerning(await bob_outside.nothing_more(), conv) == []  # bob is no sender of what he read
 
 
 async def test_read_drops_the_unread_count_to_what_is_left(autojump_clock: Any, harness: Harness) -> None:
@@ -362,7 +381,8 @@ async def test_read_drops_the_unread_count_to_what_is_left(autojump_clock: Any, 
     assert concerning(await late.nothing_more(), conv, "conversation:unread") == []
 
 
-async def test_reading_again_is_a_noop_success_with_nothing_to_the_senders(autojump_clock: Any, harness: Harness) -> None:
+async def test_reading_again_is_a_noop_success_with_nothing_to_the_senders(
+        autojump_clock: Any, harness: Harness) -> None:
     alice, bob, conv = await pair(harness)
     m1, m2 = [await send(alice, conv, f"m{i}") for i in (1, 2)]
     await bob.request("message:read", {"conversation_id": conv, "message_id": m2["id"]})
@@ -384,7 +404,8 @@ async def test_read_of_unknown_message_is_not_found(autojump_clock: Any, harness
 # --- message:delete -------------------------------------------------------------------
 
 @pytest.mark.parametrize("deleter", ["alice", "bob"], ids=["sender", "recipient"])
-async def test_any_participant_may_delete_and_joined_connections_hear_it(autojump_clock: Any, harness: Harness, deleter: str) -> None:
+async def test_any_participant_may_delete_and_joined_connections_hear_it(
+        autojump_clock: Any, harness: Harness, deleter: str) -> None:
     alice, bob, conv = await pair(harness)
     message = await send(alice, conv, "oops")
     requester = await harness.connect(deleter)  # not joined
@@ -404,8 +425,8 @@ async def test_any_participant_may_delete_and_joined_connections_hear_it(autojum
     ("text", "secret words", {}),
     ("photo", "a caption", {"url": "https://example.com/p.jpg"}),
 ])
-async def test_deleted_message_stays_as_an_erased_tombstone(autojump_clock: Any, harness: Harness, type_: str, content: str,
-                                                            metadata: dict[str, Any]) -> None:
+async def test_deleted_message_stays_as_an_erased_tombstone(
+        autojump_clock: Any, harness: Harness, type_: str, content: str, metadata: dict[str, Any]) -> None:
     alice, bob, conv = await pair(harness)
     reply = await alice.request("message:send", {"conversation_id": conv, "type": type_, "content": content,
                                                  "metadata": metadata})
@@ -421,7 +442,8 @@ async def test_deleted_message_stays_as_an_erased_tombstone(autojump_clock: Any,
 
 
 @pytest.mark.parametrize("case", ["deleted_twice", "unknown_id"])
-async def test_delete_of_deleted_or_unknown_message_is_not_found(autojump_clock: Any, harness: Harness, case: str) -> None:
+async def test_delete_of_deleted_or_unknown_message_is_not_found(
+        autojump_clock: Any, harness: Harness, case: str) -> None:
     alice, bob, conv = await pair(harness)
     message = await send(alice, conv)
     if case == "deleted_twice":
@@ -436,7 +458,8 @@ async def test_delete_of_deleted_or_unknown_message_is_not_found(autojump_clock:
 # --- message:delivered ----------------------------------------------------------------
 
 def delivered(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    return [(e["data"]["message_id"], e["data"]["recipient_id"]) for e in events if e["event"] == "message:delivered"]
+    return [(e["data"]["message_id"], e["data"]["recipient_id"])
+            for e in events if e["event"] == "message:delivered"]
 
 
 async def test_delivered_once_when_recipient_gets_message_new(autojump_clock: Any, harness: Harness) -> None:
@@ -455,7 +478,8 @@ async def test_delivered_once_when_recipient_gets_message_new(autojump_clock: An
     assert delivered(await alice.nothing_more()) == []
 
 
-async def test_delivered_when_recipient_gets_conversation_unread(autojump_clock: Any, harness: Harness) -> None:
+async def test_delivered_when_recipient_gets_conversation_unread(
+        autojump_clock: Any, harness: Harness) -> None:
     alice, bob, conv = await pair(harness, bob_joined=False)
     message = await send(alice, conv)
     assert (await bob.expect("conversation:unread"))["data"]["last_message"]["id"] == message["id"]
@@ -497,7 +521,9 @@ async def test_delivered_when_offline_recipient_catches_up(autojump_clock: Any, 
     ({"after_seq": 1, "before_seq": 6}, [2, 3, 4, 5], False),
     ({"after_seq": 1, "before_seq": 6, "limit": 4}, [2, 3, 4, 5], False),
 ], ids=lambda v: repr(v) if isinstance(v, dict) else None)
-async def test_history_pages(autojump_clock: Any, harness: Harness, query: dict[str, Any], seqs: list[int], has_more: bool) -> None:
+async def test_history_pages(
+        autojump_clock: Any, harness: Harness, query: dict[str, Any], seqs: list[int],
+        has_more: bool) -> None:
     alice, bob, conv = await pair(harness)
     sent = [await send(alice, conv, f"m{i}") for i in range(1, 8)]
 
@@ -508,7 +534,8 @@ async def test_history_pages(autojump_clock: Any, harness: Harness, query: dict[
     assert page["has_more"] is has_more
 
 
-async def test_history_with_both_cursors_and_a_small_limit_stays_in_range(autojump_clock: Any, harness: Harness) -> None:
+async def test_history_with_both_cursors_and_a_small_limit_stays_in_range(
+        autojump_clock: Any, harness: Harness) -> None:
     alice, bob, conv = await pair(harness)
     for i in range(1, 8):
         await send(alice, conv, f"m{i}")
@@ -518,7 +545,8 @@ async def test_history_with_both_cursors_and_a_small_limit_stays_in_range(autoju
     assert page["has_more"] is True
 
 
-@pytest.mark.parametrize("settings", [{"limits": {"messages_per_minute": 0}}], indirect=True, ids=["no_rate_limit"])
+@pytest.mark.parametrize("settings", [{"limits": {"messages_per_minute": 0}}], indirect=True,
+                         ids=["no_rate_limit"])
 async def test_history_default_limit_is_the_newest_50(autojump_clock: Any, harness: Harness) -> None:
     alice, bob, conv = await pair(harness)
     for i in range(52):
@@ -529,7 +557,8 @@ async def test_history_default_limit_is_the_newest_50(autojump_clock: Any, harne
 
 
 @pytest.mark.parametrize("limit", [0, 101, "x", -1, 1.5])
-async def test_history_rejects_a_limit_outside_1_to_100(autojump_clock: Any, harness: Harness, limit: Any) -> None:
+async def test_history_rejects_a_limit_outside_1_to_100(
+        autojump_clock: Any, harness: Harness, limit: Any) -> None:
     alice, bob, conv = await pair(harness)
     ref = await bob.send("message:history", {"conversation_id": conv, "limit": limit})
     assert_error(await bob.expect("error"), "VALIDATION_ERROR", "limit", "message:history", ref)
@@ -537,8 +566,8 @@ async def test_history_rejects_a_limit_outside_1_to_100(autojump_clock: Any, har
 
 # --- durability -----------------------------------------------------------------------
 
-async def test_acknowledged_messages_survive_a_restart_and_seq_continues(autojump_clock: Any, settings: Any,
-                                                                        watchdog: dict[str, Any]) -> None:
+async def test_acknowledged_messages_survive_a_restart_and_seq_continues(
+        autojump_clock: Any, settings: Any, watchdog: dict[str, Any]) -> None:
     watchdog["token"] = trio.lowlevel.current_trio_token()
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:

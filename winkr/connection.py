@@ -23,6 +23,7 @@ from winkr.protocol.codec import EnvelopeError, parse_envelope
 from winkr.protocol.requests import structure_request
 from winkr.room import Leave, RoomHandle, RoomRetired
 from winkr.services import Services
+from winkr.transport import send_frames
 
 log = logging.getLogger("winkr.connection")
 
@@ -31,6 +32,7 @@ CLOSE_CODES = {"normal_closure": 1000, "server_shutdown": 1001, "message_too_lar
                "slow_consumer": 4003}
 MAX_CACHED_ROOMS = 512
 CLOSE_FLUSH_SECONDS = 2.0
+MAX_FRAMES_PER_WRITE = 64
 
 
 class Connection:
@@ -142,7 +144,13 @@ class Connection:
         """Outbox → socket, until the outbox is closed and drained."""
         try:
             async for frame in self._outbox:
-                await self.ws.send_message(frame)
+                batch = [frame]
+                while len(batch) < MAX_FRAMES_PER_WRITE:
+                    try:
+                        batch.append(self._outbox.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await send_frames(self.ws, batch)
         except ConnectionClosed:
             self._socket_gone = True
             if self._scope is not None:

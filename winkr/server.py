@@ -37,6 +37,8 @@ log = logging.getLogger("winkr.server")
 
 ROOM_IDLE_SECONDS = 60.0
 WS_PATH = "/ws"
+RECEIVE_QUEUE = 8  # frames trio-websocket may read ahead of the connection's reader
+RECEIVE_BUFFER = 64 * 1024  # bytes per socket read: a burst of frames in one syscall
 
 
 class HandshakeRefused(Exception):
@@ -149,7 +151,8 @@ class Server:
                 request = None
                 with trio.move_on_after(self.settings.handshake_timeout):
                     request = await wrap_server_stream(
-                        nursery, stream, max_message_size=(limits.max_frame_bytes or 2**24) * 4)
+                        nursery, stream, max_message_size=(limits.max_frame_bytes or 2**24) * 4,
+                        message_queue_size=RECEIVE_QUEUE, receive_buffer_size=RECEIVE_BUFFER)
                 if request is not None:
                     await self._serve_request(request, ip)
                 nursery.cancel_scope.cancel()
