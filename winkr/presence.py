@@ -124,8 +124,9 @@ class PresenceHandle:
         await self._inbox.send(_SetStatus(peer, status, reply))
         return await reply.wait()
 
-    async def published(self, event: Published) -> None:
-        await self._inbox.send(event)
+    async def published(self, events: list[Published]) -> None:
+        """Messages a room has fanned out, in commit order."""
+        await self._inbox.send(events)
 
     async def send_to_users(self, user_ids: Iterable[str], frame: str,
                             except_connection: str | None = None) -> None:
@@ -178,8 +179,22 @@ class _Presence:
 
     # --- requests --------------------------------------------------------------------
 
+    async def handle_batch(self, requests: list[Any]) -> None:
+        """Handle requests in order; consecutive published lists become one store request."""
+        published: list[Published] = []
+        for request in requests:
+            if isinstance(request, list):
+                published.extend(request)
+                continue
+            if published:
+                await self._published(published)
+                published = []
+            await self.handle(request)
+        if published:
+            await self._published(published)
+
     async def handle(self, request: Any) -> None:
-        if isinstance(request, Published):
+        if isinstance(request, list):
             await self._published(request)
         elif isinstance(request, _SendToUsers):
             self._deliver(request.user_ids, request.frame, request.except_connection)
@@ -263,10 +278,26 @@ class _Presence:
             self._announce(request.peer.user_id, state, online=True)
         request.reply.set(self.frames.now())
 
-    async def _published(self, event: Published) -> None:
+    async def _published(self, events: list[Published]) -> None:
         """Tell participants' connections outside the room (``conversation:unread``) and the
-        sender (``message:delivered``) — both after one background store request that
-        records the deliveries and counts the unread messages."""
+        senders (``message:delivered``) — after ONE background store request that records
+        the deliveries and counts the unread messages for the whole list."""
+        jobs = [job for job in map(self._delivery_job, events) if job is not None]
+        if not jobs:
+            return
+        now, frames = self.frames.now(), self.frames
+
+        def work(store: Store) -> list[tuple[dict[str, int], list[Delivery]]]:
+            return [(store.unread_counts(job.message["conversation_id"], job.outside),
+                     store.record_delivered_to(job.message, job.reached, now)) for job in jobs]
+
+        def done(results: list[tuple[dict[str, int], list[Delivery]]]) -> None:
+            for job, (counts, deliveries) in zip(jobs, results):
+                job.finish(frames, counts, deliveries)
+
+        await self.store.fire(work, done)
+
+    def _delivery_job(self, event: Published) -> _DeliveryJob | None:
         message = event.message
         sender = message["sender_id"]
         outside: dict[str, list[Any]] = {}
@@ -277,28 +308,30 @@ class _Presence:
                     outside[user_id] = peers
         reached = sorted(event.reached_users | outside.keys())
         if not reached:
-            return
+            return None
         sender_state = self.users.get(sender)
         sender_peers = list(sender_state.peers.values()) if sender_state else []
-        now, frames = self.frames.now(), self.frames
-        conversation_id = message["conversation_id"]
+        return _DeliveryJob(message, outside, reached, sender_peers)
 
-        def work(store: Store) -> tuple[dict[str, int], list[Delivery]]:
-            return (store.unread_counts(conversation_id, outside),
-                    store.record_delivered_to(message, reached, now))
 
-        def done(result: tuple[dict[str, int], list[Delivery]]) -> None:
-            counts, deliveries = result
-            summary = last_message_summary(message)
-            for user_id, peers in outside.items():
-                frame = frames.event("conversation:unread", {
-                    "conversation_id": conversation_id, "unread_count": counts[user_id],
-                    "last_message": summary})
-                for peer in peers:
-                    peer.deliver(frame)
-            notify_delivered(frames, deliveries, sender_peers)
+@attrs.frozen
+class _DeliveryJob:
+    """What one published message still needs once its deliveries are recorded."""
 
-        await self.store.fire(work, done)
+    message: Message
+    outside: dict[str, list[Any]]  # recipient -> its connections that have not joined the room
+    reached: list[str]
+    sender_peers: list[Any]
+
+    def finish(self, frames: Frames, counts: dict[str, int], deliveries: list[Delivery]) -> None:
+        summary = last_message_summary(self.message)
+        for user_id, peers in self.outside.items():
+            frame = frames.event("conversation:unread", {
+                "conversation_id": self.message["conversation_id"], "unread_count": counts[user_id],
+                "last_message": summary})
+            for peer in peers:
+                peer.deliver(frame)
+        notify_delivered(frames, deliveries, self.sender_peers)
 
 
 def delivered_frame(frames: Frames, delivery: Delivery) -> str:
@@ -315,6 +348,19 @@ def notify_delivered(frames: Frames, deliveries: list[Delivery], sender_peers: l
             peer.deliver(frame)
 
 
+MAX_BATCH = 256
+
+
+def _drain(receive: trio.MemoryReceiveChannel[Any], first: Any) -> list[Any]:
+    batch = [first]
+    while len(batch) < MAX_BATCH:
+        try:
+            batch.append(receive.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return batch
+
+
 async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, inbox_size: int = 4096,
                        task_status: trio.TaskStatus[PresenceHandle] = trio.TASK_STATUS_IGNORED) -> None:
     send, receive = trio.open_memory_channel[Any](inbox_size)
@@ -329,7 +375,7 @@ async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, inbo
                 except trio.EndOfChannel:
                     return
             if request is not None:
-                await presence.handle(request)
+                await presence.handle_batch(_drain(receive, request))
             await presence.expire_grace()
 
 

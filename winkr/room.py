@@ -260,34 +260,40 @@ class Room:
     # --- messages --------------------------------------------------------------------
 
     async def _send_run(self, sends: list[Send]) -> None:
-        pending = []
+        """Commit a run of sends as one store request, then fan each out in commit order."""
+        allowed: list[Send] = []
         for request in sends:
             try:
                 self._authorize(request.peer)
+                allowed.append(request)
             except ProtocolError as exc:
                 self._error(request.peer, exc, "message:send", request.ref)
+        if not allowed:
+            return
+        now, rates = self.s.frames.now(), self.s.message_rates
+        items = [(request.peer.user_id, request.message, request.client_message_id) for request in allowed]
+        results = await self.s.store.call(partial(Store.insert_messages, conversation_id=self.id,
+                                                  items=items, now=now, rates=rates))
+        published = []
+        for request, result in zip(allowed, results):
+            if isinstance(result, ProtocolError):
+                self._error(request.peer, result, "message:send", request.ref)
                 continue
-            m = request.message
-            work = partial(Store.insert_message, conversation_id=self.id, sender_id=request.peer.user_id,
-                           type_=m.type, content=m.content, metadata=m.metadata,
-                           client_message_id=request.client_message_id, now=self.s.frames.now(),
-                           rates=self.s.message_rates)
-            pending.append((request, await self.s.store.submit(work)))
-        for request, answer in pending:
-            try:
-                result = await answer.wait()
-            except ProtocolError as exc:
-                self._error(request.peer, exc, "message:send", request.ref)
-                continue
-            await self._fan_out(request, result)
+            event = self._fan_out(request, result)
+            if event is not None:
+                published.append(event)
+        if published:  # one hand-off for the whole run
+            await self.s.presence.published(published)
 
-    async def _fan_out(self, request: Send, result: SendResult) -> None:
+    def _fan_out(self, request: Send, result: SendResult) -> Published | None:
+        """Acknowledge to the sender, broadcast to the joined connections; what presence must
+        still do (unread for the others, receipts) is returned."""
         peer = request.peer
         data = {"message": result.message,
                 "sender": {"id": peer.user_id, "username": peer.username, "avatar_url": peer.avatar_url}}
         peer.deliver(self.s.frames.event("message:new", data, request.ref))
         if result.duplicate:  # answered to the sender only (contract §11.15)
-            return
+            return None
         frame = self.s.frames.event("message:new", data)
         reached = set()
         for member in self.members.values():
@@ -295,8 +301,8 @@ class Room:
                 member.deliver(frame)
                 if member.user_id != peer.user_id:
                     reached.add(member.user_id)
-        await self.s.presence.published(Published(
-            result.message, self.participants or (), frozenset(self.members), frozenset(reached)))
+        return Published(result.message, self.participants or (), frozenset(self.members),
+                         frozenset(reached))
 
     async def _read(self, request: Read) -> None:
         peer = request.peer

@@ -219,6 +219,20 @@ class Store:
             message["client_message_id"] = client_message_id
         return SendResult(message, False)
 
+    def insert_messages(self, conversation_id: str, items: list[tuple[str, Any, str | None]],
+                        now: float, rates: tuple[Rate, ...] = ()) -> list[SendResult | ProtocolError]:
+        """Several ``insert_message`` calls in one request: ``items`` are (sender, checked
+        message, client_message_id). A refusal (rate limit) writes nothing, so it needs no
+        savepoint; it is returned in its place instead of raised."""
+        results: list[SendResult | ProtocolError] = []
+        for sender_id, m, client_message_id in items:
+            try:
+                results.append(self.insert_message(conversation_id, sender_id, m.type, m.content,
+                                                   m.metadata, client_message_id, now, rates))
+            except ProtocolError as exc:
+                results.append(exc)
+        return results
+
     def unread_count(self, conversation_id: str, user_id: str) -> int:
         row = self.db.execute(_UNREAD_SQL + " AND p.user_id = ?", (conversation_id, user_id)).fetchone()
         return row[1] if row else 0
