@@ -138,6 +138,14 @@ def body(rejection: ConnectionRejected) -> dict[str, Any]:
     return parsed
 
 
+LONG_TTL = 10 * 86400.0  # tokens that outlive the day-long waits below
+
+
+async def connect(harness: Harness, user_id: str) -> Client:
+    """A connection whose token outlives every wait of these tests."""
+    return await harness.connect(user_id, token=harness.token(user_id, ttl=LONG_TTL))
+
+
 async def still_works(client: Client) -> None:
     reply = await client.request("conversation:list")
     assert reply["event"] == "conversation:list", reply
@@ -223,7 +231,7 @@ async def test_hour_and_day_windows_hold_across_a_restart(
     count = int(label.split("/")[0])
     settings = make_settings(tmp_path, limits=limits)
     async with running(settings, watchdog) as first:
-        alice = await first.connect("alice")
+        alice = await connect(first, "alice")
         conv = await first.conversation(alice, "bob")
         for n in range(count):
             await send_ok(alice, conv, f"before {n}")
@@ -233,7 +241,7 @@ async def test_hour_and_day_windows_hold_across_a_restart(
     await trio.sleep(10)  # the server is down for a while
 
     async with running(settings, watchdog) as second:
-        alice = await second.connect("alice")
+        alice = await connect(second, "alice")
         reply = await alice.request("message:send", text(conv, "still over the limit"))
         retry_after = assert_rate_limited(reply, label, "message:send")
         assert retry_after <= period / count - 10 + 1e-6, reply  # the window kept running
@@ -280,39 +288,43 @@ async def test_typing_20_per_minute_the_21st_is_rate_limited_and_not_broadcast(
 @pytest.mark.parametrize("settings", [{"limits": {"conversations_per_day": 3}}], indirect=True)
 async def test_new_conversations_per_day_and_getting_an_existing_pair_back_is_free(
         autojump_clock: Any, harness: Harness) -> None:
-    alice = await harness.connect("alice")
-    with_bob = await harness.conversation(alice, "bob")
-    await harness.conversation(alice, "carol", "dave")
+    alice = await connect(harness, "alice")
+    with_bob = await harness.conversation(alice, "bob")  # t = 0
+    await trio.sleep(100)
+    await harness.conversation(alice, "carol", "dave")  # t = 100
     for _ in range(5):  # §11.23: getting back an existing pair does not count
         assert await harness.conversation(alice, "bob") == with_bob
-    await harness.conversation(alice, "erin")  # the third one actually created
+    await trio.sleep(100)
+    await harness.conversation(alice, "erin")  # t = 200: the third one actually created
 
     reply = await alice.request("conversation:create", {"participant_ids": ["frank"]})
     retry_after = assert_rate_limited(reply, "3/day", "conversation:create")
-    assert retry_after <= 86400 + 1e-9, reply
+    # An exact sliding day: the slot of the first conversation (t = 0) frees at t = 86400.
+    assert retry_after == pytest.approx(86400 - 200, abs=1.0), reply
     # Nothing was created, and the existing pair still comes back at the limit.
     listed = (await alice.request("conversation:list"))["data"]["conversations"]
     assert len(listed) == 3
     assert await harness.conversation(alice, "bob") == with_bob
     # The limit is per user.
-    bob = await harness.connect("bob")
+    bob = await connect(harness, "bob")
     await harness.conversation(bob, "frank")
 
     await trio.sleep(retry_after)
     await harness.conversation(alice, "frank")
     reply = await alice.request("conversation:create", {"participant_ids": ["gina"]})
-    assert_rate_limited(reply, "3/day", "conversation:create")
+    retry_after = assert_rate_limited(reply, "3/day", "conversation:create")
+    assert retry_after == pytest.approx(100, abs=1.0), reply  # the t = 100 one is next to leave
 
 
 async def test_new_conversations_day_window_holds_across_a_restart(
         autojump_clock: Any, tmp_path: Any, watchdog: dict[str, Any]) -> None:
     settings = make_settings(tmp_path, limits={"conversations_per_day": 2})
     async with running(settings, watchdog) as first:
-        alice = await first.connect("alice")
+        alice = await connect(first, "alice")
         await first.conversation(alice, "bob")
         await first.conversation(alice, "carol")
     async with running(settings, watchdog) as second:
-        alice = await second.connect("alice")
+        alice = await connect(second, "alice")
         reply = await alice.request("conversation:create", {"participant_ids": ["dave"]})
         assert_rate_limited(reply, "2/day", "conversation:create")
 

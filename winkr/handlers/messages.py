@@ -28,9 +28,11 @@ async def history(conn: Any, request: MessageHistory, ref: str | None) -> None:
     user_id, is_service, now = conn.principal.user_id, conn.principal.is_service, conn.s.frames.now()
 
     def work(store: Store) -> tuple[list[Message], bool, list[Delivery]]:
-        store.authorize(request.conversation_id, user_id, is_service)
+        participants = store.authorize(request.conversation_id, user_id, is_service)
         messages, has_more = store.history(request.conversation_id, user_id, request.before_seq,
                                            request.after_seq, request.limit)
+        if user_id not in participants:  # a service account reading is not a delivery
+            return messages, has_more, []
         return messages, has_more, store.record_delivered(messages, user_id, now)
 
     messages, has_more, deliveries = await conn.s.store.call(work)
