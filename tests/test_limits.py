@@ -61,13 +61,16 @@ async def running(settings: Any, watchdog: dict[str, Any] | None = None) -> Asyn
     after it (so a second ``running`` on the same settings is a restart on the same db)."""
     if watchdog is not None:
         watchdog["token"] = trio.lowlevel.current_trio_token()
-    async with trio.open_nursery() as nursery:
-        server = await start_server(nursery, settings)
-        try:
-            yield Harness(server, nursery, settings)
-        finally:
-            server.request_shutdown()
-            nursery.cancel_scope.deadline = trio.current_time() + 30
+    # The clients' tasks live in a nursery of their own: once the server has shut down
+    # (gracefully: within its shutdown_timeout), whatever the clients left unread is dropped.
+    async with trio.open_nursery() as clients:
+        async with trio.open_nursery() as servers:
+            server = await start_server(servers, settings)
+            try:
+                yield Harness(server, clients, settings)
+            finally:
+                server.request_shutdown()
+        clients.cancel_scope.cancel()
 
 
 # --- helpers ---------------------------------------------------------------------------
