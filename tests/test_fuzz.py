@@ -421,3 +421,56 @@ async def test_well_formed_requests_with_random_values_get_success_or_a_seed_err
     off = {"messages_per_minute": 0, "messages_per_hour": 0, "messages_per_day": 0,
            "typing_per_minute": 0, "conversations_per_day": 0}
     await run_fuzz(tmp_path, watchdog, caplog, off, well_formed_strategy, max_examples=200)
+
+
+# --- found by the properties above, kept as plain regression tests ------------------------------
+
+@pytest.mark.parametrize("depth", [1, 10, 100, 250, 300, 1000])
+@pytest.mark.parametrize("shape", ["list", "object"])
+async def test_deeply_nested_metadata_is_relayed_or_refused_never_an_internal_error(
+        autojump_clock: Any, tmp_path: Any, watchdog: dict[str, Any], caplog: Any, depth: int,
+        shape: str) -> None:
+    """A ~1-6 KB frame whose metadata nests ``depth`` levels (orjson reads up to 1024 but
+    writes only ~254): once made the room fail on its fan-out and took the server down."""
+    watchdog["token"] = trio.lowlevel.current_trio_token()
+    caplog.set_level(logging.ERROR)
+    settings = make_settings(tmp_path)
+    nested = "[" * depth + "]" * depth if shape == "list" else '{"a":' * depth + "1" + "}" * depth
+    async with trio.open_nursery() as clients:
+        async with trio.open_nursery() as servers:
+            server = await start_server(servers, settings)
+            harness = Harness(server, clients, settings)
+            try:
+                alice = await harness.connect("alice")
+                bob = await harness.connect("bob")
+                conv = await harness.conversation(alice, "bob")
+                for client in (alice, bob):
+                    joined = await client.request("conversation:join", {"conversation_id": conv})
+                    assert joined["event"] == "conversation:joined", joined
+                await bob.nothing_more(0.1)
+                await alice.send_raw(f'{{"event":"message:send","ref":"deep","data":{{"conversation_id":"{conv}",'
+                                     f'"type":"text","content":"x","metadata":{{"a":{nested}}}}}}}')
+                events = await alice.nothing_more(0.5)
+                replies = [e for e in events if e.get("ref") == "deep"]
+                assert len(replies) == 1, events
+                reply = replies[0]
+                if reply["event"] == "error":
+                    assert reply["data"]["code"] in ("VALIDATION_ERROR", "MESSAGE_TOO_LARGE"), reply
+                    assert str(reply["data"]["details"].get("field", "")).startswith("metadata"), reply
+                else:
+                    assert reply["event"] == "message:new", reply
+                    got = await bob.expect("message:new")
+                    assert got["data"]["message"] == reply["data"]["message"]
+                for client in (alice, bob):
+                    page = await client.request("message:history", {"conversation_id": conv})
+                    assert page["event"] == "message:history", page
+                    listed = await client.request("conversation:list")
+                    assert listed["event"] == "conversation:list", listed
+                witness = await harness.connect("witness")
+                listed = await witness.request("conversation:list")
+                assert listed["event"] == "conversation:list", listed
+            finally:
+                server.request_shutdown()
+        clients.cancel_scope.cancel()
+    crashes = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert crashes == [], [f"{r.name}: {r.getMessage()}" for r in crashes]

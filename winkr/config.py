@@ -58,6 +58,10 @@ class Settings:
     max_participants: int = 10
     max_room_connections: int = 50
     pii_policy: str = "mask"
+    max_text_chars: int = 2000
+    max_encrypted_chars: int = 8000
+    max_photo_bytes: int = 10 * 1024 * 1024
+    max_url_chars: int = 2048
     blocked_words: tuple[str, ...] = attrs.field(factory=default_blocked_words)
     sqlite_synchronous: str = "NORMAL"
     log_format: str = "text"

@@ -375,7 +375,10 @@ async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, inbo
                 except trio.EndOfChannel:
                     return
             if request is not None:
-                await presence.handle_batch(_drain(receive, request))
+                try:
+                    await presence.handle_batch(_drain(receive, request))
+                except Exception:  # a bug must not take every user's presence down with it
+                    log.exception("presence failed on a request")
             await presence.expire_grace()
 
 

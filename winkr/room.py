@@ -18,7 +18,7 @@ import trio
 
 from winkr.actor import Frames, Reply
 from winkr.clock import iso
-from winkr.errors import CONVERSATION_FULL, FORBIDDEN, NOT_FOUND, ProtocolError
+from winkr.errors import CONVERSATION_FULL, FORBIDDEN, INTERNAL_ERROR, NOT_FOUND, ProtocolError
 from winkr.policy import CheckedMessage
 from winkr.presence import PresenceHandle, Published
 from winkr.ratelimit import Rate
@@ -180,15 +180,22 @@ class Room:
                 for request in batch[i:]:
                     await send_to_room(self.s.get_room, self.id, request)
                 return
+            j = i + 1
             if isinstance(batch[i], Send):
-                j = i
                 while j < len(batch) and j - i < MAX_SEND_RUN and isinstance(batch[j], Send):
                     j += 1
-                await self._send_run(batch[i:j])
-                i = j
-            else:
-                await self._handle_one(batch[i])
-                i += 1
+            try:
+                if isinstance(batch[i], Send):
+                    await self._send_run(batch[i:j])
+                else:
+                    await self._handle_one(batch[i])
+            except Exception:  # the room's exception barrier: a bug answers, it does not kill
+                log.exception("room %s failed on %r", self.id, type(batch[i]).__name__)
+                for request in batch[i:j]:
+                    if getattr(request, "peer", None) is not None:
+                        self._error(request.peer, ProtocolError(INTERNAL_ERROR, "internal error"),
+                                    REQUEST_EVENTS.get(type(request), ""), request.ref)
+            i = j
 
     async def _handle_one(self, request: Any) -> None:
         try:

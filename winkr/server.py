@@ -7,6 +7,7 @@ which closes first on shutdown so that every connection can still say goodbye.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from functools import partial
 from typing import Any, Callable
@@ -42,9 +43,17 @@ RECEIVE_BUFFER = 64 * 1024  # bytes per socket read: a burst of frames in one sy
 
 
 class HandshakeRefused(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: float = 0.0,
+                 limit: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.retry_after, self.limit = retry_after, limit
+
+    def body(self) -> bytes:
+        data: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.limit is not None:
+            data["details"] = {"retry_after": max(0.001, round(self.retry_after, 3)), "limit": self.limit}
+        return orjson.dumps({"event": "error", "data": data})
 
 
 def _header(request: WebSocketRequest, name: bytes) -> str | None:
@@ -72,7 +81,10 @@ class Server:
         self.run_sync = run_sync
         self.frames = Frames(clock)
         self.verifier = TokenVerifier(settings, secret)
-        self.policy = PolicySettings(blocked_words=settings.blocked_words, pii_policy=settings.pii_policy)
+        self.policy = PolicySettings(
+            blocked_words=settings.blocked_words, pii_policy=settings.pii_policy,
+            max_text_chars=settings.max_text_chars, max_encrypted_chars=settings.max_encrypted_chars,
+            max_photo_bytes=settings.max_photo_bytes, max_url_chars=settings.max_url_chars)
         self.services: Services | None = None
         self._shutdown = trio.Event()
         self._connections: trio.Nursery | None = None
@@ -192,8 +204,9 @@ class Server:
         services, settings = self.services, self.settings
         limits = settings.limits
         ip_rate = Rate(limits.failed_handshakes_per_minute_per_ip, "minute")
-        if ip_rate.count and await services.limiter.check(f"failed\x1f{ip}", ip_rate):
-            raise HandshakeRefused(429, RATE_LIMITED, "too many failed handshakes from this address")
+        if ip_rate.count and (wait := await services.limiter.check(f"failed\x1f{ip}", ip_rate)):
+            raise HandshakeRefused(429, RATE_LIMITED, "too many failed handshakes from this address",
+                                   wait, ip_rate.label)
         if urlsplit(request.path).path != WS_PATH:
             raise HandshakeRefused(404, NOT_FOUND, f"the WebSocket endpoint is {WS_PATH}")
         origin = _header(request, b"origin")
@@ -208,8 +221,9 @@ class Server:
             raise HandshakeRefused(401, UNAUTHORIZED, exc.message) from None
         conn_rate = Rate(limits.connections_per_minute, "minute")
         user_key = f"connect\x1f{principal.user_id}"
-        if conn_rate.count and await services.limiter.check(user_key, conn_rate):
-            raise HandshakeRefused(429, RATE_LIMITED, f"too many new connections: limit {conn_rate.label}")
+        if conn_rate.count and (wait := await services.limiter.check(user_key, conn_rate)):
+            raise HandshakeRefused(429, RATE_LIMITED, f"too many new connections: limit {conn_rate.label}",
+                                   wait, conn_rate.label)
         if not await services.presence.admit(principal.user_id, principal.username, limits.connections_per_user):
             raise HandshakeRefused(429, CONNECTION_ERROR,
                                    f"at most {limits.connections_per_user} open connections per user")
@@ -225,9 +239,10 @@ class Server:
             await self.services.limiter.hit(f"failed\x1f{ip}", ip_rate)
         log.info("handshake refused", extra={"ip": ip, "status": refusal.status, "code": refusal.code,
                                              "reason": refusal.message})
-        body = orjson.dumps({"event": "error", "data": {"code": refusal.code, "message": refusal.message}})
-        await request.reject(refusal.status, extra_headers=[(b"content-type", b"application/json")],
-                             body=body)
+        headers = [(b"content-type", b"application/json")]
+        if refusal.limit is not None:
+            headers.append((b"retry-after", str(max(1, math.ceil(refusal.retry_after))).encode()))
+        await request.reject(refusal.status, extra_headers=headers, body=refusal.body())
 
 
 async def serve_forever(settings: Settings, secret: str, *, on_listening: Callable[[list[int]], None]) -> None:

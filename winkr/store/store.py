@@ -252,8 +252,12 @@ class Store:
     def read_up_to(self, conversation_id: str, reader: str, message_id: str, now: float) -> ReadResult:
         """Mark every message up to ``message_id`` not sent by ``reader`` as read by them."""
         seq, _ = self._message_seq(conversation_id, message_id)
-        old = self.db.execute("SELECT last_read_seq FROM participants WHERE conversation_id = ? AND "
-                              "user_id = ?", (conversation_id, reader)).fetchone()[0]
+        row = self.db.execute("SELECT last_read_seq FROM participants WHERE conversation_id = ? AND "
+                              "user_id = ?", (conversation_id, reader)).fetchone()
+        if row is None:  # a service account: it may post, but it has no read position
+            raise ProtocolError(FORBIDDEN, "only participants can mark messages read",
+                                field="conversation_id")
+        old = row[0]
         if seq <= old:
             return ReadResult(seq, now, (), self.unread_count(conversation_id, reader), ())
         senders = tuple(row[0] for row in self.db.execute(
