@@ -39,6 +39,18 @@ class Reply(Generic[T]):
         return self._value
 
 
+def drain(inbox: trio.MemoryReceiveChannel[T], first: T, limit: int) -> list[T]:
+    """``first`` and whatever else is already waiting in ``inbox``, up to ``limit`` items:
+    how actors batch work without waiting for more."""
+    batch = [first]
+    while len(batch) < limit:
+        try:
+            batch.append(inbox.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return batch
+
+
 class Frames:
     """Builds server frames with the shared wall clock; each frame encoded once."""
 

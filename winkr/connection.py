@@ -14,6 +14,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from winkr.actor import drain
 from winkr.auth import Principal
 from winkr.clock import iso
 from winkr.errors import INTERNAL_ERROR, MESSAGE_TOO_LARGE, ProtocolError
@@ -144,13 +145,7 @@ class Connection:
         """Outbox → socket, until the outbox is closed and drained."""
         try:
             async for frame in self._outbox:
-                batch = [frame]
-                while len(batch) < MAX_FRAMES_PER_WRITE:
-                    try:
-                        batch.append(self._outbox.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await send_frames(self.ws, batch)
+                await send_frames(self.ws, drain(self._outbox, frame, MAX_FRAMES_PER_WRITE))
         except ConnectionClosed:
             self._socket_gone = True
             if self._scope is not None:

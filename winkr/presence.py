@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import attrs
 import trio
 
-from winkr.actor import Frames, Reply
+from winkr.actor import Frames, Reply, drain
 from winkr.clock import iso
 from winkr.store.store import Delivery, Message, Store, last_message_summary
 from winkr.store.writer import StoreHandle
@@ -351,16 +351,6 @@ def notify_delivered(frames: Frames, deliveries: list[Delivery], sender_peers: l
 MAX_BATCH = 256
 
 
-def _drain(receive: trio.MemoryReceiveChannel[Any], first: Any) -> list[Any]:
-    batch = [first]
-    while len(batch) < MAX_BATCH:
-        try:
-            batch.append(receive.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-    return batch
-
-
 async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, inbox_size: int = 4096,
                        task_status: trio.TaskStatus[PresenceHandle] = trio.TASK_STATUS_IGNORED) -> None:
     send, receive = trio.open_memory_channel[Any](inbox_size)
@@ -376,7 +366,7 @@ async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, inbo
                     return
             if request is not None:
                 try:
-                    await presence.handle_batch(_drain(receive, request))
+                    await presence.handle_batch(drain(receive, request, MAX_BATCH))
                 except Exception:  # a bug must not take every user's presence down with it
                     log.exception("presence failed on a request")
             await presence.expire_grace()

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import attrs
 import trio
 
-from winkr.actor import Frames, Reply
+from winkr.actor import Frames, Reply, drain
 from winkr.clock import iso
 from winkr.errors import CONVERSATION_FULL, FORBIDDEN, INTERNAL_ERROR, NOT_FOUND, ProtocolError
 from winkr.policy import CheckedMessage
@@ -369,13 +369,7 @@ async def run_room(conversation_id: str, services: RoomServices, handle: RoomHan
             if first is None:
                 await room.on_timeout()
                 continue
-            batch = [first]
-            while len(batch) < MAX_SEND_RUN:
-                try:
-                    batch.append(inbox.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            await room.handle_batch(batch)
+            await room.handle_batch(drain(inbox, first, MAX_SEND_RUN))
             if room.typing:
                 await room.on_timeout()
 

@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import attrs
 import trio
 
-from winkr.actor import Reply
+from winkr.actor import Reply, drain
 from winkr.errors import INTERNAL_ERROR, ProtocolError
 from winkr.store.store import Store
 
@@ -95,13 +95,7 @@ async def run_store_writer(store: Store, run_sync: RunSync, *, inbox_size: int =
     task_status.started(StoreHandle(send))
     async with receive:
         async for first in receive:
-            batch = [first]
-            while len(batch) < max_batch:
-                try:
-                    batch.append(receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            await _commit_and_answer(store, run_sync, batch)
+            await _commit_and_answer(store, run_sync, drain(receive, first, max_batch))
 
 
 async def _commit_and_answer(store: Store, run_sync: RunSync, batch: list[_Request]) -> None:
