@@ -74,7 +74,7 @@ class Published:
     message: Message
     participants: tuple[str, ...]
     joined_connections: frozenset[str]
-    reached_users: frozenset[str]  # recipients that got it as message:new
+    deliveries: tuple[Delivery, ...]  # recorded with the message: its joined recipients
 
 
 @attrs.frozen
@@ -279,17 +279,24 @@ class _Presence:
         request.reply.set(self.frames.now())
 
     async def _published(self, events: list[Published]) -> None:
-        """Tell participants' connections outside the room (``conversation:unread``) and the
-        senders (``message:delivered``) — after ONE background store request that records
-        the deliveries and counts the unread messages for the whole list."""
-        jobs = [job for job in map(self._delivery_job, events) if job is not None]
+        """Receipts to the senders (``message:delivered``, for deliveries the room already
+        recorded with the message) and ``conversation:unread`` to participants' connections
+        outside the room. Only the latter needs the store: ONE background request for the
+        whole list records those deliveries and counts the unread messages."""
+        jobs = []
+        for event in events:
+            job = self._delivery_job(event)
+            if job.outside:
+                jobs.append(job)
+            else:
+                notify_delivered(self.frames, list(event.deliveries), job.sender_peers)
         if not jobs:
             return
         now, frames = self.frames.now(), self.frames
 
         def work(store: Store) -> list[tuple[dict[str, int], list[Delivery]]]:
             return [(store.unread_counts(job.message["conversation_id"], job.outside),
-                     store.record_delivered_to(job.message, job.reached, now)) for job in jobs]
+                     store.record_delivered_to(job.message, job.outside, now)) for job in jobs]
 
         def done(results: list[tuple[dict[str, int], list[Delivery]]]) -> None:
             for job, (counts, deliveries) in zip(jobs, results):
@@ -297,7 +304,7 @@ class _Presence:
 
         await self.store.fire(work, done)
 
-    def _delivery_job(self, event: Published) -> _DeliveryJob | None:
+    def _delivery_job(self, event: Published) -> _DeliveryJob:
         message = event.message
         sender = message["sender_id"]
         outside: dict[str, list[Any]] = {}
@@ -306,12 +313,9 @@ class _Presence:
                 peers = [p for p in state.peers.values() if p.id not in event.joined_connections]
                 if peers:
                     outside[user_id] = peers
-        reached = sorted(event.reached_users | outside.keys())
-        if not reached:
-            return None
         sender_state = self.users.get(sender)
         sender_peers = list(sender_state.peers.values()) if sender_state else []
-        return _DeliveryJob(message, outside, reached, sender_peers)
+        return _DeliveryJob(message, outside, list(event.deliveries), sender_peers)
 
 
 @attrs.frozen
@@ -320,7 +324,7 @@ class _DeliveryJob:
 
     message: Message
     outside: dict[str, list[Any]]  # recipient -> its connections that have not joined the room
-    reached: list[str]
+    recorded: list[Delivery]  # deliveries the room recorded with the message
     sender_peers: list[Any]
 
     def finish(self, frames: Frames, counts: dict[str, int], deliveries: list[Delivery]) -> None:
@@ -331,7 +335,7 @@ class _DeliveryJob:
                 "last_message": summary})
             for peer in peers:
                 peer.deliver(frame)
-        notify_delivered(frames, deliveries, self.sender_peers)
+        notify_delivered(frames, self.recorded + deliveries, self.sender_peers)
 
 
 def delivered_frame(frames: Frames, delivery: Delivery) -> str:

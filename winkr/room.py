@@ -278,7 +278,11 @@ class Room:
         if not allowed:
             return
         now, rates = self.s.frames.now(), self.s.message_rates
-        items = [(request.peer.user_id, request.message, request.client_message_id) for request in allowed]
+        # The joined recipients get the message as soon as it commits: record those deliveries
+        # in the same transaction (membership cannot change while this run is in flight).
+        joined_users = {member.user_id for member in self.members.values()}
+        items = [(request.peer.user_id, request.message, request.client_message_id,
+                  sorted(joined_users - {request.peer.user_id})) for request in allowed]
         results = await self.s.store.call(partial(Store.insert_messages, conversation_id=self.id,
                                                   items=items, now=now, rates=rates))
         published = []
@@ -302,14 +306,11 @@ class Room:
         if result.duplicate:  # answered to the sender only (contract §11.15)
             return None
         frame = self.s.frames.event("message:new", data)
-        reached = set()
         for member in self.members.values():
             if member is not peer:
                 member.deliver(frame)
-                if member.user_id != peer.user_id:
-                    reached.add(member.user_id)
         return Published(result.message, self.participants or (), frozenset(self.members),
-                         frozenset(reached))
+                         tuple(result.deliveries))
 
     async def _read(self, request: Read) -> None:
         peer = request.peer

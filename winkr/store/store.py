@@ -36,9 +36,19 @@ WHERE p.conversation_id = ?"""
 
 
 @attrs.frozen
+class Delivery:
+    message_id: str
+    conversation_id: str
+    sender_id: str
+    recipient_id: str
+    delivered_at: float
+
+
+@attrs.frozen
 class SendResult:
     message: Message
     duplicate: bool
+    deliveries: tuple[Delivery, ...] = ()
 
 
 @attrs.frozen
@@ -48,15 +58,6 @@ class ReadResult:
     newly_read_senders: tuple[str, ...]
     unread_count: int
     ephemeral_expiries: tuple[float, ...]
-
-
-@attrs.frozen
-class Delivery:
-    message_id: str
-    conversation_id: str
-    sender_id: str
-    recipient_id: str
-    delivered_at: float
 
 
 @attrs.frozen
@@ -219,18 +220,23 @@ class Store:
             message["client_message_id"] = client_message_id
         return SendResult(message, False)
 
-    def insert_messages(self, conversation_id: str, items: list[tuple[str, Any, str | None]],
+    def insert_messages(self, conversation_id: str, items: list[tuple[str, Any, str | None, list[str]]],
                         now: float, rates: tuple[Rate, ...] = ()) -> list[SendResult | ProtocolError]:
         """Several ``insert_message`` calls in one request: ``items`` are (sender, checked
-        message, client_message_id). A refusal (rate limit) writes nothing, so it needs no
-        savepoint; it is returned in its place instead of raised."""
+        message, client_message_id, recipients reached at once). A refusal (rate limit)
+        writes nothing, so it needs no savepoint; it is returned in its place."""
         results: list[SendResult | ProtocolError] = []
-        for sender_id, m, client_message_id in items:
+        for sender_id, m, client_message_id, reached in items:
             try:
-                results.append(self.insert_message(conversation_id, sender_id, m.type, m.content,
-                                                   m.metadata, client_message_id, now, rates))
+                result = self.insert_message(conversation_id, sender_id, m.type, m.content,
+                                             m.metadata, client_message_id, now, rates)
             except ProtocolError as exc:
                 results.append(exc)
+                continue
+            if not result.duplicate and reached:
+                result = attrs.evolve(result, deliveries=tuple(
+                    self.record_delivered_to(result.message, reached, now)))
+            results.append(result)
         return results
 
     def unread_count(self, conversation_id: str, user_id: str) -> int:
