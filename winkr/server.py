@@ -30,6 +30,7 @@ from winkr.ratelimit import Rate, run_rate_limiter
 from winkr.reaper import open_reaper_channel, run_reaper
 from winkr.room import RoomServices
 from winkr.services import Services
+from winkr.store.checkpointer import run_checkpointer
 from winkr.store.schema import open_database
 from winkr.store.store import Store
 from winkr.store.writer import RunSync, run_store_writer
@@ -127,6 +128,7 @@ class Server:
     async def _start_actors(self, nursery: trio.Nursery, store: Store) -> None:
         settings, frames = self.settings, self.frames
         store_handle = await nursery.start(run_store_writer, store, self.run_sync)
+        nursery.start_soon(run_checkpointer, settings.db, self.run_sync)
         limiter = await nursery.start(run_rate_limiter, self.clock)
         presence = await nursery.start(partial(run_presence, frames, store_handle,
                                                grace=settings.presence_grace))

@@ -97,5 +97,7 @@ def open_database(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
     db.execute("PRAGMA foreign_keys = ON")
     db.execute("PRAGMA busy_timeout = 5000")
     db.execute("PRAGMA cache_size = -65536")  # 64 MiB: the hot end of every conversation stays in memory
+    # The checkpointer (winkr/store/checkpointer.py) keeps the WAL short from its own thread.
+    db.execute("PRAGMA wal_autocheckpoint = 20000")
     migrate(db)
     return db
