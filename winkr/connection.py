@@ -131,12 +131,11 @@ class Connection:
             await self.ws.aclose()
             return
         code = CLOSE_CODES[reason]
-        if reason != "internal_error":
-            try:
-                await self.ws.send_message(self.s.frames.event("connection:closed", {
-                    "reason": reason, "code": code, "timestamp": iso(self.s.frames.now())}))
-            except ConnectionClosed:
-                pass
+        try:
+            await self.ws.send_message(self.s.frames.event("connection:closed", {
+                "reason": reason, "code": code, "timestamp": iso(self.s.frames.now())}))
+        except ConnectionClosed:
+            pass
         await self.ws.aclose(code, reason)
 
     # --- tasks -----------------------------------------------------------------------

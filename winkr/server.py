@@ -40,7 +40,8 @@ log = logging.getLogger("winkr.server")
 ROOM_IDLE_SECONDS = 60.0
 WS_PATH = "/ws"
 RECEIVE_QUEUE = 8  # frames trio-websocket may read ahead of the connection's reader
-RECEIVE_BUFFER = 64 * 1024  # bytes per socket read: a burst of frames in one syscall
+RECEIVE_BUFFER = 64 * 1024
+LIBRARY_FRAME_LIMIT = 1024 * 1024  # bytes per socket read: a burst of frames in one syscall
 
 
 class HandshakeRefused(Exception):
@@ -55,6 +56,12 @@ class HandshakeRefused(Exception):
         if self.limit is not None:
             data["details"] = {"retry_after": max(0.001, round(self.retry_after, 3)), "limit": self.limit}
         return orjson.dumps({"event": "error", "data": data})
+
+
+def _library_frame_limit(max_frame_bytes: int) -> int:
+    """trio-websocket closes 1009 by itself above this: keep it well above our own limit so
+    that an oversized frame normally gets our MESSAGE_TOO_LARGE and connection:closed."""
+    return max(LIBRARY_FRAME_LIMIT, 4 * max_frame_bytes) if max_frame_bytes else 16 * LIBRARY_FRAME_LIMIT
 
 
 def _header(request: WebSocketRequest, name: bytes) -> str | None:
@@ -165,7 +172,7 @@ class Server:
                 request = None
                 with trio.move_on_after(self.settings.handshake_timeout):
                     request = await wrap_server_stream(
-                        nursery, stream, max_message_size=(limits.max_frame_bytes or 2**24) * 4,
+                        nursery, stream, max_message_size=_library_frame_limit(limits.max_frame_bytes),
                         message_queue_size=RECEIVE_QUEUE, receive_buffer_size=RECEIVE_BUFFER)
                 if request is not None:
                     await self._serve_request(request, ip)
