@@ -54,14 +54,20 @@ def drain(inbox: trio.MemoryReceiveChannel[T], first: T, limit: int) -> list[T]:
 class Frames:
     """Builds server frames with the shared wall clock; each frame encoded once."""
 
-    def __init__(self, clock: WallClock) -> None:
+    def __init__(self, clock: WallClock, metrics: Any = None) -> None:
         self.clock = clock
+        self.metrics = metrics
 
     def now(self) -> float:
         return self.clock()
 
     def event(self, event: str, data: dict[str, Any], ref: str | None = None) -> str:
+        if self.metrics is not None:
+            self.metrics.frame_out(event)
         return encode(event, data, iso(self.clock()), ref)
 
     def error(self, exc: ProtocolError, request_event: str | None, ref: str | None) -> str:
+        if self.metrics is not None:
+            self.metrics.frame_out("error")
+            self.metrics.errors.labels(exc.code).inc()
         return encode("error", error_data(exc, request_event), iso(self.clock()), ref)

@@ -1,9 +1,11 @@
 """The operator interface (contract §1): ``winkr serve``, ``winkr token``,
-``winkr conversation create``. Output for machines goes to stdout; logs go to stderr."""
+``winkr conversation create``, ``winkr db backup|check``. Output for machines goes to stdout;
+logs go to stderr."""
 from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 import time
 from typing import Any, Sequence
@@ -44,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     conversation_commands = conversation.add_subparsers(dest="action", required=True)
     create = conversation_commands.add_parser("create", parents=[common], help="create a conversation")
     create.add_argument("user_ids", nargs="+", metavar="USER_ID")
+
+    db = commands.add_parser("db", help="database tools: backup, check")
+    db_commands = db.add_subparsers(dest="action", required=True)
+    backup = db_commands.add_parser("backup", parents=[common],
+                                    help="online, consistent copy of the database (safe while serving)")
+    backup.add_argument("path", metavar="PATH", help="the copy to write")
+    backup.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
+    db_commands.add_parser("check", parents=[common], help="integrity check and schema version")
     return parser
 
 
@@ -66,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(settings)
     if args.command == "token":
         return _token(settings, args)
+    if args.command == "db":
+        return _db(settings, args)
     return _create_conversation(settings, args.user_ids)
 
 
@@ -124,3 +136,23 @@ def _create_conversation(settings: Settings, user_ids: list[str]) -> int:
         db.close()
     print(orjson.dumps(conversation).decode())
     return 0
+
+
+def _db(settings: Settings, args: argparse.Namespace) -> int:
+    """``winkr db backup|check``: one JSON object on stdout; 2 for a database newer than the code."""
+    from winkr.store import maintenance
+    from winkr.store.schema import SchemaTooNew
+
+    try:
+        if args.action == "backup":
+            result = maintenance.backup(settings.db, args.path, force=args.force)
+        else:
+            result = maintenance.check(settings.db)
+    except SchemaTooNew as exc:
+        print(f"winkr: {settings.db}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, sqlite3.Error) as exc:
+        print(f"winkr: {exc}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(result).decode())
+    return 0 if result.get("ok", True) else 1

@@ -179,6 +179,8 @@ class Connection:
         try:
             envelope = parse_envelope(frame, self.s.settings.limits.max_frame_bytes)
             event, ref = envelope.event, envelope.ref
+            if self.s.frames.metrics is not None:
+                self.s.frames.metrics.event_in(event)
             request = structure_request(envelope.event, envelope.data)
             await HANDLERS[envelope.event](self, request, ref)
         except EnvelopeError as exc:

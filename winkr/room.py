@@ -57,6 +57,7 @@ class Send:
     message: CheckedMessage
     client_message_id: str | None
     ref: str | None
+    received_at: float | None = None  # trio time the frame was read: the fan-out latency metric
 
 
 @attrs.frozen
@@ -309,6 +310,8 @@ class Room:
         for member in self.members.values():
             if member is not peer:
                 member.deliver(frame)
+        if self.s.frames.metrics is not None and request.received_at is not None:
+            self.s.frames.metrics.fanout_seconds.observe(trio.current_time() - request.received_at)
         return Published(result.message, self.participants or (), frozenset(self.members),
                          tuple(result.deliveries))
 

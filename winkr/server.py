@@ -24,6 +24,7 @@ from winkr.config import Settings
 from winkr.connection import Connection
 from winkr.errors import CONNECTION_ERROR, FORBIDDEN, NOT_FOUND, RATE_LIMITED, UNAUTHORIZED, ProtocolError
 from winkr.hub import HubHandle, run_hub
+from winkr.metrics import Metrics
 from winkr.policy import PolicySettings
 from winkr.presence import run_presence
 from winkr.ratelimit import Rate, run_rate_limiter
@@ -87,7 +88,8 @@ class Server:
         self.settings = settings
         self.clock = clock
         self.run_sync = run_sync
-        self.frames = Frames(clock)
+        self.metrics = Metrics()
+        self.frames = Frames(clock, self.metrics)
         self.verifier = TokenVerifier(settings, secret)
         self.policy = PolicySettings(
             blocked_words=settings.blocked_words, pii_policy=settings.pii_policy,
@@ -134,7 +136,8 @@ class Server:
 
     async def _start_actors(self, nursery: trio.Nursery, store: Store) -> None:
         settings, frames = self.settings, self.frames
-        store_handle = await nursery.start(run_store_writer, store, self.run_sync)
+        store_handle = await nursery.start(partial(run_store_writer, store, self.run_sync,
+                                                   metrics=self.metrics))
         nursery.start_soon(run_checkpointer, settings.db, self.run_sync)
         limiter = await nursery.start(run_rate_limiter, self.clock)
         presence = await nursery.start(partial(run_presence, frames, store_handle,
@@ -199,10 +202,12 @@ class Server:
             raise
         connection = Connection(ws, principal, services)
         started = trio.current_time()
+        self.metrics.connections.inc()
         log.info("connection open", extra={"user_id": principal.user_id, "connection_id": connection.id})
         try:
             await connection.run()
         finally:
+            self.metrics.connections.dec()
             log.info("connection closed", extra={
                 "user_id": principal.user_id, "connection_id": connection.id,
                 "reason": connection.close_reason or "client_closed",
@@ -246,6 +251,7 @@ class Server:
         ip_rate = Rate(limits.failed_handshakes_per_minute_per_ip, "minute")
         if ip_rate.count:
             await self.services.limiter.hit(f"failed\x1f{ip}", ip_rate)
+        self.metrics.handshakes_refused.labels(refusal.code).inc()
         log.info("handshake refused", extra={"ip": ip, "status": refusal.status, "code": refusal.code,
                                              "reason": refusal.message})
         headers = [(b"content-type", b"application/json")]
@@ -259,6 +265,9 @@ async def serve_forever(settings: Settings, secret: str, *, on_listening: Callab
     import signal
 
     server = Server(settings, secret)
+    if settings.metrics_port is not None:
+        port = server.metrics.serve_http(settings.metrics_port, settings.host)
+        log.info("metrics on http://%s:%d/metrics", settings.host, port)
     # Signals are caught before the "listening" line, so a signal right after it is graceful.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

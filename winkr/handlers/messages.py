@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
+
 from winkr.errors import VALIDATION_ERROR, ProtocolError
 from winkr.handlers.catchup import announce_deliveries
 from winkr.policy import check_message
@@ -31,7 +33,8 @@ async def send(conn: Any, request: MessageSend, ref: str | None) -> None:
                             field="metadata")
     checked = check_message(request.type, request.content, request.metadata,
                             is_service=conn.principal.is_service, settings=conn.s.policy)
-    await conn.to_room(request.conversation_id, Send(conn.peer, checked, request.client_message_id, ref))
+    await conn.to_room(request.conversation_id, Send(conn.peer, checked, request.client_message_id, ref,
+                                                     trio.current_time()))
 
 
 async def read(conn: Any, request: MessageRef, ref: str | None) -> None:

@@ -88,14 +88,19 @@ def _run_batch(store: Store, batch: list[_Request]) -> list[tuple[Any, BaseExcep
 
 
 async def run_store_writer(store: Store, run_sync: RunSync, *, inbox_size: int = 4096,
-                           max_batch: int = 512,
+                           max_batch: int = 512, metrics: Any = None,
                            task_status: trio.TaskStatus[StoreHandle] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve requests until the inbox is closed and drained (then returns) or cancelled."""
     send, receive = trio.open_memory_channel[_Request](inbox_size)
     task_status.started(StoreHandle(send))
     async with receive:
         async for first in receive:
-            await _commit_and_answer(store, run_sync, drain(receive, first, max_batch))
+            batch = drain(receive, first, max_batch)
+            started = trio.current_time()
+            await _commit_and_answer(store, run_sync, batch)
+            if metrics is not None:
+                metrics.commit_seconds.observe(trio.current_time() - started)
+                metrics.commit_batch.observe(len(batch))
 
 
 async def _commit_and_answer(store: Store, run_sync: RunSync, batch: list[_Request]) -> None:

@@ -1,0 +1,73 @@
+"""The Prometheus metrics move with the traffic, and the scrape endpoint serves them."""
+from __future__ import annotations
+
+import re
+import urllib.request
+from typing import Any
+
+import trio
+
+from conftest import Harness
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(label_text) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
+    match = re.search("^" + pattern + "$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+async def send(client: Any, conversation_id: str, text: str) -> dict[str, Any]:
+    return await client.request("message:send", {"conversation_id": conversation_id, "content": text,
+                                                 "type": "text", "metadata": {}})
+
+
+async def test_counters_follow_the_traffic(harness: Harness) -> None:
+    metrics = harness.server.metrics
+    alice = await harness.connect("alice")
+    bob = await harness.connect("bob")
+    assert sample(metrics.text(), "winkr_connections") == 2
+    conv = await harness.conversation(alice, "bob")
+    await bob.request("conversation:join", {"conversation_id": conv})
+    for i in range(3):
+        assert (await send(alice, conv, f"hello {i}"))["event"] == "message:new"
+    await alice.request("message:send", {"conversation_id": conv, "type": "nope", "content": "x"})
+    await alice.send_raw("not json")
+    await alice.expect("error")
+    text = metrics.text()
+    assert sample(text, "winkr_events_received_total", event="message:send") == 4
+    assert sample(text, "winkr_errors_total", code="INVALID_MESSAGE_TYPE") == 1
+    assert sample(text, "winkr_errors_total", code="VALIDATION_ERROR") == 1
+    assert sample(text, "winkr_frames_encoded_total", event="message:new") == 6  # ack + broadcast each
+    assert sample(text, "winkr_message_fanout_seconds_count") == 3
+    assert sample(text, "winkr_store_commit_seconds_count") >= 3
+    await bob.close()
+    with trio.fail_after(5):
+        while sample(metrics.text(), "winkr_connections") != 1:
+            await trio.sleep(0.01)
+
+
+async def test_refused_handshakes_are_counted(harness: Harness) -> None:
+    from trio_websocket import ConnectionRejected
+
+    try:
+        async with trio.open_nursery() as nursery:
+            harness.nursery = nursery
+            await harness.open_ws(headers=[("Authorization", "Bearer not-a-token")])
+    except* ConnectionRejected:
+        pass
+    assert sample(harness.server.metrics.text(), "winkr_handshakes_refused_total", code="UNAUTHORIZED") == 1
+
+
+async def test_scrape_endpoint_serves_the_registry(harness: Harness) -> None:
+    port = harness.server.metrics.serve_http(0, "127.0.0.1")
+    await harness.connect("alice")
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            return response.read().decode()
+
+    text = await trio.to_thread.run_sync(scrape)
+    assert sample(text, "winkr_connections") == 1
+    assert "# TYPE winkr_store_commit_seconds histogram" in text

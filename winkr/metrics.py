@@ -1,0 +1,61 @@
+"""Prometheus metrics (prometheus_client), one registry per server.
+
+Counting is cheap and happens where the thing happens: events in (connection), frames
+encoded by event (``Frames``), errors by code, refused handshakes by code, store commit
+latency (writer), send→fan-out latency (room), open connections. The HTTP endpoint
+(``--metrics-port``) is prometheus_client's own server on a daemon thread, off the trio
+thread.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+from winkr.protocol.requests import REQUEST_TYPES
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("winkr_connections", "Open WebSocket connections.", registry=r)
+        self.events_in = Counter("winkr_events_received_total", "Client events received, by event.",
+                                 ["event"], registry=r)
+        self.frames_out = Counter("winkr_frames_encoded_total",
+                                  "Server frames encoded, by event (a broadcast is encoded once).",
+                                  ["event"], registry=r)
+        self.errors = Counter("winkr_errors_total", "error events sent, by code.", ["code"], registry=r)
+        self.handshakes_refused = Counter("winkr_handshakes_refused_total",
+                                          "Refused WebSocket handshakes, by error code.", ["code"], registry=r)
+        self.commit_seconds = Histogram("winkr_store_commit_seconds",
+                                        "Time to run and commit one group of store requests.",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.commit_batch = Histogram("winkr_store_batch_requests", "Store requests per commit.",
+                                      buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500), registry=r)
+        self.fanout_seconds = Histogram("winkr_message_fanout_seconds",
+                                        "From a message:send being read to its fan-out after the commit.",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        # Label children resolved once: the hot path only calls inc().
+        self._in = {event: self.events_in.labels(event) for event in REQUEST_TYPES}
+        self._unknown_in = self.events_in.labels("unknown")
+        self._out: dict[str, Any] = {}
+
+    def event_in(self, event: str | None) -> None:
+        self._in.get(event or "", self._unknown_in).inc()
+
+    def frame_out(self, event: str) -> None:
+        child = self._out.get(event)
+        if child is None:
+            child = self._out[event] = self.frames_out.labels(event)
+        child.inc()
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    def serve_http(self, port: int, host: str) -> int:
+        """Start the scrape endpoint; returns the bound port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_address[1])
