@@ -210,8 +210,6 @@ def test_check_of_an_older_database_says_it_needs_migration(tmp_path: Path) -> N
     assert report["ok"] is True and report["needs_migration"] is True and report["tables"] == {}
 
 
-@pytest.mark.xfail(strict=True, reason="winkr serve lets SchemaTooNew escape as a traceback (cli._serve "
-                                       "does not catch it); remove this mark once it prints a clear error")
 def test_serve_refuses_a_newer_database_without_a_traceback(tmp_path: Path) -> None:
     db = make_db(tmp_path / "w.db")
     set_user_version(db, 999)

@@ -92,6 +92,7 @@ def _secret(settings: Settings) -> str | None:
 
 def _serve(settings: Settings) -> int:
     from winkr.server import serve_forever
+    from winkr.store.schema import SchemaTooNew
 
     secret = _secret(settings)
 
@@ -99,8 +100,16 @@ def _serve(settings: Settings) -> int:
         host = settings.host if ":" not in settings.host else f"[{settings.host}]"
         print(f"winkr: listening on ws://{host}:{ports[0]}/ws", flush=True)
 
-    trio.run(lambda: serve_forever(settings, secret or "", on_listening=on_listening))
-    return 0
+    status = 0
+    try:
+        trio.run(lambda: serve_forever(settings, secret or "", on_listening=on_listening))
+    except* SchemaTooNew as group:
+        print(f"winkr: {group.exceptions[0]}; upgrade winkr or restore a backup", file=sys.stderr)
+        status = 2
+    except* OSError as group:  # the port is taken, the database folder is missing, ...
+        print(f"winkr: cannot start: {group.exceptions[0]}", file=sys.stderr)
+        status = 2
+    return status
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
