@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import threading
 from typing import Any, AsyncIterator, Callable
 
 import attrs
@@ -11,7 +12,7 @@ import orjson
 import pytest
 import trio
 import trio.testing
-from trio_websocket import WebSocketConnection, wrap_client_stream
+from trio_websocket import ConnectionRejected, WebSocketConnection, wrap_client_stream
 
 from winkr.auth import mint_token
 from winkr.clock import trio_wall_clock
@@ -147,10 +148,63 @@ def pytest_collection_modifyitems(items: list[Any]) -> None:
             item.add_marker(pytest.mark.trio(run=run_with_autojump))
 
 
+async def refused(harness: "Harness", headers: list[tuple[str, str]] | None = None, path: str = "/ws",
+                  subprotocols: list[str] | None = None) -> ConnectionRejected:
+    """Attempt a handshake that must be refused. trio-websocket raises the rejection from its
+    reader task, so the attempt gets a nursery of its own (not the harness's)."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    harness.server.accept_stream(server_stream)
+    rejections: list[ConnectionRejected] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(30):
+                ws = await wrap_client_stream(nursery, client_stream, "localhost", path,
+                                              subprotocols=subprotocols, extra_headers=headers)
+            nursery.cancel_scope.cancel()
+            pytest.fail(f"the handshake was accepted (subprotocol {ws.subprotocol!r})")
+    except* ConnectionRejected as group:
+        rejections.extend(e for e in group.exceptions if isinstance(e, ConnectionRejected))
+    assert len(rejections) == 1, rejections
+    return rejections[0]
+
+
+def error_body(rejection: ConnectionRejected) -> dict[str, Any]:
+    """The JSON body of a refused handshake: ``{"event": "error", "data": {...}}``."""
+    assert rejection.body, "a refused handshake carries a JSON body"
+    body = orjson.loads(rejection.body)
+    assert body["event"] == "error", body
+    assert isinstance(body["data"]["message"], str) and body["data"]["message"], body
+    return body
+
+
 async def start_server(nursery: trio.Nursery, settings: Settings) -> Server:
     server = Server(settings, SECRET, clock=trio_wall_clock(), run_sync=run_inline)
     await nursery.start(server.serve, [])
     return server
+
+
+WATCHDOG_SECONDS = 120.0  # real seconds; no test comes near it
+
+
+@pytest.fixture(autouse=True)
+def watchdog() -> Any:
+    """Fail instead of hanging when the server never lets (mock) time pass: a task that never
+    blocks keeps MockClock's autojump from firing, so no trio timeout could end the test.
+    Armed by setting ``watchdog["token"]`` to the running trio token (``harness`` does)."""
+    state: dict[str, Any] = {}
+
+    def bite() -> None:
+        raise RuntimeError(f"watchdog: no progress in {WATCHDOG_SECONDS} real seconds")
+
+    def fire() -> None:
+        if state.get("token") is not None:
+            state["token"].run_sync_soon(bite)
+
+    timer = threading.Timer(WATCHDOG_SECONDS, fire)
+    timer.daemon = True
+    timer.start()
+    yield state
+    timer.cancel()
 
 
 @pytest.fixture
@@ -159,7 +213,8 @@ def settings(tmp_path: Any) -> Settings:
 
 
 @pytest.fixture
-async def harness(settings: Settings) -> AsyncIterator[Harness]:
+async def harness(settings: Settings, watchdog: dict[str, Any]) -> AsyncIterator[Harness]:
+    watchdog["token"] = trio.lowlevel.current_trio_token()
     async with trio.open_nursery() as nursery:
         server = await start_server(nursery, settings)
         yield Harness(server, nursery, settings)

@@ -18,7 +18,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, ConnectionRejected, wrap_client_stream
 
-from conftest import SECRET, Client, Harness, make_settings, start_server
+from conftest import Client, Harness, SECRET, error_body, make_settings, refused, start_server
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 MAX_FRAME = 32 * 1024
@@ -38,34 +38,6 @@ def sign(claims: dict[str, Any], key: str | None = SECRET, algorithm: str = "HS2
 
 def bearer(token: str) -> list[tuple[str, str]]:
     return [("Authorization", f"Bearer {token}")]
-
-
-async def refused(harness: Harness, path: str = "/ws", headers: list[tuple[str, str]] | None = None,
-                  subprotocols: list[str] | None = None) -> ConnectionRejected:
-    """Attempt a handshake that must be refused. trio-websocket raises the rejection from its
-    reader task, so the attempt gets a nursery of its own (not the harness's)."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    harness.server.accept_stream(server_stream)
-    rejections: list[ConnectionRejected] = []
-    try:
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(30):
-                ws = await wrap_client_stream(nursery, client_stream, "localhost", path,
-                                              subprotocols=subprotocols, extra_headers=headers)
-            nursery.cancel_scope.cancel()
-            pytest.fail(f"the handshake was accepted (subprotocol {ws.subprotocol!r})")
-    except* ConnectionRejected as group:
-        rejections.extend(e for e in group.exceptions if isinstance(e, ConnectionRejected))
-    assert len(rejections) == 1, rejections
-    return rejections[0]
-
-
-def error_body(rejection: ConnectionRejected) -> dict[str, Any]:
-    assert rejection.body, "a refused handshake carries a JSON body"
-    body = orjson.loads(rejection.body)
-    assert body["event"] == "error", body
-    assert isinstance(body["data"]["message"], str) and body["data"]["message"], body
-    return body
 
 
 def assert_unauthorized(rejection: ConnectionRejected) -> None:

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import re
-import threading
 from typing import Any, Callable
 
 import orjson
@@ -30,7 +29,6 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from conftest import Client, Harness, make_settings, start_server
 
-WATCHDOG_SECONDS = 120.0  # real seconds
 MAX_FRAME = 32 * 1024
 SETTLE = 0.05  # mock seconds after each frame: the server has gone idle before they pass
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -60,25 +58,6 @@ FIELDS = ["conversation_id", "content", "type", "metadata", "client_message_id",
           "before_seq", "after_seq", "limit", "participant_ids", "status", "token"]
 META_FIELDS = ["url", "size_bytes", "ttl_seconds", "latitude", "longitude", "gift_id", "encrypted",
                "filtered", "pii_masked"]
-
-
-@pytest.fixture(autouse=True)
-def watchdog() -> Any:
-    """Fail instead of hanging if the server busy-loops (mock time could not advance)."""
-    state: dict[str, Any] = {}
-
-    def bite() -> None:
-        raise RuntimeError(f"watchdog: no progress in {WATCHDOG_SECONDS} real seconds")
-
-    def fire() -> None:
-        if state.get("token") is not None:
-            state["token"].run_sync_soon(bite)
-
-    timer = threading.Timer(WATCHDOG_SECONDS, fire)
-    timer.daemon = True
-    timer.start()
-    yield state
-    timer.cancel()
 
 
 # --- strategies ------------------------------------------------------------------------------

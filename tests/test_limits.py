@@ -9,7 +9,6 @@ burst of N, then one more every period/N, and ``retry_after`` is exact.
 """
 from __future__ import annotations
 
-import threading
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -19,40 +18,12 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionRejected, wrap_client_stream
 
-from conftest import Client, Harness, make_settings, start_server
-
-WATCHDOG_SECONDS = 30.0  # real seconds
-
-
-@pytest.fixture(autouse=True)
-def watchdog() -> Any:
-    """Fail instead of hanging if the server busy-loops (mock time could not advance)."""
-    state: dict[str, Any] = {}
-
-    def bite() -> None:
-        raise RuntimeError(f"watchdog: no progress in {WATCHDOG_SECONDS} real seconds")
-
-    def fire() -> None:
-        if state.get("token") is not None:
-            state["token"].run_sync_soon(bite)
-
-    timer = threading.Timer(WATCHDOG_SECONDS, fire)
-    timer.daemon = True
-    timer.start()
-    yield state
-    timer.cancel()
-
+from conftest import Client, Harness, make_settings, refused, start_server
 
 @pytest.fixture
 def settings(request: Any, tmp_path: Any) -> Any:
     """Default settings, or overrides via ``parametrize("settings", [...], indirect=True)``."""
     return make_settings(tmp_path, **getattr(request, "param", {}))
-
-
-@pytest.fixture
-async def harness(harness: Harness, watchdog: dict[str, Any]) -> Any:
-    watchdog["token"] = trio.lowlevel.current_trio_token()
-    yield harness
 
 
 @asynccontextmanager
@@ -111,26 +82,6 @@ def assert_rate_limited(reply: dict[str, Any], limit: str, request_event: str) -
 
 def bearer(token: str) -> list[tuple[str, str]]:
     return [("Authorization", f"Bearer {token}")]
-
-
-async def refused(harness: Harness, headers: list[tuple[str, str]] | None = None,
-                  path: str = "/ws") -> ConnectionRejected:
-    """A handshake that must be refused (in a nursery of its own: trio-websocket raises the
-    rejection from its reader task)."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    harness.server.accept_stream(server_stream)
-    rejections: list[ConnectionRejected] = []
-    try:
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(30):
-                ws = await wrap_client_stream(nursery, client_stream, "localhost", path,
-                                              extra_headers=headers)
-            nursery.cancel_scope.cancel()
-            pytest.fail(f"the handshake was accepted (subprotocol {ws.subprotocol!r})")
-    except* ConnectionRejected as group:
-        rejections.extend(e for e in group.exceptions if isinstance(e, ConnectionRejected))
-    assert len(rejections) == 1, rejections
-    return rejections[0]
 
 
 def body(rejection: ConnectionRejected) -> dict[str, Any]:

@@ -7,7 +7,6 @@ Everything runs the real server over in-memory streams under trio's MockClock (a
 """
 from __future__ import annotations
 
-import threading
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -16,40 +15,14 @@ import trio
 
 from conftest import Client, Harness, make_settings, start_server
 
-WATCHDOG_SECONDS = 30.0  # real seconds
 MiB = 1024 * 1024
 OMIT = object()  # leave the key out of the request
-
-
-@pytest.fixture(autouse=True)
-def watchdog() -> Any:
-    """Fail instead of hanging if the server busy-loops (mock time could not advance)."""
-    state: dict[str, Any] = {}
-
-    def bite() -> None:
-        raise RuntimeError(f"watchdog: no progress in {WATCHDOG_SECONDS} real seconds")
-
-    def fire() -> None:
-        if state.get("token") is not None:
-            state["token"].run_sync_soon(bite)
-
-    timer = threading.Timer(WATCHDOG_SECONDS, fire)
-    timer.daemon = True
-    timer.start()
-    yield state
-    timer.cancel()
 
 
 @pytest.fixture
 def settings(request: Any, tmp_path: Any) -> Any:
     """Default settings, or overrides via ``parametrize("settings", [...], indirect=True)``."""
     return make_settings(tmp_path, **getattr(request, "param", {}))
-
-
-@pytest.fixture
-async def harness(harness: Harness, watchdog: dict[str, Any]) -> Any:
-    watchdog["token"] = trio.lowlevel.current_trio_token()
-    yield harness
 
 
 @asynccontextmanager

@@ -3,7 +3,6 @@ receipts, history and durability across a restart (contract §4, §5, §11)."""
 from __future__ import annotations
 
 import re
-import threading
 from typing import Any
 
 import orjson
@@ -28,38 +27,6 @@ class _Timestamp:
 
 
 TS = _Timestamp()
-
-WATCHDOG_SECONDS = 10.0  # real seconds; every test here takes well under one
-
-
-@pytest.fixture(autouse=True)
-def watchdog() -> Any:
-    """Fail instead of hanging when the server never lets (mock) time pass: a task that never
-    blocks keeps MockClock's autojump from firing, so no trio timeout could end the test.
-    Sync, so it spans the whole trio run, fixture teardown included; it never fires otherwise."""
-    state: dict[str, Any] = {}
-
-    def bite() -> None:
-        raise RuntimeError(f"watchdog: the server made no progress in {WATCHDOG_SECONDS} real seconds "
-                           "(a task busy-looping? mock time cannot advance)")
-
-    def fire() -> None:
-        if state.get("token") is not None:
-            state["token"].run_sync_soon(bite)
-
-    timer = threading.Timer(WATCHDOG_SECONDS, fire)
-    timer.daemon = True
-    timer.start()
-    yield state
-    timer.cancel()
-
-
-@pytest.fixture
-async def harness(harness: Harness, watchdog: dict[str, Any]) -> Any:
-    """conftest's harness, with the watchdog armed for this trio run."""
-    watchdog["token"] = trio.lowlevel.current_trio_token()
-    yield harness
-
 
 MESSAGE_FIELDS = {"id", "conversation_id", "sender_id", "content", "type", "created_at", "updated_at",
                   "is_read", "metadata", "seq"}

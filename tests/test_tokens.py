@@ -10,7 +10,6 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 from datetime import datetime, timezone
 from typing import Any
 
@@ -24,35 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
 from trio_websocket import ConnectionClosed, ConnectionRejected, wrap_client_stream
 
-from conftest import SECRET, Client, Harness, make_settings
+from conftest import Client, Harness, SECRET, error_body, make_settings, refused
 
-WATCHDOG_SECONDS = 30.0  # real seconds
 ISSUER, AUDIENCE = "winkr-test", "chat"
-
-
-@pytest.fixture(autouse=True)
-def watchdog() -> Any:
-    """Fail instead of hanging if the server busy-loops (mock time could not advance)."""
-    state: dict[str, Any] = {}
-
-    def bite() -> None:
-        raise RuntimeError(f"watchdog: no progress in {WATCHDOG_SECONDS} real seconds")
-
-    def fire() -> None:
-        if state.get("token") is not None:
-            state["token"].run_sync_soon(bite)
-
-    timer = threading.Timer(WATCHDOG_SECONDS, fire)
-    timer.daemon = True
-    timer.start()
-    yield state
-    timer.cancel()
-
-
-@pytest.fixture
-async def harness(harness: Harness, watchdog: dict[str, Any]) -> Any:
-    watchdog["token"] = trio.lowlevel.current_trio_token()
-    yield harness
 
 
 # --- keys --------------------------------------------------------------------------------
@@ -147,34 +120,6 @@ def tampered(token: str, **changes: Any) -> str:
 
 def bearer(token: str) -> list[tuple[str, str]]:
     return [("Authorization", f"Bearer {token}")]
-
-
-async def refused(harness: Harness, headers: list[tuple[str, str]] | None = None,
-                  path: str = "/ws") -> ConnectionRejected:
-    """A handshake that must be refused (in a nursery of its own: trio-websocket raises the
-    rejection from its reader task)."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    harness.server.accept_stream(server_stream)
-    rejections: list[ConnectionRejected] = []
-    try:
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(30):
-                ws = await wrap_client_stream(nursery, client_stream, "localhost", path,
-                                              extra_headers=headers)
-            nursery.cancel_scope.cancel()
-            pytest.fail(f"the handshake was accepted (subprotocol {ws.subprotocol!r})")
-    except* ConnectionRejected as group:
-        rejections.extend(e for e in group.exceptions if isinstance(e, ConnectionRejected))
-    assert len(rejections) == 1, rejections
-    return rejections[0]
-
-
-def error_body(rejection: ConnectionRejected) -> dict[str, Any]:
-    assert rejection.body, "a refused handshake carries a JSON body"
-    body = orjson.loads(rejection.body)
-    assert body["event"] == "error", body
-    assert isinstance(body["data"]["message"], str) and body["data"]["message"], body
-    return body
 
 
 async def assert_unauthorized(harness: Harness, token: str) -> None:
