@@ -71,3 +71,30 @@ async def test_scrape_endpoint_serves_the_registry(harness: Harness) -> None:
     text = await trio.to_thread.run_sync(scrape)
     assert sample(text, "winkr_connections") == 1
     assert "# TYPE winkr_store_commit_seconds histogram" in text
+
+
+async def test_rooms_online_users_limits_and_closes_are_counted(tmp_path: Any) -> None:
+    from conftest import make_settings, start_server
+
+    settings = make_settings(tmp_path, limits={"typing_per_minute": 1})
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, settings)
+        harness = Harness(server, nursery, settings)
+        alice = await harness.connect("alice")
+        bob = await harness.connect("bob")
+        conv = await harness.conversation(alice, "bob")
+        await alice.request("conversation:join", {"conversation_id": conv})
+        await alice.send("typing:start", {"conversation_id": conv})
+        await alice.send("typing:stop", {"conversation_id": conv})
+        await alice.expect("error")
+        text = server.metrics.text()
+        assert sample(text, "winkr_online_users") == 2
+        assert sample(text, "winkr_rooms") == 1
+        assert sample(text, "winkr_rate_limited_total", limit="1/minute") == 1
+        assert sample(text, "winkr_handshakes_accepted_total") == 2
+        await bob.close()
+        await alice.nothing_more(10)  # past the presence grace period
+        text = server.metrics.text()
+        assert sample(text, "winkr_online_users") == 1
+        assert sample(text, "winkr_connections_closed_total", reason="client_closed") == 1
+        server.request_shutdown()

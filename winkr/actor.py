@@ -70,4 +70,6 @@ class Frames:
         if self.metrics is not None:
             self.metrics.frame_out("error")
             self.metrics.errors.labels(exc.code).inc()
+            if "limit" in exc.details:
+                self.metrics.rate_limited.labels(str(exc.details["limit"])).inc()
         return encode("error", error_data(exc, request_event), iso(self.clock()), ref)

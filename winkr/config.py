@@ -66,7 +66,8 @@ class Settings:
     sqlite_synchronous: str = "NORMAL"
     log_format: str = "text"
     log_level: str = "INFO"
-    metrics_port: int | None = None
+    metrics_port: int | None = None  # off unless set
+    metrics_host: str = "127.0.0.1"  # the scrape endpoint stays private unless asked otherwise
     limits: Limits = Limits()
 
     @property

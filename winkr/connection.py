@@ -143,8 +143,12 @@ class Connection:
     async def _write_outbox(self) -> None:
         """Outbox → socket, until the outbox is closed and drained."""
         try:
+            metrics = self.s.frames.metrics
             async for frame in self._outbox:
-                await send_frames(self.ws, drain(self._outbox, frame, MAX_FRAMES_PER_WRITE))
+                batch = drain(self._outbox, frame, MAX_FRAMES_PER_WRITE)
+                if metrics is not None:
+                    metrics.frames_per_write.observe(len(batch))
+                await send_frames(self.ws, batch)
         except ConnectionClosed:
             self._socket_gone = True
             if self._scope is not None:

@@ -38,7 +38,8 @@ class HubHandle:
         await self._inbox.send(_Retire(conversation_id, handle))
 
 
-async def run_hub(make_services: Callable[[HubHandle], RoomServices], *, room_inbox_size: int = 1024,
+async def run_hub(make_services: Callable[[HubHandle], RoomServices], *, rooms_gauge: Any = None,
+                  room_inbox_size: int = 1024,
                   inbox_size: int = 4096,
                   task_status: trio.TaskStatus[HubHandle] = trio.TASK_STATUS_IGNORED) -> None:
     send, receive = trio.open_memory_channel[Any](inbox_size)
@@ -55,9 +56,13 @@ async def run_hub(make_services: Callable[[HubHandle], RoomServices], *, room_in
                         room_send, room_receive = trio.open_memory_channel[Any](room_inbox_size)
                         handle = rooms[request.conversation_id] = RoomHandle(request.conversation_id, room_send)
                         nursery.start_soon(run_room, request.conversation_id, services, handle, room_receive)
+                        if rooms_gauge is not None:
+                            rooms_gauge.inc()
                     request.reply.set(handle)
                 elif isinstance(request, _Retire):
                     if rooms.get(request.conversation_id) is request.handle:
                         del rooms[request.conversation_id]
                         request.handle.close()
+                        if rooms_gauge is not None:
+                            rooms_gauge.dec()
         nursery.cancel_scope.cancel()

@@ -30,13 +30,30 @@ class Metrics:
         self.errors = Counter("winkr_errors_total", "error events sent, by code.", ["code"], registry=r)
         self.handshakes_refused = Counter("winkr_handshakes_refused_total",
                                           "Refused WebSocket handshakes, by error code.", ["code"], registry=r)
+        self.handshakes_accepted = Counter("winkr_handshakes_accepted_total",
+                                           "Accepted WebSocket handshakes.", registry=r)
+        self.rate_limited = Counter("winkr_rate_limited_total",
+                                    "Requests refused by a rate limit, by limit (e.g. 30/minute).",
+                                    ["limit"], registry=r)
+        self.closes = Counter("winkr_connections_closed_total",
+                              "Closed connections, by reason (client_closed, slow_consumer, ...).",
+                              ["reason"], registry=r)
+        self.rooms = Gauge("winkr_rooms", "Awake conversation rooms.", registry=r)
+        self.online_users = Gauge("winkr_online_users", "Users with at least one open connection.",
+                                  registry=r)
+        self.frames_per_write = Histogram("winkr_outbox_frames_per_write",
+                                          "Frames waiting in a connection's outbox per socket write "
+                                          "(its queue depth when the writer wakes).",
+                                          buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.commit_seconds = Histogram("winkr_store_commit_seconds",
                                         "Time to run and commit one group of store requests.",
                                         buckets=_LATENCY_BUCKETS, registry=r)
         self.commit_batch = Histogram("winkr_store_batch_requests", "Store requests per commit.",
                                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500), registry=r)
         self.fanout_seconds = Histogram("winkr_message_fanout_seconds",
-                                        "From a message:send being read to its fan-out after the commit.",
+                                        "From a message:send being read to its acknowledgement and its "
+                                        "broadcast to the joined connections (both happen after the "
+                                        "commit, in the same step): send->ack and send->peer.",
                                         buckets=_LATENCY_BUCKETS, registry=r)
         # Label children resolved once: the hot path only calls inc().
         self._in = {event: self.events_in.labels(event) for event in REQUEST_TYPES}

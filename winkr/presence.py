@@ -145,10 +145,11 @@ class PresenceHandle:
 
 
 class _Presence:
-    def __init__(self, frames: Frames, store: StoreHandle, grace: float) -> None:
+    def __init__(self, frames: Frames, store: StoreHandle, grace: float, online_gauge: Any = None) -> None:
         self.frames = frames
         self.store = store
         self.grace = grace
+        self.online_gauge = online_gauge  # users with at least one open connection, kept as they change
         self.users: dict[str, _User] = {}
         self.grace_timers: list[tuple[float, int, str]] = []  # (deadline, generation, user)
         self.closing: str | None = None
@@ -237,6 +238,8 @@ class _Presence:
         state.username = peer.username
         state.contacts = set(contacts)
         state.peers[peer.id] = peer
+        if len(state.peers) == 1 and self.online_gauge is not None:
+            self.online_gauge.inc()
         state.grace_generation += 1  # a pending offline announcement is void now
         if self.closing is not None:
             peer.close(self.closing)
@@ -249,6 +252,8 @@ class _Presence:
         if state is None or state.peers.pop(peer.id, None) is None:
             return
         if not state.peers:
+            if self.online_gauge is not None:
+                self.online_gauge.dec()
             state.grace_generation += 1
             heapq.heappush(self.grace_timers, (trio.current_time() + self.grace,
                                                state.grace_generation, peer.user_id))
@@ -355,10 +360,11 @@ def notify_delivered(frames: Frames, deliveries: list[Delivery], sender_peers: l
 MAX_BATCH = 256
 
 
-async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, inbox_size: int = 4096,
+async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, online_gauge: Any = None,
+                       inbox_size: int = 4096,
                        task_status: trio.TaskStatus[PresenceHandle] = trio.TASK_STATUS_IGNORED) -> None:
     send, receive = trio.open_memory_channel[Any](inbox_size)
-    presence = _Presence(frames, store, grace)
+    presence = _Presence(frames, store, grace, online_gauge)
     task_status.started(PresenceHandle(send))
     async with receive:
         while True:

@@ -141,7 +141,8 @@ class Server:
         nursery.start_soon(run_checkpointer, settings.db, self.run_sync)
         limiter = await nursery.start(run_rate_limiter, self.clock)
         presence = await nursery.start(partial(run_presence, frames, store_handle,
-                                               grace=settings.presence_grace))
+                                               grace=settings.presence_grace,
+                                               online_gauge=self.metrics.online_users))
         reaper, reaper_inbox = open_reaper_channel()
         limits = settings.limits
         message_rates = tuple(Rate(n, period) for n, period in (
@@ -153,7 +154,7 @@ class Server:
                                 settings.typing_timeout, settings.max_room_connections,
                                 ROOM_IDLE_SECONDS, message_rates)
 
-        hub = await nursery.start(run_hub, room_services)
+        hub = await nursery.start(partial(run_hub, room_services, rooms_gauge=self.metrics.rooms))
         nursery.start_soon(run_reaper, store_handle, hub.room, self.clock, reaper_inbox)
         self.services = Services(settings, frames, self.verifier, self.policy, store_handle, presence,
                                  hub, reaper, limiter)
@@ -203,11 +204,13 @@ class Server:
         connection = Connection(ws, principal, services)
         started = trio.current_time()
         self.metrics.connections.inc()
+        self.metrics.handshakes_accepted.inc()
         log.info("connection open", extra={"user_id": principal.user_id, "connection_id": connection.id})
         try:
             await connection.run()
         finally:
             self.metrics.connections.dec()
+            self.metrics.closes.labels(connection.close_reason or "client_closed").inc()
             log.info("connection closed", extra={
                 "user_id": principal.user_id, "connection_id": connection.id,
                 "reason": connection.close_reason or "client_closed",
@@ -252,6 +255,8 @@ class Server:
         if ip_rate.count:
             await self.services.limiter.hit(f"failed\x1f{ip}", ip_rate)
         self.metrics.handshakes_refused.labels(refusal.code).inc()
+        if refusal.limit is not None:
+            self.metrics.rate_limited.labels(refusal.limit).inc()
         log.info("handshake refused", extra={"ip": ip, "status": refusal.status, "code": refusal.code,
                                              "reason": refusal.message})
         headers = [(b"content-type", b"application/json")]
@@ -266,8 +271,8 @@ async def serve_forever(settings: Settings, secret: str, *, on_listening: Callab
 
     server = Server(settings, secret)
     if settings.metrics_port is not None:
-        port = server.metrics.serve_http(settings.metrics_port, settings.host)
-        log.info("metrics on http://%s:%d/metrics", settings.host, port)
+        port = server.metrics.serve_http(settings.metrics_port, settings.metrics_host)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
     # Signals are caught before the "listening" line, so a signal right after it is graceful.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
