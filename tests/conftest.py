@@ -3,6 +3,7 @@ trio's MockClock with autojump, so timeouts of minutes take milliseconds."""
 from __future__ import annotations
 
 import inspect
+from contextlib import asynccontextmanager
 import itertools
 import threading
 from typing import Any, AsyncIterator, Callable
@@ -148,6 +149,31 @@ def pytest_collection_modifyitems(items: list[Any]) -> None:
             item.add_marker(pytest.mark.trio(run=run_with_autojump))
 
 
+async def settle(*clients: Client) -> None:
+    """Let everything in flight arrive, and forget it (setup noise)."""
+    for client in clients:
+        await client.nothing_more()
+
+
+def concerning(
+        events: list[dict[str, Any]], conversation_id: str, event: str | None = None) -> list[dict[str, Any]]:
+    """The events that mention the conversation (optionally: only of one name)."""
+    return [e for e in events if conversation_id in orjson.dumps(e).decode()
+            and (event is None or e["event"] == event)]
+
+
+def assert_error(
+        reply: dict[str, Any], code: str, field: str | None, request_event: str,
+        ref: str | None = None) -> None:
+    assert reply["event"] == "error", reply
+    assert reply["data"]["code"] == code, reply
+    assert reply["data"]["request_event"] == request_event, reply
+    if field is not None:
+        assert reply["data"]["details"]["field"] == field, reply
+    if ref is not None:
+        assert reply["ref"] == ref, reply
+
+
 async def refused(harness: "Harness", headers: list[tuple[str, str]] | None = None, path: str = "/ws",
                   subprotocols: list[str] | None = None) -> ConnectionRejected:
     """Attempt a handshake that must be refused. trio-websocket raises the rejection from its
@@ -175,6 +201,24 @@ def error_body(rejection: ConnectionRejected) -> dict[str, Any]:
     assert body["event"] == "error", body
     assert isinstance(body["data"]["message"], str) and body["data"]["message"], body
     return body
+
+
+@asynccontextmanager
+async def running(settings: Settings, watchdog: dict[str, Any] | None = None) -> AsyncIterator[Harness]:
+    """One server on ``settings`` for the body of the ``async with``; shut down gracefully
+    after it (so a second ``running`` on the same settings is a restart on the same db)."""
+    if watchdog is not None:
+        watchdog["token"] = trio.lowlevel.current_trio_token()
+    # The clients' tasks live in a nursery of their own: once the server has shut down
+    # (gracefully: within its shutdown_timeout), whatever the clients left unread is dropped.
+    async with trio.open_nursery() as clients:
+        async with trio.open_nursery() as servers:
+            server = await start_server(servers, settings)
+            try:
+                yield Harness(server, clients, settings)
+            finally:
+                server.request_shutdown()
+        clients.cancel_scope.cancel()
 
 
 async def start_server(nursery: trio.Nursery, settings: Settings) -> Server:

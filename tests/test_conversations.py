@@ -9,7 +9,7 @@ import orjson
 import pytest
 import trio
 
-from conftest import Client, Harness, make_settings
+from conftest import Client, Harness, assert_error, concerning, make_settings, settle
 
 # --- shared helpers -------------------------------------------------------------------
 
@@ -49,31 +49,6 @@ async def join(client: Client, conversation_id: str) -> dict[str, Any]:
     reply = await client.request("conversation:join", {"conversation_id": conversation_id})
     assert reply["event"] == "conversation:joined", reply
     return reply
-
-
-async def settle(*clients: Client) -> None:
-    """Let everything in flight arrive, and forget it (setup noise)."""
-    for client in clients:
-        await client.nothing_more()
-
-
-def concerning(
-        events: list[dict[str, Any]], conversation_id: str, event: str | None = None) -> list[dict[str, Any]]:
-    """The events that mention the conversation (optionally: only of one name)."""
-    return [e for e in events if conversation_id in orjson.dumps(e).decode()
-            and (event is None or e["event"] == event)]
-
-
-def assert_error(
-        reply: dict[str, Any], code: str, field: str | None, request_event: str,
-        ref: str | None = None) -> None:
-    assert reply["event"] == "error", reply
-    assert reply["data"]["code"] == code, reply
-    assert reply["data"]["request_event"] == request_event, reply
-    if field is not None:
-        assert reply["data"]["details"]["field"] == field, reply
-    if ref is not None:
-        assert reply["ref"] == ref, reply
 
 
 async def listing(client: Client) -> dict[str, dict[str, Any]]:

@@ -9,7 +9,6 @@ burst of N, then one more every period/N, and ``retry_after`` is exact.
 """
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import orjson
@@ -18,30 +17,12 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionRejected, wrap_client_stream
 
-from conftest import Client, Harness, make_settings, refused, start_server
+from conftest import Client, Harness, make_settings, refused, running, start_server
 
 @pytest.fixture
 def settings(request: Any, tmp_path: Any) -> Any:
     """Default settings, or overrides via ``parametrize("settings", [...], indirect=True)``."""
     return make_settings(tmp_path, **getattr(request, "param", {}))
-
-
-@asynccontextmanager
-async def running(settings: Any, watchdog: dict[str, Any] | None = None) -> AsyncIterator[Harness]:
-    """One server on ``settings`` for the body of the ``async with``; shut down gracefully
-    after it (so a second ``running`` on the same settings is a restart on the same db)."""
-    if watchdog is not None:
-        watchdog["token"] = trio.lowlevel.current_trio_token()
-    # The clients' tasks live in a nursery of their own: once the server has shut down
-    # (gracefully: within its shutdown_timeout), whatever the clients left unread is dropped.
-    async with trio.open_nursery() as clients:
-        async with trio.open_nursery() as servers:
-            server = await start_server(servers, settings)
-            try:
-                yield Harness(server, clients, settings)
-            finally:
-                server.request_shutdown()
-        clients.cancel_scope.cancel()
 
 
 # --- helpers ---------------------------------------------------------------------------

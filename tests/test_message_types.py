@@ -7,13 +7,12 @@ Everything runs the real server over in-memory streams under trio's MockClock (a
 """
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import pytest
 import trio
 
-from conftest import Client, Harness, make_settings, start_server
+from conftest import Client, Harness, make_settings, running, start_server
 
 MiB = 1024 * 1024
 OMIT = object()  # leave the key out of the request
@@ -23,22 +22,6 @@ OMIT = object()  # leave the key out of the request
 def settings(request: Any, tmp_path: Any) -> Any:
     """Default settings, or overrides via ``parametrize("settings", [...], indirect=True)``."""
     return make_settings(tmp_path, **getattr(request, "param", {}))
-
-
-@asynccontextmanager
-async def running(settings: Any, watchdog: dict[str, Any]) -> AsyncIterator[Harness]:
-    """One server for the body of the ``async with``, shut down gracefully after it."""
-    watchdog["token"] = trio.lowlevel.current_trio_token()
-    # The clients' tasks live in a nursery of their own: once the server has shut down
-    # (gracefully: within its shutdown_timeout), whatever the clients left unread is dropped.
-    async with trio.open_nursery() as clients:
-        async with trio.open_nursery() as servers:
-            server = await start_server(servers, settings)
-            try:
-                yield Harness(server, clients, settings)
-            finally:
-                server.request_shutdown()
-        clients.cancel_scope.cancel()
 
 
 # --- helpers ---------------------------------------------------------------------------

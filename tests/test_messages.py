@@ -9,7 +9,7 @@ import orjson
 import pytest
 import trio
 
-from conftest import Client, Harness, make_settings, start_server
+from conftest import Client, Harness, assert_error, concerning, make_settings, settle, start_server
 
 # --- shared helpers -------------------------------------------------------------------
 
@@ -59,31 +59,6 @@ async def history(client: Client, conversation_id: str, **query: Any) -> dict[st
     reply = await client.request("message:history", {"conversation_id": conversation_id, **query})
     assert reply["event"] == "message:history", reply
     return reply["data"]
-
-
-async def settle(*clients: Client) -> None:
-    """Let everything in flight arrive, and forget it (setup noise)."""
-    for client in clients:
-        await client.nothing_more()
-
-
-def concerning(
-        events: list[dict[str, Any]], conversation_id: str, event: str | None = None) -> list[dict[str, Any]]:
-    """The events that mention the conversation (optionally: only of one name)."""
-    return [e for e in events if conversation_id in orjson.dumps(e).decode()
-            and (event is None or e["event"] == event)]
-
-
-def assert_error(
-        reply: dict[str, Any], code: str, field: str | None, request_event: str,
-        ref: str | None = None) -> None:
-    assert reply["event"] == "error", reply
-    assert reply["data"]["code"] == code, reply
-    assert reply["data"]["request_event"] == request_event, reply
-    if field is not None:
-        assert reply["data"]["details"]["field"] == field, reply
-    if ref is not None:
-        assert reply["ref"] == ref, reply
 
 
 def timestamps(obj: Any, path: str = "") -> list[tuple[str, Any]]:
