@@ -9,15 +9,15 @@ burst of N, then one more every period/N, and ``retry_after`` is exact.
 """
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionRejected, wrap_client_stream
+from trio_websocket import ConnectionRejected
 
-from conftest import Client, Harness, make_settings, refused, running, start_server
+from conftest import Client, Harness, make_settings, refused, running
 
 @pytest.fixture
 def settings(request: Any, tmp_path: Any) -> Any:

@@ -7,12 +7,12 @@ Everything runs the real server over in-memory streams under trio's MockClock (a
 """
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import trio
 
-from conftest import Client, Harness, make_settings, running, start_server
+from conftest import Client, Harness, make_settings, running
 
 MiB = 1024 * 1024
 OMIT = object()  # leave the key out of the request

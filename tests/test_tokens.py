@@ -21,7 +21,7 @@ import trio.testing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
-from trio_websocket import ConnectionClosed, ConnectionRejected, wrap_client_stream
+from trio_websocket import ConnectionClosed
 
 from conftest import Client, Harness, SECRET, error_body, make_settings, refused
 
