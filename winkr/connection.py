@@ -8,6 +8,7 @@ goes wrong inside is caught here, so one bad connection never takes the server d
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from typing import Any
 
@@ -24,7 +25,7 @@ from winkr.protocol.codec import EnvelopeError, parse_envelope
 from winkr.protocol.requests import structure_request
 from winkr.room import Leave, RoomHandle, RoomRetired
 from winkr.services import Services
-from winkr.transport import send_frames
+from winkr.transport import send_frames, send_ping
 
 log = logging.getLogger("winkr.connection")
 
@@ -86,11 +87,8 @@ class Connection:
                     contacts = await self.s.store.call(self._register_user)
                     await self.s.presence.connect(self.peer, contacts)
                     self.registered = True
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._heartbeat)
-                        await self._send_unread_summary()
-                        await self._read_frames()
-                        nursery.cancel_scope.cancel()
+                    await self._send_unread_summary()
+                    await self._read_frames()
                 if self._scope.cancelled_caught and self.close_reason is None and not self._socket_gone:
                     self.close_reason = "token_expired"
                 await self._leave_everything()
@@ -141,31 +139,42 @@ class Connection:
     # --- tasks -----------------------------------------------------------------------
 
     async def _write_outbox(self) -> None:
-        """Outbox → socket, until the outbox is closed and drained."""
+        """Outbox → socket until the outbox is closed and drained; also the heartbeat: a ping
+        every ``ping_interval`` while the previous one was answered, and ``pong_timeout``
+        when one stays unanswered (one task per connection instead of two)."""
+        settings, metrics = self.s.settings, self.s.frames.metrics
+        next_ping = trio.current_time() + settings.ping_interval
+        pong: trio.Event | None = None
+        pong_deadline = math.inf
         try:
-            metrics = self.s.frames.metrics
-            async for frame in self._outbox:
-                batch = drain(self._outbox, frame, MAX_FRAMES_PER_WRITE)
-                if metrics is not None:
-                    metrics.frames_per_write.observe(len(batch))
-                await send_frames(self.ws, batch)
+            while True:
+                frame = None
+                with trio.move_on_at(min(next_ping, pong_deadline)):
+                    try:
+                        frame = await self._outbox.receive()
+                    except trio.EndOfChannel:
+                        return
+                if frame is not None:
+                    batch = drain(self._outbox, frame, MAX_FRAMES_PER_WRITE)
+                    if metrics is not None:
+                        metrics.frames_per_write.observe(len(batch))
+                    await send_frames(self.ws, batch)
+                    continue
+                now = trio.current_time()
+                if pong is not None and not pong.is_set():
+                    if now >= pong_deadline:
+                        self.close_soon("pong_timeout")
+                        pong_deadline = math.inf
+                    next_ping = now + settings.ping_interval  # the last ping is still out: wait
+                    continue
+                if now >= next_ping:
+                    pong = await send_ping(self.ws)
+                    pong_deadline = now + settings.pong_timeout
+                    next_ping = now + settings.ping_interval
         except ConnectionClosed:
             self._socket_gone = True
             if self._scope is not None:
                 self._scope.cancel()
-
-    async def _heartbeat(self) -> None:
-        settings = self.s.settings
-        while True:
-            await trio.sleep(settings.ping_interval)
-            with trio.move_on_after(settings.pong_timeout) as waiting:
-                try:
-                    await self.ws.ping()
-                except ConnectionClosed:
-                    return
-            if waiting.cancelled_caught:
-                self.close_soon("pong_timeout")
-                return
 
     async def _read_frames(self) -> None:
         while True:

@@ -10,9 +10,11 @@ there, it falls back to one ``send_message`` per frame.
 """
 from __future__ import annotations
 
+import secrets
+
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
-from wsproto.events import TextMessage
+from wsproto.events import Ping, TextMessage
 
 
 def _can_batch(ws: WebSocketConnection) -> bool:
@@ -35,3 +37,18 @@ async def send_frames(ws: WebSocketConnection, frames: list[str]) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await ws._abort_web_socket()  # noqa: SLF001
             raise ConnectionClosed(ws.closed) from None
+
+
+async def send_ping(ws: WebSocketConnection) -> trio.Event:
+    """Send a ping without waiting for its pong: the returned event is set when the pong (or
+    a later one) arrives. ``ws.ping()`` would need a task per connection to wait in; the
+    outbox writer checks this event at its next wake-up instead."""
+    if not _can_batch(ws) or not hasattr(ws, "_pings"):
+        raise RuntimeError("trio-websocket internals changed: pin trio-websocket<0.13")
+    if ws.closed:
+        raise ConnectionClosed(ws.closed)
+    payload = secrets.token_bytes(8)
+    pong = trio.Event()
+    ws._pings[payload] = pong  # noqa: SLF001 - trio-websocket sets it on the matching pong
+    await ws._send(Ping(payload=payload))  # noqa: SLF001
+    return pong
