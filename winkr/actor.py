@@ -39,7 +39,7 @@ class Reply(Generic[T]):
         return self._value
 
 
-def drain(inbox: trio.MemoryReceiveChannel[T], first: T, limit: int) -> list[T]:
+def drain(inbox: Any, first: T, limit: int) -> list[T]:
     """``first`` and whatever else is already waiting in ``inbox``, up to ``limit`` items:
     how actors batch work without waiting for more."""
     batch = [first]

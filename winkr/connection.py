@@ -20,6 +20,7 @@ from winkr.auth import Principal
 from winkr.clock import iso
 from winkr.errors import INTERNAL_ERROR, MESSAGE_TOO_LARGE, ProtocolError
 from winkr.handlers import HANDLERS
+from winkr.outbox import Outbox
 from winkr.peer import Peer
 from winkr.protocol.codec import EnvelopeError, parse_envelope
 from winkr.protocol.requests import structure_request
@@ -38,15 +39,18 @@ MAX_FRAMES_PER_WRITE = 64
 
 
 class Connection:
+    __slots__ = ("ws", "principal", "s", "id", "_outbox", "peer", "rooms", "joined", "close_reason",
+                 "registered", "_left", "_socket_gone", "_scope", "opened_at")
+
     def __init__(self, ws: WebSocketConnection, principal: Principal, services: Services) -> None:
         self.ws = ws
         self.principal = principal
         self.s = services
         self.id = secrets.token_hex(8)
         limits = services.settings.limits
-        self._outbox_send, self._outbox = trio.open_memory_channel[str](limits.outbound_queue_size)
+        self._outbox = Outbox(limits.outbound_queue_size)
         self.peer = Peer(self.id, principal.user_id, principal.username, principal.avatar_url,
-                         principal.is_service, self._outbox_send, self.close_soon)
+                         principal.is_service, self._outbox, self.close_soon)
         self.rooms: dict[str, RoomHandle] = {}
         self.joined: set[str] = set()
         self.close_reason: str | None = None
@@ -121,7 +125,7 @@ class Connection:
                 await self.s.presence.disconnect(self.peer)
             else:
                 await self.s.presence.release(self.principal.user_id)
-        self._outbox_send.close()
+        self._outbox.close()
 
     async def _close_socket(self) -> None:
         reason = self.close_reason

@@ -5,7 +5,7 @@ is told to close as a slow consumer instead of stalling the room that is broadca
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
 import trio
@@ -18,7 +18,7 @@ class Peer:
     username: str
     avatar_url: str | None
     is_service: bool
-    _outbox: trio.MemorySendChannel[str]
+    _outbox: Any  # winkr.outbox.Outbox: send_nowait never blocks
     close: Callable[[str], None]  # ask the connection to close with a reason; never blocks
 
     def deliver(self, frame: str) -> bool:
