@@ -17,7 +17,9 @@ Bound (what fails the run, exit 1): samples taken during the warm-up (--warmup, 
 fifth of the duration, at most 60 s) are ignored; the rest are split in thirds and the
 median of the last third is compared with the median of the first third.
   * RSS fails when it grew by more than 20 % AND by more than 10 MiB;
-  * open fds fail when they grew by more than 20 % AND by more than 10.
+  * open fds fail when they grew by more than 20 % AND by more than 10;
+  * trio tasks (from the server's metrics endpoint) fail when they grew by more than 20 % AND
+    by more than 50.
 The run also fails when the server dies, when nothing was acknowledged, or when fewer than
 3 samples were taken after the warm-up. Exit 0 otherwise; 2 for bad arguments.
 Loopback only; the server it started is stopped (SIGTERM, then SIGKILL by PID) at the end.
@@ -38,12 +40,14 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -60,6 +64,7 @@ LIMIT_KEYS = (
 )
 RSS_GROWTH_SHARE, RSS_GROWTH_BYTES = 0.20, 10 * 1024 * 1024
 FD_GROWTH_SHARE, FD_GROWTH_COUNT = 0.20, 10
+TASK_GROWTH_SHARE, TASK_GROWTH_COUNT = 0.20, 50
 LETTERS = "bcdfghjklmnpqrst"  # letters only: digits would be PII-masked
 WORDS = ("hey whats up", "see you later", "sounds good", "talk soon", "ok")
 
@@ -77,7 +82,19 @@ def mint(secret: str, uid: str, ttl_s: int) -> str:
     return token.decode() if isinstance(token, bytes) else token
 
 
+METRICS_PORT: int | None = None  # the server's Prometheus endpoint: where the task count comes from
+TASKS_RE = re.compile(r"^winkr_trio_tasks ([0-9.e+]+)$", re.MULTILINE)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def start_server(workdir: Path, secret: str) -> tuple[subprocess.Popen[str], str]:
+    global METRICS_PORT
+    METRICS_PORT = free_port()
     cfg = workdir / "winkr.toml"
     cfg.write_text("[limits]\n" + "".join(f"{k} = 0\n" for k in LIMIT_KEYS))
     env = {k: v for k, v in os.environ.items() if not k.startswith("WINKR_")}
@@ -86,7 +103,7 @@ def start_server(workdir: Path, secret: str) -> tuple[subprocess.Popen[str], str
     with open(workdir / "server.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "winkr", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--db", str(workdir / "winkr.db"), "--config", str(cfg)],
+             "--db", str(workdir / "winkr.db"), "--config", str(cfg), "--metrics-port", str(METRICS_PORT)],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
             text=True)
     timer = threading.Timer(START_TIMEOUT_S, lambda: kill(proc))  # a silent server: give up
@@ -136,7 +153,18 @@ def sample(pid: int) -> dict[str, Any] | None:
         return None
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     rss_kb = int(fields.get("VmRSS", "0 kB").split()[0])
-    return {"rss_kb": rss_kb, "fds": fds, "threads": int(fields.get("Threads", "0").strip())}
+    return {"rss_kb": rss_kb, "fds": fds, "threads": int(fields.get("Threads", "0").strip()),
+            "tasks": trio_tasks()}
+
+
+def trio_tasks() -> int:
+    """Living trio tasks in the server, from its metrics endpoint (-1 if unavailable)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=2) as r:
+            m = TASKS_RE.search(r.read().decode())
+    except OSError:
+        return -1
+    return int(float(m.group(1))) if m else -1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +337,8 @@ def judge(samples: list[dict[str, Any]], warmup: float) -> tuple[dict[str, Any],
     out: dict[str, Any] = {"steady_samples": len(steady)}
     failures = []
     for key, share, absolute, unit in (("rss_kb", RSS_GROWTH_SHARE, RSS_GROWTH_BYTES / 1024, "kB"),
-                                       ("fds", FD_GROWTH_SHARE, FD_GROWTH_COUNT, "")):
+                                       ("fds", FD_GROWTH_SHARE, FD_GROWTH_COUNT, ""),
+                                       ("tasks", TASK_GROWTH_SHARE, TASK_GROWTH_COUNT, "")):
         a = statistics.median(s[key] for s in first)
         b = statistics.median(s[key] for s in last)
         out[f"{key}_first_median"], out[f"{key}_last_median"] = a, b
@@ -378,9 +407,10 @@ def main(argv: list[str] | None = None) -> int:
                "reconnects": stats.reconnects, "errors": dict(stats.errors),
                "server_exit_status": exit_status, **verdict, "samples": samples,
                "failures": failures, "ok": not failures}
-    print(f"{'t (s)':>8} {'RSS (MiB)':>10} {'fds':>6} {'threads':>8} {'acked':>9}", file=sys.stderr)
+    print(f"{'t (s)':>8} {'RSS (MiB)':>10} {'fds':>6} {'threads':>8} {'tasks':>6} {'acked':>9}",
+          file=sys.stderr)
     for s in samples:
-        print(f"{s['t']:>8.1f} {s['rss_kb'] / 1024:>10.1f} {s['fds']:>6} {s['threads']:>8} "
+        print(f"{s['t']:>8.1f} {s['rss_kb'] / 1024:>10.1f} {s['fds']:>6} {s['threads']:>8} {s['tasks']:>6} "
               f"{s['acked']:>9}", file=sys.stderr)
     print(f"soak: {len(samples)} samples, acknowledged {stats.acked}, "
           f"RSS median {verdict.get('rss_kb_first_median', '?')} -> "

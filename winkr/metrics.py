@@ -39,6 +39,7 @@ class Metrics:
                               "Closed connections, by reason (client_closed, slow_consumer, ...).",
                               ["reason"], registry=r)
         self.rooms = Gauge("winkr_rooms", "Awake conversation rooms.", registry=r)
+        self.tasks = Gauge("winkr_trio_tasks", "Living trio tasks (sampled every few seconds).", registry=r)
         self.online_users = Gauge("winkr_online_users", "Users with at least one open connection.",
                                   registry=r)
         self.frames_per_write = Histogram("winkr_outbox_frames_per_write",

@@ -42,7 +42,8 @@ ROOM_IDLE_SECONDS = 60.0
 WS_PATH = "/ws"
 RECEIVE_QUEUE = 8  # frames trio-websocket may read ahead of the connection's reader
 RECEIVE_BUFFER = 64 * 1024
-LIBRARY_FRAME_LIMIT = 1024 * 1024  # bytes per socket read: a burst of frames in one syscall
+LIBRARY_FRAME_LIMIT = 1024 * 1024
+RUNTIME_SAMPLE_SECONDS = 2.0  # bytes per socket read: a burst of frames in one syscall
 
 
 class HandshakeRefused(Exception):
@@ -158,6 +159,14 @@ class Server:
         nursery.start_soon(run_reaper, store_handle, hub.room, self.clock, reaper_inbox)
         self.services = Services(settings, frames, self.verifier, self.policy, store_handle, presence,
                                  hub, reaper, limiter)
+        nursery.start_soon(self._sample_runtime)
+
+    async def _sample_runtime(self) -> None:
+        """Keep the task-count gauge fresh (the scrape runs on another thread, so it cannot ask
+        trio itself)."""
+        while True:
+            self.metrics.tasks.set(trio.lowlevel.current_statistics().tasks_living)
+            await trio.sleep(RUNTIME_SAMPLE_SECONDS)
 
     # --- one connection ----------------------------------------------------------------
 
