@@ -8,8 +8,10 @@ import logging
 import sqlite3
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
+import attrs
 import orjson
 import trio
 
@@ -95,6 +97,9 @@ def _serve(settings: Settings) -> int:
     from winkr.store.schema import SchemaTooNew
 
     secret = _secret(settings)
+    if settings.jwt_public_key and "-----BEGIN" not in settings.jwt_public_key:
+        # Read the key file here, before the event loop: no file I/O on the trio thread.
+        settings = attrs.evolve(settings, jwt_public_key=Path(settings.jwt_public_key).read_text())
 
     def on_listening(ports: list[int]) -> None:
         host = settings.host if ":" not in settings.host else f"[{settings.host}]"
