@@ -5,7 +5,6 @@ from typing import Any
 
 import trio
 
-from winkr.errors import VALIDATION_ERROR, ProtocolError
 from winkr.handlers.catchup import announce_deliveries
 from winkr.policy import check_message
 from winkr.protocol.requests import MessageHistory, MessageRef, MessageSend
@@ -13,24 +12,7 @@ from winkr.room import Delete, Read, Send
 from winkr.store.store import Delivery, Message, Store
 
 
-MAX_METADATA_DEPTH = 16
-
-
-def _too_deep(value: Any, limit: int = MAX_METADATA_DEPTH) -> bool:
-    """Whether JSON ``value`` nests deeper than ``limit`` (frames that carry it must encode)."""
-    level = [value]
-    for _ in range(limit):
-        level = [v for item in level if isinstance(item, (dict, list))
-                 for v in (item.values() if isinstance(item, dict) else item)]
-        if not level:
-            return False
-    return True
-
-
 async def send(conn: Any, request: MessageSend, ref: str | None) -> None:
-    if _too_deep(request.metadata):
-        raise ProtocolError(VALIDATION_ERROR, f"metadata nests deeper than {MAX_METADATA_DEPTH} levels",
-                            field="metadata")
     checked = check_message(request.type, request.content, request.metadata,
                             is_service=conn.principal.is_service, settings=conn.s.policy)
     await conn.to_room(request.conversation_id, Send(conn.peer, checked, request.client_message_id, ref,

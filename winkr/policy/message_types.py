@@ -54,6 +54,20 @@ class PolicySettings:
     max_url_chars: int = 2048
 
 
+MAX_METADATA_DEPTH = 16  # every frame that carries the message must still encode
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` nests deeper than ``limit`` levels (breadth-first, no recursion)."""
+    level = [value]
+    for _ in range(limit):
+        level = [v for item in level if isinstance(item, (dict, list))
+                 for v in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return True
+
+
 @attrs.frozen
 class CheckedMessage:
     """A message that passed policy: ``content`` as stored, ``metadata`` a fresh dict."""
@@ -203,6 +217,8 @@ def check_message(
         metadata = {}
     if not isinstance(metadata, dict):
         raise _invalid("metadata", "metadata must be an object")
+    if _nests_deeper(metadata, MAX_METADATA_DEPTH):
+        raise _invalid("metadata", f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
     meta = {k: v for k, v in metadata.items() if k not in _SERVER_KEYS}
     encrypted = meta.get("encrypted", False)
     if not isinstance(encrypted, bool):
