@@ -12,7 +12,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,10 +20,10 @@ import jwt
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+from processes import reply_to, wait_for_port
 
 SECRET = "cli-test-secret-0123456789abcdef0123456789"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-LISTENING = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)/ws")
 START_TIMEOUT = 20.0
 COMMAND_TIMEOUT = 30.0
 
@@ -71,25 +70,8 @@ def serve(tmp_path: Path) -> Iterator[Any]:
     def run(db: Path, secret: str | None) -> RunningServer:
         proc, stderr = start_server(tmp_path, db, secret)
         procs.append(proc)
-        lines: queue.Queue[str] = queue.Queue()
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.put(line)
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no listening line; stderr:\n{stderr.read_text()}")
-            try:
-                line = lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if match := LISTENING.search(line):
-                return RunningServer(proc, int(match.group(1)), lines, stderr)
+        port, lines = wait_for_port(proc, stderr, START_TIMEOUT)
+        return RunningServer(proc, port, lines, stderr)
 
     yield run
     for proc in procs:
@@ -112,14 +94,6 @@ def stop(server: RunningServer, sig: int) -> int:
 
 async def recv_json(ws: Any, timeout: float = 10.0) -> dict[str, Any]:
     return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def reply_to(ws: Any, ref: str, timeout: float = 10.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while True:
-            event = json.loads(await ws.recv())
-            if event.get("ref") == ref:
-                return event
 
 
 # --- winkr token -------------------------------------------------------------------------------

@@ -5,13 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
-import re
 import sqlite3
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,9 +16,9 @@ from websockets.asyncio.client import connect
 
 from winkr.store import maintenance
 from winkr.store.schema import SCHEMA_VERSION, SchemaTooNew, open_database
+from processes import reply_to, wait_for_port
 
 SECRET = "db-tools-test-secret-0123456789abcdef012345"
-LISTENING = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)/ws")
 START_TIMEOUT = 20.0
 COMMAND_TIMEOUT = 30.0
 
@@ -60,37 +56,12 @@ def server(tmp_path: Path) -> Iterator[Any]:
                                  str(tmp_path / "live.db")], cwd=tmp_path, env=environment(),
                                 stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
-        lines: queue.Queue[str] = queue.Queue()
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.put(line)
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                if time.monotonic() >= deadline or proc.poll() is not None:
-                    raise AssertionError(f"no listening line; stderr:\n{stderr_path.read_text()}")
-                continue
-            if match := LISTENING.search(line):
-                break
-        yield proc, int(match.group(1))
+        port, _ = wait_for_port(proc, stderr_path, START_TIMEOUT)
+        yield proc, port
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
-
-
-async def reply_to(ws: Any, ref: str, timeout: float = 10.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while True:
-            event = json.loads(await ws.recv())
-            if event.get("ref") == ref:
-                return event
 
 
 async def send_messages(port: int, token: str, texts: list[str]) -> str:

@@ -6,30 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
-import re
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
+from processes import reply_to, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "pyz-test-secret-0123456789abcdef0123456789ab"
-LISTENING = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)/ws")
 BUILD_TIMEOUT = 300.0
 START_TIMEOUT = 30.0  # the first run unpacks the archive
-
-
-async def reply_to(ws: object, ref: str, timeout: float = 10.0) -> dict:
-    async with asyncio.timeout(timeout):
-        while True:
-            event = json.loads(await ws.recv())  # type: ignore[attr-defined]
-            if event.get("ref") == ref:
-                return event
 
 
 def test_pyz_builds_and_serves_from_outside_the_checkout(tmp_path: Path) -> None:
@@ -56,17 +44,8 @@ def test_pyz_builds_and_serves_from_outside_the_checkout(tmp_path: Path) -> None
         proc = subprocess.Popen([*python, "serve", "--port", "0", "--db", str(run_dir / "w.db")], cwd=run_dir,
                                 env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-        deadline = time.monotonic() + START_TIMEOUT
-        match = None
-        while match is None:
-            try:
-                match = LISTENING.search(lines.get(timeout=max(0.01, deadline - time.monotonic())))
-            except queue.Empty:
-                if time.monotonic() >= deadline or proc.poll() is not None:
-                    raise AssertionError(f"no listening line:\n{(tmp_path / 'serve.stderr').read_text()}")
-        url = f"ws://127.0.0.1:{match.group(1)}/ws"
+        port, _ = wait_for_port(proc, tmp_path / "serve.stderr", START_TIMEOUT)
+        url = f"ws://127.0.0.1:{port}/ws"
 
         async def chat() -> None:
             async with connect(url, additional_headers={"Authorization": f"Bearer {token.stdout.strip()}"},
