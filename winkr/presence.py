@@ -85,6 +85,11 @@ class _SendToUsers:
 
 
 @attrs.frozen
+class _SendEach:
+    deliveries: tuple[tuple[str, str], ...]  # (user id, frame)
+
+
+@attrs.frozen
 class _Online:
     user_ids: tuple[str, ...]
     reply: Reply[dict[str, bool]]
@@ -131,6 +136,10 @@ class PresenceHandle:
     async def send_to_users(self, user_ids: Iterable[str], frame: str,
                             except_connection: str | None = None) -> None:
         await self._inbox.send(_SendToUsers(tuple(user_ids), frame, except_connection))
+
+    async def send_each(self, deliveries: Iterable[tuple[str, str]]) -> None:
+        """Several (user, frame) hand-offs as one request."""
+        await self._inbox.send(_SendEach(tuple(deliveries)))
 
     async def online(self, user_ids: Iterable[str]) -> dict[str, bool]:
         reply: Reply[dict[str, bool]] = Reply()
@@ -199,6 +208,9 @@ class _Presence:
             await self._published(request)
         elif isinstance(request, _SendToUsers):
             self._deliver(request.user_ids, request.frame, request.except_connection)
+        elif isinstance(request, _SendEach):
+            for user_id, frame in request.deliveries:
+                self._deliver((user_id,), frame)
         elif isinstance(request, _Admit):
             state = self.users.setdefault(request.user_id, _User(request.username))
             allowed = self.closing is None and (

@@ -9,9 +9,11 @@ from winkr.store.store import Delivery, Store, UnreadSummary, last_message_summa
 
 
 async def announce_deliveries(conn: Any, deliveries: list[Delivery]) -> None:
-    """Send ``message:delivered`` to every connection of each message's sender."""
-    for delivery in deliveries:
-        await conn.s.presence.send_to_users((delivery.sender_id,), delivered_frame(conn.s.frames, delivery))
+    """Send ``message:delivered`` to every connection of each message's sender (one hand-off
+    to presence for the whole list)."""
+    if deliveries:
+        await conn.s.presence.send_each(
+            (delivery.sender_id, delivered_frame(conn.s.frames, delivery)) for delivery in deliveries)
 
 
 def _unread_and_deliver(user_id: str, now: float):  # type: ignore[no-untyped-def]
