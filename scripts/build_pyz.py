@@ -33,7 +33,7 @@ def build(output: Path, python: str = "/usr/bin/env python3") -> Path:
     try:
         import shiv  # noqa: F401
     except ImportError:
-        raise SystemExit("build_pyz: shiv is missing: pip install shiv (or pip install '.[build]')")
+        raise SystemExit("build_pyz: shiv is missing: pip install shiv (or pip install '.[build]')") from None
     output = output.absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="winkr-pyz-") as tmp:

@@ -224,7 +224,7 @@ class Client:
                     self.wake.clear()
                     try:
                         await asyncio.wait_for(self.wake.wait(), 0.5)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                     continue
                 self.counter += 1
@@ -370,10 +370,10 @@ def verify(run: Run, db: Path, scratch: Path) -> dict[str, Any]:
 
     by_key = {(c, s): (sender, cmid, content) for c, s, sender, cmid, content in rows}
     seqs: dict[str, list[int]] = defaultdict(list)
-    for c, s, *_ in rows:
+    for c, s, *_rest in rows:
         seqs[c].append(s)
     gaps = repeats = 0
-    for c, ss in seqs.items():
+    for ss in seqs.values():
         distinct = set(ss)
         repeats += len(ss) - len(distinct)
         gaps += max(ss) - len(distinct) + sum(1 for s in distinct if s < 1)

@@ -68,7 +68,8 @@ import traceback
 import warnings
 from array import array
 from collections import Counter, deque
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 try:
@@ -752,7 +753,7 @@ class User:
         try:
             await self.fire(event, data, ref)
             return await asyncio.wait_for(fut, REQUEST_TIMEOUT_S)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             self.stats.error(f"TIMEOUT_{event}", self.uid)
             raise RequestFailed("timeout") from None
         except ConnectionClosed:
@@ -1039,7 +1040,7 @@ class Worker:
         self.phase = "run"
 
         async def wake_at_end() -> None:
-            while self.sending():
+            while self.sending():  # noqa: ASYNC110 - polling by design (see the sleep)
                 await asyncio.sleep(min(0.1, max(0.0, (st.t_end - mono_ns()) / 1e9)))
             for u in self.users:
                 u.wake.set()
@@ -1047,7 +1048,7 @@ class Worker:
         waker = asyncio.create_task(wake_at_end())
         senders = [u for u in self.users if not u.dead]
         tasks = [asyncio.create_task(u.run()) for u in senders]
-        while self.sending():
+        while self.sending():  # noqa: ASYNC110 - polling by design (see the sleep)
             await asyncio.sleep(0.05)
         st.t_end = min(st.t_end, mono_ns())  # an early stop shortens the measured window
         for u, t in zip(senders, tasks):
@@ -1142,7 +1143,7 @@ class Worker:
             try:
                 await asyncio.wait_for(asyncio.gather(*(u.close() for u in self.users)),
                                        CLOSE_TIMEOUT_S * 2)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 pass
             control.cancel()
         self.put(("result", self.wid, result))
@@ -1190,7 +1191,7 @@ def worker_main(cfg: dict[str, Any], wid: int, plan: list[list[int]], ctrl: Any,
             uvloop.run(main())
     except BaseException:  # noqa: BLE001 - report anything to the parent, then exit
         out_q.put(("fatal", wid, traceback.format_exc()[-2000:]), timeout=10)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 # ---------------------------------------------------------------------------------------------

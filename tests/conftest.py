@@ -3,10 +3,11 @@ trio's MockClock with autojump, so timeouts of minutes take milliseconds."""
 from __future__ import annotations
 
 import inspect
-from contextlib import asynccontextmanager
 import itertools
 import threading
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import orjson
@@ -149,6 +150,14 @@ def pytest_collection_modifyitems(items: list[Any]) -> None:
             item.add_marker(pytest.mark.trio(run=run_with_autojump))
 
 
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait (in mock time) until ``predicate()`` holds: for effects no event announces, such as a
+    log line or a gauge written after the client saw its last frame. Fails after ``timeout``."""
+    with trio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 - polling by design (see the sleep)
+            await trio.sleep(0.01)
+
+
 async def settle(*clients: Client) -> None:
     """Let everything in flight arrive, and forget it (setup noise)."""
     for client in clients:
@@ -174,7 +183,7 @@ def assert_error(
         assert reply["ref"] == ref, reply
 
 
-async def refused(harness: "Harness", headers: list[tuple[str, str]] | None = None, path: str = "/ws",
+async def refused(harness: Harness, headers: list[tuple[str, str]] | None = None, path: str = "/ws",
                   subprotocols: list[str] | None = None) -> ConnectionRejected:
     """Attempt a handshake that must be refused. trio-websocket raises the rejection from its
     reader task, so the attempt gets a nursery of its own (not the harness's)."""

@@ -31,7 +31,7 @@ def wait_for_port(proc: subprocess.Popen[str], stderr: Path, timeout: float) -> 
             line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
         except queue.Empty:
             if time.monotonic() >= deadline or proc.poll() is not None:
-                raise AssertionError(f"no listening line; stderr:\n{stderr.read_text(errors='replace')}")
+                raise AssertionError(f"no listening line; stderr:\n{stderr.read_text(errors='replace')}") from None
             continue
         if match := LISTENING.search(line):
             return int(match.group(1)), lines

@@ -13,14 +13,15 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jwt
 import pytest
+from processes import reply_to, wait_for_port
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
-from processes import reply_to, wait_for_port
 
 SECRET = "cli-test-secret-0123456789abcdef0123456789"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -87,7 +88,7 @@ def stop(server: RunningServer, sig: int) -> int:
     try:
         status = server.proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"still running 10 s after {signal.Signals(sig).name}:\n{server.stderr_text()}")
+        raise AssertionError(f"still running 10 s after {signal.Signals(sig).name}:\n{server.stderr_text()}") from None
     assert time.monotonic() - started < 10
     return status
 
@@ -221,7 +222,7 @@ def test_serve_end_to_end_then_graceful_shutdown(tmp_path: Path, serve: Any, sig
     try:
         status = server.proc.wait(timeout=max(0.1, 10 - (time.monotonic() - signalled[0])))
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"still running 10 s after the signal:\n{server.stderr_text()}")
+        raise AssertionError(f"still running 10 s after the signal:\n{server.stderr_text()}") from None
     assert status == 0, server.stderr_text()
 
     db_conn = sqlite3.connect(db)

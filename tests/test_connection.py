@@ -9,16 +9,16 @@ the test function receives directly, not one requested by a fixture such as ``ha
 from __future__ import annotations
 
 import re
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import jwt
 import orjson
 import pytest
 import trio
 import trio.testing
+from conftest import SECRET, Client, Harness, error_body, make_settings, refused, start_server
 from trio_websocket import ConnectionClosed, ConnectionRejected, wrap_client_stream
-
-from conftest import Client, Harness, SECRET, error_body, make_settings, refused, start_server
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 MAX_FRAME = 32 * 1024

@@ -8,15 +8,16 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from processes import reply_to, wait_for_port
 from websockets.asyncio.client import connect
 
 from winkr.store import maintenance
 from winkr.store.schema import SCHEMA_VERSION, SchemaTooNew, open_database
-from processes import reply_to, wait_for_port
 
 SECRET = "db-tools-test-secret-0123456789abcdef012345"
 START_TIMEOUT = 20.0

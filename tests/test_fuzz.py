@@ -20,14 +20,16 @@ import json
 import logging
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-
 from conftest import Client, Harness, make_settings, start_server
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 MAX_FRAME = 32 * 1024
 SETTLE = 0.05  # mock seconds after each frame: the server has gone idle before they pass

@@ -15,9 +15,9 @@ import orjson
 import pytest
 import trio
 import trio.testing
+from conftest import Client, Harness, make_settings, refused, running
 from trio_websocket import ConnectionRejected
 
-from conftest import Client, Harness, make_settings, refused, running
 
 @pytest.fixture
 def settings(request: Any, tmp_path: Any) -> Any:

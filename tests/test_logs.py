@@ -6,9 +6,8 @@ import logging
 from typing import Any
 
 import orjson
-import trio
+from conftest import Harness, refused, until
 
-from conftest import Harness, refused
 from winkr.logs import JsonFormatter, TextFormatter
 
 
@@ -21,9 +20,8 @@ async def test_connection_and_refusal_records_carry_fields_but_no_secrets(harnes
     await alice.request("message:send", {"conversation_id": conv, "content": secret_text, "type": "text"})
     await refused(harness, headers=[("Authorization", "Bearer forged.token.value")])
     await alice.close()
-    with trio.fail_after(5):  # mock seconds: the server logs the close after its cleanup
-        while not any(r.getMessage() == "connection closed" for r in caplog.records):
-            await trio.sleep(0.01)
+    # the server logs the close after its cleanup
+    await until(lambda: any(r.getMessage() == "connection closed" for r in caplog.records))
 
     lines = [JsonFormatter().format(record) for record in caplog.records]
     lines += [TextFormatter().format(record) for record in caplog.records]

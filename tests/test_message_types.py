@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import trio
-
 from conftest import Client, Harness, make_settings, running
 
 MiB = 1024 * 1024

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import trio
-
 from conftest import Client, Harness, assert_error, concerning, make_settings, settle, start_server
 
 # --- shared helpers -------------------------------------------------------------------

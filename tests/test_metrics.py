@@ -6,8 +6,7 @@ import urllib.request
 from typing import Any
 
 import trio
-
-from conftest import Harness
+from conftest import Harness, until
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -43,9 +42,7 @@ async def test_counters_follow_the_traffic(harness: Harness) -> None:
     assert sample(text, "winkr_message_fanout_seconds_count") == 3
     assert sample(text, "winkr_store_commit_seconds_count") >= 3
     await bob.close()
-    with trio.fail_after(5):
-        while sample(metrics.text(), "winkr_connections") != 1:
-            await trio.sleep(0.01)
+    await until(lambda: sample(metrics.text(), "winkr_connections") == 1)
 
 
 async def test_refused_handshakes_are_counted(harness: Harness) -> None:

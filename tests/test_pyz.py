@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.client import connect
 from processes import reply_to, wait_for_port
+from websockets.asyncio.client import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "pyz-test-secret-0123456789abcdef0123456789ab"

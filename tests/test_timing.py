@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import jwt
 import orjson
 import pytest
 import trio
 import trio.testing
+from conftest import SECRET, Client, Harness
 from trio_websocket import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import (AcceptConnection, CloseConnection, Ping, RejectConnection, Request,
-                            TextMessage)
-
-from conftest import SECRET, Client, Harness
+from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, Request, TextMessage
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 EPSILON = 0.05  # mock seconds: autojump lands exactly on deadlines
@@ -73,7 +72,7 @@ def assert_closed_with(events: list[dict[str, Any]], reason: str, code: int) -> 
 
 
 def iso_seconds(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + \
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + \
         f"{int(round(ts * 1000)) % 1000:03d}Z"
 
 

@@ -10,7 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import jwt
@@ -18,12 +18,11 @@ import orjson
 import pytest
 import trio
 import trio.testing
+from conftest import SECRET, Client, Harness, error_body, make_settings, refused
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
 from trio_websocket import ConnectionClosed
-
-from conftest import Client, Harness, SECRET, error_body, make_settings, refused
 
 ISSUER, AUDIENCE = "winkr-test", "chat"
 
@@ -145,7 +144,7 @@ async def still_works(client: Client) -> None:
 
 
 def iso_of(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
 
 
 async def until_closed(client: Client, timeout: float) -> tuple[list[dict[str, Any]], int]:

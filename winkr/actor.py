@@ -19,7 +19,7 @@ class Reply(Generic[T]):
 
     def __init__(self) -> None:
         self._done = trio.Event()
-        self._value: Any = None
+        self._value: T | None = None
         self._error: BaseException | None = None
 
     def set(self, value: T) -> None:
@@ -36,7 +36,7 @@ class Reply(Generic[T]):
         await self._done.wait()
         if self._error is not None:
             raise self._error
-        return self._value
+        return self._value  # type: ignore[return-value]  # set() ran before _done
 
 
 def drain(inbox: Any, first: T, limit: int) -> list[T]:

@@ -8,8 +8,9 @@ import logging
 import sqlite3
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import attrs
 import orjson

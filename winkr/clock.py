@@ -6,7 +6,7 @@ Durations and deadlines use trio time (so MockClock drives them in tests); wall-
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 

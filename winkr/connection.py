@@ -26,6 +26,7 @@ from winkr.protocol.codec import EnvelopeError, parse_envelope
 from winkr.protocol.requests import structure_request
 from winkr.room import Leave, RoomHandle, RoomRetired
 from winkr.services import Services
+from winkr.store.store import Store
 from winkr.transport import send_frames, send_ping
 
 log = logging.getLogger("winkr.connection")
@@ -109,7 +110,7 @@ class Connection:
                 with trio.move_on_after(CLOSE_FLUSH_SECONDS):
                     await self._close_socket()
 
-    def _register_user(self, store: Any) -> set[str]:
+    def _register_user(self, store: Store) -> set[str]:
         store.upsert_user(self.principal.user_id, self.principal.username, self.principal.avatar_url)
         return store.contacts(self.principal.user_id)
 

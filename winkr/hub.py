@@ -2,7 +2,8 @@
 nursery, and retires it when the room reports itself idle."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio

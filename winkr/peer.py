@@ -5,7 +5,8 @@ is told to close as a slow consumer instead of stalling the room that is broadca
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio

@@ -10,7 +10,9 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
 
 import attrs
 import trio
@@ -232,8 +234,8 @@ class _Presence:
             request.reply.set({user: self._is_online(user) for user in request.user_ids})
         elif isinstance(request, _AddContacts):
             for user in request.user_ids:
-                if (state := self.users.get(user)) is not None:
-                    state.contacts.update(u for u in request.user_ids if u != user)
+                if (known := self.users.get(user)) is not None:
+                    known.contacts.update(u for u in request.user_ids if u != user)
         elif isinstance(request, _CloseAll):
             self.closing = request.reason
             for state in self.users.values():
@@ -280,7 +282,7 @@ class _Presence:
             if state.visible:
                 self._announce(user_id, state, online=False)
             stamp = self.frames.now()
-            await self.store.fire(lambda store, u=user_id, t=stamp: store.touch_last_seen(u, t))
+            await self.store.fire(partial(Store.touch_last_seen, user_id=user_id, now=stamp))
             self._forget_if_idle(user_id, state)
 
     def next_deadline(self) -> float:

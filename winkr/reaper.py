@@ -7,12 +7,15 @@ the reaper only sleeps until the earliest one. A room that sets a new deadline n
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import trio
 
 from winkr.clock import WallClock
 from winkr.room import SystemDeleted, send_to_room
+from winkr.store.store import Store
 from winkr.store.writer import StoreHandle
 
 
@@ -40,7 +43,7 @@ async def run_reaper(store: StoreHandle, get_room: Callable[[str], Any], clock: 
         next_expiry = await store.call(lambda s: s.next_expiry())
         if next_expiry is not None and next_expiry <= clock():
             now = clock()
-            for conversation_id, message_id in await store.call(lambda s, t=now: s.expire_due(t)):
+            for conversation_id, message_id in await store.call(partial(Store.expire_due, now=now)):
                 await send_to_room(get_room, conversation_id, SystemDeleted(message_id, now))
             continue
         wait = math.inf if next_expiry is None else next_expiry - clock()

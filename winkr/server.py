@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import socket
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -106,7 +107,7 @@ class Server:
 
     # --- running -----------------------------------------------------------------------
 
-    async def serve(self, listeners: list[trio.abc.Listener[Any]] | None = None, *,
+    async def serve(self, listeners: list[trio.SocketListener] | None = None, *,
                     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``request_shutdown``; then close every connection and return."""
         settings = self.settings
@@ -118,8 +119,8 @@ class Server:
                     self._connections = connections
                     async with trio.open_nursery() as listening:
                         if listeners is None:
-                            listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
-                        self.ports = [l.socket.getsockname()[1] for l in listeners if hasattr(l, "socket")]
+                            listeners = list(await trio.open_tcp_listeners(settings.port, host=settings.host))
+                        self.ports = [lsn.socket.getsockname()[1] for lsn in listeners if hasattr(lsn, "socket")]
                         if listeners:  # none in tests that hand streams to handle_stream
                             await listening.start(partial(trio.serve_listeners, self.handle_stream,
                                                           listeners, handler_nursery=connections))

@@ -6,7 +6,8 @@ replies; the rest ask the store or the presence actor and reply themselves.
 """
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from winkr.handlers import conversations, messages, typing_indicator, users
 

@@ -148,7 +148,7 @@ def _check_photo_ephemeral(meta: dict[str, Any], settings: PolicySettings) -> No
 def _check_location(meta: dict[str, Any], settings: PolicySettings) -> None:
     for key, bound in (("latitude", 90), ("longitude", 180)):
         value = meta.get(key)
-        if not _is_number(value) or not -bound <= value <= bound:
+        if not isinstance(value, (int, float)) or not _is_number(value) or not -bound <= value <= bound:
             raise _invalid(f"metadata.{key}", f"metadata.{key} must be a number in ±{bound}")
 
 

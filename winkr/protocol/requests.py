@@ -6,7 +6,8 @@ the right types and bounds; handlers never re-check them. Every failure names th
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NewType
+from collections.abc import Callable
+from typing import Any, NewType
 
 import attrs
 import cattrs
@@ -153,7 +154,7 @@ def structure_request(event: str, data: dict[str, Any]) -> Any:
     if kind is None:
         raise ProtocolError(VALIDATION_ERROR, f"unknown event {event!r}", field="event")
     try:
-        request = converter.structure(data, kind)
+        request: Any = converter.structure(data, kind)
     except (ClassValidationError, IterableValidationError) as exc:
         field, reason = _first_error(exc, [])
         raise ProtocolError(VALIDATION_ERROR, f"{field} {reason}", field=field) from None

@@ -10,8 +10,9 @@ import contextlib
 import os
 import sqlite3
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from winkr.store.schema import SCHEMA_VERSION, SchemaTooNew
 
@@ -40,10 +41,12 @@ def _tables(db: sqlite3.Connection) -> list[str]:
 
 
 def _count(db: sqlite3.Connection, table: str) -> int:
-    return db.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+    count: int = db.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+    return count
 
 
-def backup(src_path: str | os.PathLike[str], dst_path: str | os.PathLike[str], *, force: bool = False) -> dict[str, Any]:
+def backup(src_path: str | os.PathLike[str], dst_path: str | os.PathLike[str], *,
+           force: bool = False) -> dict[str, Any]:
     """Copy the database to ``dst_path`` through SQLite's online backup API.
 
     The copy is one consistent snapshot (a single backup step under one read transaction),

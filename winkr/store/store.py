@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import attrs
 import orjson
@@ -212,7 +213,8 @@ class Store:
         self._last_seq[conversation_id] = seq
         created = iso(now)
         message: Message = {
-            "id": message_id(conversation_id, seq), "conversation_id": conversation_id, "seq": seq, "sender_id": sender_id,
+            "id": message_id(conversation_id, seq), "conversation_id": conversation_id, "seq": seq,
+            "sender_id": sender_id,
             "type": type_, "content": content, "metadata": metadata, "created_at": created,
             "updated_at": created, "is_read": False, "is_deleted": False,
         }
@@ -290,7 +292,8 @@ class Store:
 
     def next_expiry(self) -> float | None:
         row = self.db.execute("SELECT min(expires_at) FROM messages WHERE expires_at IS NOT NULL").fetchone()
-        return row[0]
+        expiry: float | None = row[0]
+        return expiry
 
     def expire_due(self, now: float) -> list[tuple[str, str]]:
         """Erase every ephemeral message whose time has come: ``[(conversation_id, message_id)]``."""
@@ -304,7 +307,8 @@ class Store:
     def history(self, conversation_id: str, user_id: str, before_seq: int | None,
                 after_seq: int | None, limit: int) -> tuple[list[Message], bool]:
         """A page in ascending ``seq`` (contract §11.2) and whether more lie beyond it."""
-        where, args = "conversation_id = ?", [conversation_id]
+        where = "conversation_id = ?"
+        args: list[Any] = [conversation_id]
         if before_seq is not None:
             where += " AND seq < ?"
             args.append(before_seq)

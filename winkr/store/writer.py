@@ -8,7 +8,8 @@ answer therefore always means "durable".
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import attrs
 import trio
