@@ -467,9 +467,13 @@ async def test_slow_consumer_is_closed_4003_and_the_sender_is_not(autojump_clock
     bob = await established(ws, "bob")
     joined = await bob.request("conversation:join", {"conversation_id": conv})
     assert joined["event"] == "conversation:joined", joined
-    # From here on bob reads nothing while alice sends (within her 30/minute limit).
+    # From here on bob reads nothing while alice sends (within her 30/minute limit). A client
+    # is slow only once its socket has not drained for slow_consumer_seconds (10) while more
+    # than outbound_queue (4) frames wait: the first messages only fill its socket.
     count = 25
     for n in range(count):
+        if n == 10:
+            await trio.sleep(11)
         ack = await alice.request("message:send", {"conversation_id": conv, "type": "text", "metadata": {},
                                                    "content": f"{n:02d} " + "lorem ipsum " * 120})
         assert ack["event"] == "message:new", ack

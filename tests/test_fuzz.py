@@ -383,25 +383,27 @@ async def run_fuzz(tmp_path: Any, watchdog: dict[str, Any], caplog: Any, limits:
 
 # --- the properties -------------------------------------------------------------------------
 
+LIMITS_OFF = {"messages_per_minute": 0, "messages_per_hour": 0, "messages_per_day": 0, "typing_per_minute": 0,
+              "conversations_per_day": 0, "inbound_events_per_second": 0}
+
 async def test_arbitrary_frames_never_break_the_connection(autojump_clock: Any, tmp_path: Any,
                                                            watchdog: dict[str, Any], caplog: Any) -> None:
-    """Default limits: rate limiting is part of what the frames run into."""
-    await run_fuzz(tmp_path, watchdog, caplog, {}, frame_strategy, max_examples=200)
+    """Default limits: rate limiting is part of what the frames run into — all but the inbound
+    budget, which pauses reading after a refusal (tests/test_abuse.py covers it), while this
+    property expects every frame's reply within SETTLE."""
+    await run_fuzz(tmp_path, watchdog, caplog, {"inbound_events_per_second": 0}, frame_strategy,
+                   max_examples=200)
 
 
 async def test_arbitrary_frames_with_limits_off_never_break_the_connection(
         autojump_clock: Any, tmp_path: Any, watchdog: dict[str, Any], caplog: Any) -> None:
     """Limits off, so that every frame reaches the handlers (none is merely rate limited)."""
-    off = {"messages_per_minute": 0, "messages_per_hour": 0, "messages_per_day": 0,
-           "typing_per_minute": 0, "conversations_per_day": 0}
-    await run_fuzz(tmp_path, watchdog, caplog, off, frame_strategy, max_examples=150)
+    await run_fuzz(tmp_path, watchdog, caplog, LIMITS_OFF, frame_strategy, max_examples=150)
 
 
 async def test_well_formed_requests_with_random_values_get_success_or_a_seed_error(
         autojump_clock: Any, tmp_path: Any, watchdog: dict[str, Any], caplog: Any) -> None:
-    off = {"messages_per_minute": 0, "messages_per_hour": 0, "messages_per_day": 0,
-           "typing_per_minute": 0, "conversations_per_day": 0}
-    await run_fuzz(tmp_path, watchdog, caplog, off, well_formed_strategy, max_examples=200)
+    await run_fuzz(tmp_path, watchdog, caplog, LIMITS_OFF, well_formed_strategy, max_examples=200)
 
 
 # --- found by the properties above, kept as plain regression tests ------------------------------

@@ -26,6 +26,9 @@ class Reply(Generic[T]):
         self._value = value
         self._done.set()
 
+    def is_set(self) -> bool:
+        return self._done.is_set()
+
     def fail(self, error: BaseException) -> None:
         self._error = error
         self._done.set()

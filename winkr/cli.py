@@ -94,6 +94,7 @@ def _secret(settings: Settings) -> str | None:
 
 
 def _serve(settings: Settings) -> int:
+    from winkr.runfile import remove_run_file, write_run_file
     from winkr.server import serve_forever
     from winkr.store.schema import SchemaTooNew
 
@@ -104,6 +105,7 @@ def _serve(settings: Settings) -> int:
 
     def on_listening(ports: list[int]) -> None:
         host = settings.host if ":" not in settings.host else f"[{settings.host}]"
+        write_run_file(settings, ports[0])
         print(f"winkr: listening on ws://{host}:{ports[0]}/ws", flush=True)
 
     status = 0
@@ -115,6 +117,8 @@ def _serve(settings: Settings) -> int:
     except* OSError as group:  # the port is taken, the database folder is missing, ...
         print(f"winkr: cannot start: {group.exceptions[0]}", file=sys.stderr)
         status = 2
+    finally:
+        remove_run_file(settings)
     return status
 
 
@@ -130,25 +134,25 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _create_conversation(settings: Settings, user_ids: list[str]) -> int:
+    """Through the running server when there is one (its participants online are told), else
+    straight into the database (no server: nobody to go behind)."""
+    from winkr.admin import create_conversation_directly, create_conversation_through_server
     from winkr.errors import ProtocolError
-    from winkr.store.schema import open_database
-    from winkr.store.store import Store
+    from winkr.runfile import running_server_url
 
-    db = open_database(settings.db, settings.sqlite_synchronous)
+    url = running_server_url(settings)
     try:
-        store = Store(db)
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            conversation, _ = store.create_conversation(
-                user_ids[0], user_ids, is_service=True, max_participants=settings.max_participants,
-                now=time.time())
-            db.execute("COMMIT")
-        except ProtocolError as exc:
-            db.execute("ROLLBACK")
-            print(f"winkr: {exc.message}", file=sys.stderr)
-            return 2
-    finally:
-        db.close()
+        if url is not None:
+            token = mint_token(settings, _secret(settings), "winkr-cli", ttl=60, now=time.time(), service=True)
+            conversation = trio.run(create_conversation_through_server, url, token, user_ids)
+        else:
+            conversation = create_conversation_directly(settings, user_ids)
+    except ProtocolError as exc:
+        print(f"winkr: {exc.message}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"winkr: {exc}", file=sys.stderr)
+        return 2
     print(orjson.dumps(conversation).decode())
     return 0
 

@@ -14,8 +14,6 @@ from typing import Any
 import attrs
 import cattrs
 
-from winkr.policy import default_blocked_words
-
 UNBOUNDED_QUEUE = 1_000_000
 """Outbound queue size when the limit is switched off: bounded, but never reached."""
 
@@ -31,7 +29,16 @@ class Limits:
     connections_per_user: int = 5
     failed_handshakes_per_minute_per_ip: int = 60
     max_frame_bytes: int = 32 * 1024
+    # Outbound flow control (docs/architecture.md): a client is slow when more than
+    # `outbound_queue` frames wait while its socket has not drained for
+    # `slow_consumer_seconds`, or when its queued bytes pass `outbound_queue_bytes`.
     outbound_queue: int = 256
+    outbound_queue_bytes: int = 4 * 1024 * 1024
+    slow_consumer_seconds: int = 10
+    # Inbound budget per connection for every event (weighted by cost): a burst, then a rate.
+    inbound_events_per_second: int = 50
+    inbound_burst: int = 500
+    joined_per_connection: int = 200
 
     @property
     def outbound_queue_size(self) -> int:
@@ -63,7 +70,7 @@ class Settings:
     max_encrypted_chars: int = 8000
     max_photo_bytes: int = 10 * 1024 * 1024
     max_url_chars: int = 2048
-    blocked_words: tuple[str, ...] = attrs.field(factory=default_blocked_words)
+    blocked_words: tuple[str, ...] | None = None  # None: the list shipped with winkr
     sqlite_synchronous: str = "NORMAL"
     log_format: str = "text"
     log_level: str = "INFO"

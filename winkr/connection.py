@@ -1,108 +1,172 @@
 """The connection actor: one per WebSocket.
 
-Owns its principal, its outbox, the rooms it has joined and its heartbeat. Its nursery holds
-the reader (this task: decode → validate → dispatch to a handler in ``winkr.handlers``), the
-writer (outbox → socket) and the heartbeat; when one ends, all end. Everything that
-goes wrong inside is caught here, so one bad connection never takes the server down.
+Owns its principal, its outbox (its mailbox), the rooms it has joined, its inbound budget
+and its heartbeat. Two tasks: the reader (this task: decode → budget → validate → route to
+a handler, ``winkr.handlers.registry``) and the writer (outbox → socket, and the heartbeat).
+Everything that goes wrong inside is caught here, so one bad connection never takes the
+server down. Other actors reach a connection only through its ``Peer``: a frame into its
+outbox, or a request to close.
 """
 from __future__ import annotations
 
 import logging
 import math
 import secrets
-from typing import Any
+from collections import OrderedDict
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
-from winkr.actor import drain
 from winkr.auth import Principal
 from winkr.clock import iso
-from winkr.errors import INTERNAL_ERROR, MESSAGE_TOO_LARGE, ProtocolError
-from winkr.handlers import HANDLERS
+from winkr.errors import CONVERSATION_FULL, INTERNAL_ERROR, MESSAGE_TOO_LARGE, VALIDATION_ERROR, ProtocolError
+from winkr.handlers.catchup import send_unread_summary
+from winkr.handlers.context import Json, RoomCall
+from winkr.handlers.registry import ROUTES
+from winkr.logs import ThrottledLog
 from winkr.outbox import Outbox
 from winkr.peer import Peer
 from winkr.protocol.codec import EnvelopeError, parse_envelope
-from winkr.protocol.requests import structure_request
-from winkr.room import Leave, RoomHandle, RoomRetired
+from winkr.protocol.requests import ConversationRef, MessageHistory, MessageRef, MessageSend, structure_request
+from winkr.ratelimit import Limits, Rate, rate_limited
+from winkr.room import Depart, RoomHandle, RoomMessage, RoomRetired
 from winkr.services import Services
 from winkr.store.store import Store
-from winkr.transport import send_frames, send_ping
+from winkr.transport import WinkrWebSocket, abort, send_frames, send_ping
 
 log = logging.getLogger("winkr.connection")
+_failures = ThrottledLog(log)
 
-CLOSE_CODES = {"normal_closure": 1000, "server_shutdown": 1001, "message_too_large": 1009,
-               "internal_error": 1011, "token_expired": 4001, "pong_timeout": 4002,
-               "slow_consumer": 4003}
-MAX_CACHED_ROOMS = 512
+CLOSE_CODES = {"normal_closure": 1000, "server_shutdown": 1001, "protocol_error": 1002,
+               "invalid_payload": 1007, "message_too_large": 1009, "internal_error": 1011,
+               "token_expired": 4001, "pong_timeout": 4002, "slow_consumer": 4003, "disconnected": 4004}
 CLOSE_FLUSH_SECONDS = 2.0
 MAX_FRAMES_PER_WRITE = 64
+MAX_CHARS_PER_WRITE = 256 * 1024
+EXTRA_CACHED_ROOMS = 32  # room handles kept for rooms this connection talks to without joining
+_ROOM_EVENTS = (MessageSend, MessageRef, ConversationRef, MessageHistory)
+
+
+class _OverBudget(Exception):
+    def __init__(self, error: ProtocolError, wait: float) -> None:
+        super().__init__(error.message)
+        self.error, self.wait = error, wait
 
 
 class Connection:
-    __slots__ = ("ws", "principal", "s", "id", "_outbox", "peer", "rooms", "joined", "close_reason",
-                 "registered", "_left", "_socket_gone", "_scope", "opened_at")
+    """One client connection; ``run`` serves it. Implements ``handlers.context.ConnectionContext``."""
 
-    def __init__(self, ws: WebSocketConnection, principal: Principal, services: Services) -> None:
+    __slots__ = ("ws", "_principal", "_services", "_id", "_outbox", "_peer", "_rooms", "_joined",
+                 "close_reason", "_registered", "_left", "_socket_gone", "_write_interrupted", "_scope",
+                 "_budget_tat", "_send_budget")
+
+    def __init__(self, ws: WinkrWebSocket, principal: Principal, services: Services) -> None:
         self.ws = ws
-        self.principal = principal
-        self.s = services
-        self.id = secrets.token_hex(8)
+        self._principal = principal
+        self._services = services
+        self._id = secrets.token_hex(8)
         limits = services.settings.limits
-        self._outbox = Outbox(limits.outbound_queue_size)
-        self.peer = Peer(self.id, principal.user_id, principal.username, principal.avatar_url,
-                         principal.is_service, self._outbox, self.close_soon)
-        self.rooms: dict[str, RoomHandle] = {}
-        self.joined: set[str] = set()
+        self._outbox = Outbox(limits.outbound_queue, limits.outbound_queue_bytes, limits.slow_consumer_seconds)
+        self._peer = Peer(self._id, principal.user_id, principal.username, principal.avatar_url,
+                          principal.is_service, self._outbox)
+        self._rooms: OrderedDict[str, RoomHandle] = OrderedDict()  # a cache: the hub knows every room
+        self._joined: set[str] = set()
         self.close_reason: str | None = None
-        self.registered = False  # whether presence holds this connection (else: its admission)
+        self._registered = False  # whether presence holds this connection (else: its admission)
         self._left = False
         self._socket_gone = False
+        self._write_interrupted = False  # a write was cut mid-frame: no goodbye can follow
         self._scope: trio.CancelScope | None = None
-        self.opened_at = trio.current_time()
+        self._budget_tat = -math.inf
+        self._send_budget = Limits()
+        ws.goodbye = self._goodbye_frame
 
-    # --- closing ---------------------------------------------------------------------
+    # --- ConnectionContext ------------------------------------------------------------------
 
-    def close_soon(self, reason: str) -> None:
-        """Ask the connection to close with ``reason`` (from any task; never blocks)."""
-        if self.close_reason is None:
-            self.close_reason = reason
-        if self._scope is not None:
-            self._scope.cancel()
+    @property
+    def id(self) -> str:
+        return self._id
 
-    def set_expiry(self, expires_at: float) -> None:
-        """(Re)arm the token expiry: the connection's scope ends when the token does."""
-        assert self._scope is not None
-        self._scope.deadline = trio.current_time() + (expires_at - self.s.frames.now())
+    @property
+    def principal(self) -> Principal:
+        return self._principal
 
-    # --- the actor -------------------------------------------------------------------
+    @property
+    def peer(self) -> Peer:
+        return self._peer
+
+    @property
+    def services(self) -> Services:
+        return self._services
+
+    async def reply(self, event: str, data: Json, ref: str | None) -> None:
+        await self._put(self._services.frames.event(event, data, ref))
+
+    async def to_room(self, conversation_id: str, call: RoomCall) -> None:
+        await self._to_room(conversation_id, call)
+
+    def check_can_join(self, conversation_id: str) -> None:
+        limit = self._services.settings.limits.joined_per_connection
+        if limit and conversation_id not in self._joined and len(self._joined) >= limit:
+            raise ProtocolError(CONVERSATION_FULL, f"this connection has joined {limit} conversations, the most "
+                                "one connection may; leave one first", field="conversation_id")
+
+    def joined_room(self, conversation_id: str) -> None:
+        self._joined.add(conversation_id)
+
+    def left_room(self, conversation_id: str) -> None:
+        self._joined.discard(conversation_id)
+
+    def refresh_principal(self, principal: Principal) -> None:
+        self._principal = principal
+        self._set_expiry(principal.expires_at)
+
+    def check_send_budget(self) -> None:
+        now = self._services.frames.now()
+        for rate in self._services.message_rates:
+            if wait := self._send_budget.would_allow("send", rate, now):
+                raise rate_limited(rate, wait, "messages")
+
+    def count_send(self) -> None:
+        now = self._services.frames.now()
+        for rate in self._services.message_rates:
+            self._send_budget.hit("send", rate, now)
+
+    # --- running -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the connection until the client leaves or the server closes it."""
-        self.peer.deliver(self.s.frames.event("connection:established", {
-            "user_id": self.principal.user_id, "connection_id": self.id,
-            "timestamp": iso(self.s.frames.now())}))
+        """Serve the connection until the client leaves or the server closes it. Returns once
+        the socket is closed; never raises (one connection's failure stays its own)."""
+        services = self._services
         try:
-            # The outbox writer lives outside the connection's scope: when the connection
-            # closes it still drains what was queued (an error, an acknowledgement) first.
+            # The writer lives outside the reader's scope: when the connection closes it still
+            # sends what was queued (an error, an acknowledgement) and the goodbye.
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._write_outbox)
                 with trio.CancelScope() as self._scope:
-                    self.set_expiry(self.principal.expires_at)
-                    contacts = await self.s.store.call(self._register_user)
-                    await self.s.presence.connect(self.peer, contacts)
-                    self.registered = True
-                    await self._send_unread_summary()
+                    self._outbox.interrupt_on_close(self._scope)
+                    self._set_expiry(self._principal.expires_at)
+                    await self.reply("connection:established", {
+                        "user_id": self._principal.user_id, "connection_id": self._id,
+                        "timestamp": iso(services.frames.now())}, None)
+                    contacts = await services.store.call(self._register_user)
+                    await services.presence.connect(self._peer, contacts)
+                    self._registered = True
+                    await send_unread_summary(self)
                     await self._read_frames()
+                if self.close_reason is None:
+                    self.close_reason = self._outbox.close_request
                 if self._scope.cancelled_caught and self.close_reason is None and not self._socket_gone:
                     self.close_reason = "token_expired"
                 await self._leave_everything()
-                if self.close_reason == "slow_consumer" or self._socket_gone:
-                    outer.cancel_scope.cancel()  # a slow client's backlog stays behind; history has it
+                if self.close_reason == "slow_consumer":
+                    self._outbox.discard()  # a slow client's backlog stays behind; history has it
+                if self._socket_gone:
+                    outer.cancel_scope.cancel()
                 else:
                     outer.cancel_scope.deadline = trio.current_time() + CLOSE_FLUSH_SECONDS
-        except Exception:  # the connection's exception barrier
-            log.exception("connection %s (user %s) failed", self.id, self.principal.user_id)
+        except Exception as exc:  # the connection's exception barrier
+            _failures.exception(exc, "connection %s (user %s) failed", self._id, self._principal.user_id)
             self.close_reason = "internal_error"
         finally:
             with trio.CancelScope(shield=True):
@@ -111,8 +175,14 @@ class Connection:
                     await self._close_socket()
 
     def _register_user(self, store: Store) -> set[str]:
-        store.upsert_user(self.principal.user_id, self.principal.username, self.principal.avatar_url)
-        return store.contacts(self.principal.user_id)
+        principal = self._principal
+        store.upsert_user(principal.user_id, principal.username, principal.avatar_url)
+        return store.contacts(principal.user_id)
+
+    def _set_expiry(self, expires_at: float) -> None:
+        """The reader's scope ends when the token does."""
+        if self._scope is not None:
+            self._scope.deadline = trio.current_time() + (expires_at - self._services.frames.now())
 
     async def _leave_everything(self) -> None:
         """Leave every room, tell presence, close the outbox. Once; bounded in time."""
@@ -120,55 +190,79 @@ class Connection:
             return
         self._left = True
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_FLUSH_SECONDS):
-            for conversation_id in list(self.joined):
-                await self.to_room(conversation_id, Leave(self.peer, None, reply=False))
-            if self.registered:
-                await self.s.presence.disconnect(self.peer)
-            else:
-                await self.s.presence.release(self.principal.user_id)
+            try:
+                for conversation_id in list(self._joined):
+                    await self._to_room(conversation_id, Depart(self._peer))
+                if self._registered:
+                    await self._services.presence.disconnect(self._peer)
+                else:
+                    await self._services.presence.release(self._principal.user_id)
+            except trio.BrokenResourceError:
+                pass  # the server is going down around us: nothing left to leave
         self._outbox.close()
 
+    def _goodbye_frame(self, reason: str, code: int) -> str:
+        return self._services.frames.event("connection:closed", {
+            "reason": reason, "code": code, "timestamp": iso(self._services.frames.now())})
+
     async def _close_socket(self) -> None:
+        if self.ws.protocol_error is not None:  # the transport said goodbye itself
+            self.close_reason = self.ws.protocol_error[1]
+            return
         reason = self.close_reason
-        if reason is None or self._socket_gone:  # the client closed; nothing to tell it
+        if self._write_interrupted:  # a frame was cut in half: nothing more can be said
+            await abort(self.ws)
+            return
+        if reason is None or self._socket_gone:  # the client closed: nothing to tell it
             await self.ws.aclose()
             return
         code = CLOSE_CODES[reason]
         try:
-            await self.ws.send_message(self.s.frames.event("connection:closed", {
-                "reason": reason, "code": code, "timestamp": iso(self.s.frames.now())}))
+            await send_frames(self.ws, [self._goodbye_frame(reason, code)])
         except ConnectionClosed:
             pass
         await self.ws.aclose(code, reason)
 
-    # --- tasks -----------------------------------------------------------------------
+    # --- the writer --------------------------------------------------------------------------
 
     async def _write_outbox(self) -> None:
         """Outbox → socket until the outbox is closed and drained; also the heartbeat: a ping
         every ``ping_interval`` while the previous one was answered, and ``pong_timeout``
-        when one stays unanswered (one task per connection instead of two)."""
-        settings, metrics = self.s.settings, self.s.frames.metrics
+        when one stays unanswered (one task per connection for both). A socket that accepts
+        nothing for twice ``slow_consumer_seconds`` is cut (the goodbye could not pass)."""
+        settings = self._services.settings
+        metrics = self._services.frames.metrics
+        stall_limit = 2 * settings.limits.slow_consumer_seconds or math.inf
         next_ping = trio.current_time() + settings.ping_interval
         pong: trio.Event | None = None
         pong_deadline = math.inf
         try:
             while True:
-                frame = None
+                batch = None
                 with trio.move_on_at(min(next_ping, pong_deadline)):
                     try:
-                        frame = await self._outbox.receive()
+                        batch = await self._outbox.receive_batch(MAX_FRAMES_PER_WRITE, MAX_CHARS_PER_WRITE)
                     except trio.EndOfChannel:
                         return
-                if frame is not None:
-                    batch = drain(self._outbox, frame, MAX_FRAMES_PER_WRITE)
+                if batch:
                     if metrics is not None:
                         metrics.frames_per_write.observe(len(batch))
-                    await send_frames(self.ws, batch)
+                    with trio.move_on_after(stall_limit) as stalled:
+                        try:
+                            await send_frames(self.ws, batch)
+                        except BaseException:
+                            self._write_interrupted = not self._socket_gone
+                            raise
+                    if stalled.cancelled_caught:
+                        self._write_interrupted = True
+                        self._outbox.request_close("slow_consumer")
+                        return
+                    self._outbox.drained()
                     continue
                 now = trio.current_time()
                 if pong is not None and not pong.is_set():
                     if now >= pong_deadline:
-                        self.close_soon("pong_timeout")
+                        self._outbox.request_close("pong_timeout")
                         pong_deadline = math.inf
                     next_ping = now + settings.ping_interval  # the last ping is still out: wait
                     continue
@@ -178,62 +272,105 @@ class Connection:
                     next_ping = now + settings.ping_interval
         except ConnectionClosed:
             self._socket_gone = True
+            self._write_interrupted = False
             if self._scope is not None:
                 self._scope.cancel()
+
+    # --- the reader --------------------------------------------------------------------------
 
     async def _read_frames(self) -> None:
         while True:
             try:
                 frame = await self.ws.get_message()
             except ConnectionClosed:
+                self._socket_gone = True
                 return
             await self.handle_frame(frame)
 
     async def handle_frame(self, frame: str | bytes) -> None:
-        """Decode, validate and dispatch one client frame; every failure becomes an error
+        """Decode, budget, validate and route one client frame; every failure becomes an error
         event and the connection stays usable (except for an oversized frame)."""
         event: str | None = None
         ref: str | None = None
+        metrics = self._services.frames.metrics
         try:
-            envelope = parse_envelope(frame, self.s.settings.limits.max_frame_bytes)
+            self._spend_budget(1)  # every frame, before any parsing
+            envelope = parse_envelope(frame, self._services.settings.limits.max_frame_bytes)
             event, ref = envelope.event, envelope.ref
-            if self.s.frames.metrics is not None:
-                self.s.frames.metrics.event_in(event)
-            request = structure_request(envelope.event, envelope.data)
-            await HANDLERS[envelope.event](self, request, ref)
+            if metrics is not None:
+                metrics.event_in(event)
+            route = ROUTES.get(event)
+            if route is None:
+                raise ProtocolError(VALIDATION_ERROR, f"unknown event {event!r}", field="event")
+            if route.cost > 1:
+                self._spend_budget(route.cost - 1)
+            request = structure_request(route.request_type, envelope.data)
+            if route.on_connection is not None:
+                await route.on_connection(self, request, ref)
+                return
+            assert isinstance(request, _ROOM_EVENTS)
+            prepared = await route.prepare(self, request) if route.prepare is not None else None
+            await self._to_room(request.conversation_id, RoomCall(route, self._peer, request, ref, prepared,
+                                                                  trio.current_time()))
         except EnvelopeError as exc:
-            self.reply_error(exc, exc.request_event, exc.ref)
+            await self._reply_error(exc, exc.request_event, exc.ref)
             if exc.code == MESSAGE_TOO_LARGE:
-                self.close_soon("message_too_large")
+                self._outbox.request_close("message_too_large")
+        except _OverBudget as exc:
+            await self._reply_error(exc.error, event, ref)
+            # Read nothing more from this client until the budget allows it: a flood then
+            # costs one refusal per wait, and the rest waits in the client's TCP buffers.
+            await trio.sleep(exc.wait)
         except ProtocolError as exc:
-            self.reply_error(exc, event, ref)
-        except Exception:
-            log.exception("handler for %s failed on connection %s", event, self.id)
-            self.reply_error(ProtocolError(INTERNAL_ERROR, "internal error"), event, ref)
+            await self._reply_error(exc, event, ref)
+        except Exception as exc:
+            _failures.exception(exc, "handler for %s failed on connection %s", event, self._id)
+            await self._reply_error(ProtocolError(INTERNAL_ERROR, "internal error"), event, ref)
 
-    # --- helpers for handlers --------------------------------------------------------
+    def _spend_budget(self, cost: int) -> None:
+        """Take ``cost`` units of the inbound budget (GCRA: a burst of ``inbound_burst``, then
+        ``inbound_events_per_second``), or raise ``_OverBudget``."""
+        limits = self._services.settings.limits
+        rate = limits.inbound_events_per_second
+        if not rate:
+            return
+        interval = 1.0 / rate
+        now = trio.current_time()
+        tat = max(self._budget_tat, now) + cost * interval
+        wait = tat - now - max(limits.inbound_burst, cost) * interval
+        if wait <= 0:
+            self._budget_tat = tat
+            return
+        raise _OverBudget(rate_limited(Rate(rate, "second"), wait, "events on this connection"), wait)
 
-    def reply(self, event: str, data: dict[str, Any], ref: str | None) -> None:
-        self.peer.deliver(self.s.frames.event(event, data, ref))
+    async def _reply_error(self, exc: ProtocolError, request_event: str | None, ref: str | None) -> None:
+        await self._put(self._services.frames.error(exc, request_event, ref))
 
-    def reply_error(self, exc: ProtocolError, request_event: str | None, ref: str | None) -> None:
-        self.peer.deliver(self.s.frames.error(exc, request_event, ref))
+    async def _put(self, frame: str) -> None:
+        try:
+            await self._outbox.put(frame)
+        except trio.ClosedResourceError:
+            pass  # closing: the client will not read it
 
-    async def to_room(self, conversation_id: str, request: Any) -> None:
-        """Hand a request to the conversation's room (waking it, or finding its successor)."""
+    async def _to_room(self, conversation_id: str, message: RoomMessage) -> None:
+        """Hand a message to the conversation's room (waking it, or finding its successor)."""
         while True:
-            handle = self.rooms.get(conversation_id)
+            handle = self._rooms.get(conversation_id)
             if handle is None:
-                if len(self.rooms) >= MAX_CACHED_ROOMS:
-                    self.rooms = {c: h for c, h in self.rooms.items() if c in self.joined}
-                handle = self.rooms[conversation_id] = await self.s.hub.room(conversation_id)
+                handle = await self._services.hub.room(conversation_id)
+                self._cache_room(conversation_id, handle)
+            else:
+                self._rooms.move_to_end(conversation_id)
             try:
-                await handle.send(request)
+                await handle.send(message)
                 return
             except RoomRetired:
-                self.rooms.pop(conversation_id, None)
+                self._rooms.pop(conversation_id, None)
 
-    async def _send_unread_summary(self) -> None:
-        from winkr.handlers.catchup import send_unread_summary
+    def _cache_room(self, conversation_id: str, handle: RoomHandle) -> None:
+        self._rooms[conversation_id] = handle
+        # Bounded: every joined room, plus a few recent others (oldest first out).
+        while len(self._rooms) > len(self._joined) + EXTRA_CACHED_ROOMS:
+            oldest = next(c for c in self._rooms if c not in self._joined)
+            del self._rooms[oldest]
 
-        await send_unread_summary(self)

@@ -5,6 +5,7 @@ an ``error`` event (with ``request_event`` and ``ref``) and keeps serving.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 VALIDATION_ERROR = "VALIDATION_ERROR"
@@ -47,3 +48,13 @@ class ProtocolError(Exception):
 
     def __repr__(self) -> str:
         return f"ProtocolError({self.code!r}, {self.message!r}, details={self.details!r})"
+
+
+def retry_after_seconds(seconds: float) -> float:
+    """``details.retry_after``: a positive number of seconds, to the millisecond (contract §11.17)."""
+    return max(0.001, round(seconds, 3))
+
+
+def retry_after_header(seconds: float) -> str:
+    """An HTTP ``Retry-After`` value: whole seconds, rounded up, at least 1."""
+    return str(max(1, math.ceil(seconds)))

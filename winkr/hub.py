@@ -3,13 +3,13 @@ nursery, and retires it when the room reports itself idle."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 import trio
+from prometheus_client import Gauge
 
 from winkr.actor import Reply
-from winkr.room import RoomHandle, RoomServices, run_room
+from winkr.room import RoomHandle, RoomMessage, RoomServices, run_room
 
 
 @attrs.frozen
@@ -24,26 +24,30 @@ class _Retire:
     handle: RoomHandle
 
 
+HubRequest = _GetRoom | _Retire
+
+
 class HubHandle:
-    def __init__(self, inbox: trio.MemorySendChannel[Any]) -> None:
+    def __init__(self, inbox: trio.MemorySendChannel[HubRequest]) -> None:
         self._inbox = inbox
 
     async def room(self, conversation_id: str) -> RoomHandle:
         """The awake room of a conversation (woken if needed). A room for an unknown id
-        answers every request with ``NOT_FOUND``."""
+        answers every request with ``NOT_FOUND`` and sleeps again soon."""
         reply: Reply[RoomHandle] = Reply()
         await self._inbox.send(_GetRoom(conversation_id, reply))
         return await reply.wait()
 
     async def retire(self, conversation_id: str, handle: RoomHandle) -> None:
+        """A room that went idle asks to sleep; later requests wake a new one."""
         await self._inbox.send(_Retire(conversation_id, handle))
 
 
-async def run_hub(make_services: Callable[[HubHandle], RoomServices], *, rooms_gauge: Any = None,
-                  room_inbox_size: int = 1024,
-                  inbox_size: int = 4096,
+async def run_hub(make_services: Callable[[HubHandle], RoomServices], *, rooms_gauge: Gauge | None = None,
+                  room_inbox_size: int = 1024, inbox_size: int = 4096,
                   task_status: trio.TaskStatus[HubHandle] = trio.TASK_STATUS_IGNORED) -> None:
-    send, receive = trio.open_memory_channel[Any](inbox_size)
+    """Serve the registry until cancelled; rooms run in the hub's nursery."""
+    send, receive = trio.open_memory_channel[HubRequest](inbox_size)
     hub = HubHandle(send)
     services = make_services(hub)
     rooms: dict[str, RoomHandle] = {}
@@ -51,19 +55,20 @@ async def run_hub(make_services: Callable[[HubHandle], RoomServices], *, rooms_g
         task_status.started(hub)
         async with receive:
             async for request in receive:
-                if isinstance(request, _GetRoom):
-                    handle = rooms.get(request.conversation_id)
-                    if handle is None:
-                        room_send, room_receive = trio.open_memory_channel[Any](room_inbox_size)
-                        handle = rooms[request.conversation_id] = RoomHandle(request.conversation_id, room_send)
-                        nursery.start_soon(run_room, request.conversation_id, services, handle, room_receive)
-                        if rooms_gauge is not None:
-                            rooms_gauge.inc()
-                    request.reply.set(handle)
-                elif isinstance(request, _Retire):
-                    if rooms.get(request.conversation_id) is request.handle:
-                        del rooms[request.conversation_id]
-                        request.handle.close()
-                        if rooms_gauge is not None:
-                            rooms_gauge.dec()
+                match request:
+                    case _GetRoom(conversation_id=conversation_id, reply=reply):
+                        handle = rooms.get(conversation_id)
+                        if handle is None:
+                            room_send, room_receive = trio.open_memory_channel[RoomMessage](room_inbox_size)
+                            handle = rooms[conversation_id] = RoomHandle(conversation_id, room_send)
+                            nursery.start_soon(run_room, conversation_id, services, handle, room_receive)
+                            if rooms_gauge is not None:
+                                rooms_gauge.inc()
+                        reply.set(handle)
+                    case _Retire(conversation_id=conversation_id, handle=handle):
+                        if rooms.get(conversation_id) is handle:
+                            del rooms[conversation_id]
+                            handle.close()
+                            if rooms_gauge is not None:
+                                rooms_gauge.dec()
         nursery.cancel_scope.cancel()

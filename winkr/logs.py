@@ -5,7 +5,9 @@ Structured fields travel in ``extra=``; never put a token, message content or PI
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import time
 from datetime import UTC, datetime
 
 import orjson
@@ -46,3 +48,35 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class ThrottledLog:
+    """Tracebacks at most once per kind per ``interval`` seconds, so a flood of bad requests
+    cannot flood the log: the first of a kind is logged with its traceback, the rest are
+    counted and reported in one line when the next one of that kind is logged after the
+    interval. A kind is the exception's type and the place it was raised.
+
+    Owned by one module; used only from the trio thread (no locking needed)."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+        self._log = logger
+        self._interval = interval
+        self._last: dict[tuple[str, str, int], tuple[float, int]] = {}  # kind -> (logged at, suppressed)
+
+    def exception(self, exc: BaseException, message: str, *args: object) -> None:
+        """Log ``message`` with ``exc``'s traceback, unless this kind was logged recently."""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        kind = (type(exc).__qualname__, tb.tb_frame.f_code.co_filename if tb else "", tb.tb_lineno if tb else 0)
+        now = time.monotonic()
+        logged_at, suppressed = self._last.get(kind, (-math.inf, 0))
+        if now - logged_at < self._interval:
+            self._last[kind] = (logged_at, suppressed + 1)
+            return
+        if len(self._last) > 1000:  # bounded: forget the oldest kinds
+            self._last = dict(sorted(self._last.items(), key=lambda item: item[1][0])[-500:])
+        self._last[kind] = (now, 0)
+        if suppressed:
+            message += f" (and {suppressed} more like it in the last {now - logged_at:.0f} s)"
+        self._log.error(message, *args, exc_info=exc)

@@ -8,17 +8,18 @@ thread.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
-
-from winkr.protocol.requests import REQUEST_TYPES
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The server's metrics; ``events`` are the client event names (label values known up front)."""
+
+    def __init__(self, events: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Gauge("winkr_connections", "Open WebSocket connections.", registry=r)
@@ -57,7 +58,7 @@ class Metrics:
                                         "commit, in the same step): send->ack and send->peer.",
                                         buckets=_LATENCY_BUCKETS, registry=r)
         # Label children resolved once: the hot path only calls inc().
-        self._in = {event: self.events_in.labels(event) for event in REQUEST_TYPES}
+        self._in = {event: self.events_in.labels(event) for event in events}
         self._unknown_in = self.events_in.labels("unknown")
         self._out: dict[str, Any] = {}
 

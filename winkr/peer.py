@@ -1,15 +1,14 @@
-"""The handle other actors hold for a connection: who it is and a way to hand it frames.
+"""The handle other actors hold for a connection: who it is and its mailbox.
 
-Delivering never blocks. A full outbox means the client does not keep up: the connection
-is told to close as a slow consumer instead of stalling the room that is broadcasting.
+Everything another actor may do to a connection goes through the connection's outbox:
+hand it a frame (never blocks; see ``winkr.outbox`` for the flow-control policy) or ask it
+to close. The connection alone acts on both.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import attrs
-import trio
+
+from winkr.outbox import CoalesceKey, Outbox
 
 
 @attrs.define(eq=False, repr=False)
@@ -19,19 +18,16 @@ class Peer:
     username: str
     avatar_url: str | None
     is_service: bool
-    _outbox: Any  # winkr.outbox.Outbox: send_nowait never blocks
-    close: Callable[[str], None]  # ask the connection to close with a reason; never blocks
+    _outbox: Outbox
 
-    def deliver(self, frame: str) -> bool:
-        """Queue one encoded frame; ``False`` if the connection is gone or overflowing."""
-        try:
-            self._outbox.send_nowait(frame)
-        except trio.WouldBlock:
-            self.close("slow_consumer")
-            return False
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return False
-        return True
+    def deliver(self, frame: str, key: CoalesceKey | None = None) -> bool:
+        """Queue one encoded frame (replacing a waiting one with the same ``key``); ``False``
+        if the connection is closing, gone or too slow."""
+        return self._outbox.deliver(frame, key)
+
+    def request_close(self, reason: str) -> None:
+        """Ask the connection to close with ``reason`` (a key of the close-code table)."""
+        self._outbox.request_close(reason)
 
     def __repr__(self) -> str:
         return f"<Peer {self.id} user={self.user_id}>"

@@ -1,9 +1,12 @@
 """The presence actor: who is online, through which connections, and who should hear of it.
 
-Owns, per user: the open connections (``Peer``), admissions in progress (for the
-per-user connection limit), the chosen status, the contacts to tell, and the offline grace
-timer. It is also the one place that can reach "every connection of user X", so broadcasts
-to users (not to a room's joined connections) go through it.
+Owns, per user: the open connections (``Peer``), admissions in progress (for the per-user
+connection limit), the chosen status, the contacts to tell, and the offline grace timer. It
+is also the one place that can reach "every connection of user X", so frames addressed to
+users (not to a room's joined connections) go through it.
+
+Presence frames are coalesced per contact (``user:online``/``user:offline`` of one user share
+a key in each recipient's outbox): a user flapping their status cannot fill anyone's queue.
 """
 from __future__ import annotations
 
@@ -12,23 +15,30 @@ import logging
 import math
 from collections.abc import Iterable
 from functools import partial
-from typing import Any
 
 import attrs
 import trio
 
 from winkr.actor import Frames, Reply, drain
 from winkr.clock import iso
-from winkr.store.store import Delivery, Message, Store, last_message_summary
+from winkr.logs import ThrottledLog
+from winkr.outbox import CoalesceKey
+from winkr.peer import Peer
+from winkr.protocol.wire import delivered_data, unread_data
+from winkr.records import Delivery, StoredMessage
+from winkr.store.store import Store
 from winkr.store.writer import StoreHandle
 
 log = logging.getLogger("winkr.presence")
+_failures = ThrottledLog(log)
+
+MAX_BATCH = 256
 
 
 @attrs.define
 class _User:
     username: str
-    peers: dict[str, Any] = attrs.Factory(dict)  # connection id -> Peer
+    peers: dict[str, Peer] = attrs.Factory(dict)  # connection id -> Peer
     admitting: int = 0
     status: str = "online"
     contacts: set[str] = attrs.Factory(set)
@@ -36,7 +46,7 @@ class _User:
     grace_generation: int = 0
 
 
-# --- requests -------------------------------------------------------------------------
+# --- requests (the closed union the inbox carries) -------------------------------------------
 
 @attrs.frozen
 class _Admit:
@@ -53,18 +63,18 @@ class _Release:
 
 @attrs.frozen
 class _Connect:
-    peer: Any
+    peer: Peer
     contacts: frozenset[str]
 
 
 @attrs.frozen
 class _Disconnect:
-    peer: Any
+    peer: Peer
 
 
 @attrs.frozen
 class _SetStatus:
-    peer: Any
+    peer: Peer
     status: str
     reply: Reply[float]
 
@@ -73,10 +83,15 @@ class _SetStatus:
 class Published:
     """A committed message after its room fanned it out to the joined connections."""
 
-    message: Message
+    message: StoredMessage
     participants: tuple[str, ...]
     joined_connections: frozenset[str]
     deliveries: tuple[Delivery, ...]  # recorded with the message: its joined recipients
+
+
+@attrs.frozen
+class _Published:
+    events: tuple[Published, ...]
 
 
 @attrs.frozen
@@ -84,6 +99,7 @@ class _SendToUsers:
     user_ids: tuple[str, ...]
     frame: str
     except_connection: str | None
+    key: CoalesceKey | None
 
 
 @attrs.frozen
@@ -107,8 +123,15 @@ class _CloseAll:
     reason: str
 
 
+PresenceRequest = (_Admit | _Release | _Connect | _Disconnect | _SetStatus | _Published | _SendToUsers
+                   | _SendEach | _Online | _AddContacts | _CloseAll)
+
+
 class PresenceHandle:
-    def __init__(self, inbox: trio.MemorySendChannel[Any]) -> None:
+    """What other actors hold. Each method waits only for room in presence's inbox (and, where
+    it returns something, for the answer); presence never waits on its callers."""
+
+    def __init__(self, inbox: trio.MemorySendChannel[PresenceRequest]) -> None:
         self._inbox = inbox
 
     async def admit(self, user_id: str, username: str, limit: int) -> bool:
@@ -118,85 +141,98 @@ class PresenceHandle:
         return await reply.wait()
 
     async def release(self, user_id: str) -> None:
+        """Give back a slot reserved by ``admit`` whose connection never opened."""
         await self._inbox.send(_Release(user_id))
 
-    async def connect(self, peer: Any, contacts: Iterable[str]) -> None:
+    async def connect(self, peer: Peer, contacts: Iterable[str]) -> None:
+        """An admitted connection is open; its user's ``contacts`` hear of them."""
         await self._inbox.send(_Connect(peer, frozenset(contacts)))
 
-    async def disconnect(self, peer: Any) -> None:
+    async def disconnect(self, peer: Peer) -> None:
         await self._inbox.send(_Disconnect(peer))
 
-    async def set_status(self, peer: Any, status: str) -> float:
+    async def set_status(self, peer: Peer, status: str) -> float:
+        """Set the user's status; returns the wall-clock time it took effect."""
         reply: Reply[float] = Reply()
         await self._inbox.send(_SetStatus(peer, status, reply))
         return await reply.wait()
 
     async def published(self, events: list[Published]) -> None:
         """Messages a room has fanned out, in commit order."""
-        await self._inbox.send(events)
+        await self._inbox.send(_Published(tuple(events)))
 
-    async def send_to_users(self, user_ids: Iterable[str], frame: str,
-                            except_connection: str | None = None) -> None:
-        await self._inbox.send(_SendToUsers(tuple(user_ids), frame, except_connection))
+    async def send_to_users(self, user_ids: Iterable[str], frame: str, except_connection: str | None = None,
+                            key: CoalesceKey | None = None) -> None:
+        """``frame`` to every connection of each user (a waiting frame with ``key`` is replaced)."""
+        await self._inbox.send(_SendToUsers(tuple(user_ids), frame, except_connection, key))
 
     async def send_each(self, deliveries: Iterable[tuple[str, str]]) -> None:
         """Several (user, frame) hand-offs as one request."""
         await self._inbox.send(_SendEach(tuple(deliveries)))
 
     async def online(self, user_ids: Iterable[str]) -> dict[str, bool]:
+        """Who of ``user_ids`` is visibly online (as their contacts see them)."""
         reply: Reply[dict[str, bool]] = Reply()
         await self._inbox.send(_Online(tuple(user_ids), reply))
         return await reply.wait()
 
     async def add_contacts(self, user_ids: Iterable[str]) -> None:
+        """These users now share a conversation: each hears of the others from now on."""
         await self._inbox.send(_AddContacts(tuple(user_ids)))
 
     async def close_all(self, reason: str) -> None:
+        """Ask every connection to close with ``reason``; later admissions are refused."""
         await self._inbox.send(_CloseAll(reason))
 
 
 class _Presence:
-    def __init__(self, frames: Frames, store: StoreHandle, grace: float, online_gauge: Any = None) -> None:
+    def __init__(self, frames: Frames, store: StoreHandle, grace: float, online_gauge: object = None) -> None:
         self.frames = frames
         self.store = store
         self.grace = grace
-        self.online_gauge = online_gauge  # users with at least one open connection, kept as they change
+        self.online_gauge = online_gauge  # users with at least one open connection
         self.users: dict[str, _User] = {}
         self.grace_timers: list[tuple[float, int, str]] = []  # (deadline, generation, user)
         self.closing: str | None = None
 
-    # --- helpers ---------------------------------------------------------------------
+    # --- helpers -----------------------------------------------------------------------------
 
-    def _deliver(self, user_ids: Iterable[str], frame: str, except_connection: str | None = None) -> None:
+    def _deliver(self, user_ids: Iterable[str], frame: str, except_connection: str | None = None,
+                 key: CoalesceKey | None = None) -> None:
         for user_id in user_ids:
             state = self.users.get(user_id)
             if state is not None:
                 for peer in state.peers.values():
                     if peer.id != except_connection:
-                        peer.deliver(frame)
+                        peer.deliver(frame, key)
 
     def _announce(self, user_id: str, state: _User, online: bool) -> None:
+        now = iso(self.frames.now())
         if online:
             frame = self.frames.event("user:online", {"user_id": user_id, "username": state.username,
-                                                      "online_at": iso(self.frames.now())})
+                                                      "online_at": now})
         else:
             frame = self.frames.event("user:offline", {"user_id": user_id, "username": state.username,
-                                                       "offline_at": iso(self.frames.now())})
+                                                       "offline_at": now})
         state.visible = online
-        self._deliver(state.contacts, frame)
+        self._deliver(state.contacts, frame, key=("presence", user_id))
+
+    def _gauge(self, delta: int) -> None:
+        if self.online_gauge is not None:
+            self.online_gauge.inc(delta)  # type: ignore[attr-defined]
 
     def _forget_if_idle(self, user_id: str, state: _User) -> None:
         if not state.peers and not state.admitting and not state.visible:
             del self.users[user_id]
 
-    # --- requests --------------------------------------------------------------------
+    # --- requests ----------------------------------------------------------------------------
 
-    async def handle_batch(self, requests: list[Any]) -> None:
+    async def handle_batch(self, requests: list[PresenceRequest]) -> None:
         """Handle requests in order; consecutive published lists become one store request."""
         published: list[Published] = []
         for request in requests:
-            if isinstance(request, list):
-                published.extend(request)
+            if isinstance(request, _Published):
+                published.extend(request.events)
                 continue
             if published:
                 await self._published(published)
@@ -205,69 +241,69 @@ class _Presence:
         if published:
             await self._published(published)
 
-    async def handle(self, request: Any) -> None:
-        if isinstance(request, list):
-            await self._published(request)
-        elif isinstance(request, _SendToUsers):
-            self._deliver(request.user_ids, request.frame, request.except_connection)
-        elif isinstance(request, _SendEach):
-            for user_id, frame in request.deliveries:
-                self._deliver((user_id,), frame)
-        elif isinstance(request, _Admit):
-            state = self.users.setdefault(request.user_id, _User(request.username))
-            allowed = self.closing is None and (
-                not request.limit or len(state.peers) + state.admitting < request.limit)
-            if allowed:
-                state.admitting += 1
-            request.reply.set(allowed)
-        elif isinstance(request, _Release):
-            state = self.users[request.user_id]
-            state.admitting -= 1
-            self._forget_if_idle(request.user_id, state)
-        elif isinstance(request, _Connect):
-            self._connect(request.peer, request.contacts)
-        elif isinstance(request, _Disconnect):
-            await self._disconnect(request.peer)
-        elif isinstance(request, _SetStatus):
-            self._set_status(request)
-        elif isinstance(request, _Online):
-            request.reply.set({user: self._is_online(user) for user in request.user_ids})
-        elif isinstance(request, _AddContacts):
-            for user in request.user_ids:
-                if (known := self.users.get(user)) is not None:
-                    known.contacts.update(u for u in request.user_ids if u != user)
-        elif isinstance(request, _CloseAll):
-            self.closing = request.reason
-            for state in self.users.values():
-                for peer in list(state.peers.values()):
-                    peer.close(request.reason)
+    async def handle(self, request: PresenceRequest) -> None:
+        match request:
+            case _Published(events=events):
+                await self._published(list(events))
+            case _SendToUsers(user_ids=user_ids, frame=frame, except_connection=skip, key=key):
+                self._deliver(user_ids, frame, skip, key)
+            case _SendEach(deliveries=deliveries):
+                for user_id, frame in deliveries:
+                    self._deliver((user_id,), frame)
+            case _Admit():
+                state = self.users.setdefault(request.user_id, _User(request.username))
+                allowed = self.closing is None and (
+                    not request.limit or len(state.peers) + state.admitting < request.limit)
+                if allowed:
+                    state.admitting += 1
+                request.reply.set(allowed)
+            case _Release(user_id=user_id):
+                state = self.users[user_id]
+                state.admitting -= 1
+                self._forget_if_idle(user_id, state)
+            case _Connect(peer=peer, contacts=contacts):
+                self._connect(peer, contacts)
+            case _Disconnect(peer=peer):
+                self._disconnect(peer)
+            case _SetStatus():
+                await self._set_status(request)
+            case _Online(user_ids=user_ids, reply=reply):
+                reply.set({user: self._is_online(user) for user in user_ids})
+            case _AddContacts(user_ids=user_ids):
+                for user in user_ids:
+                    if (known := self.users.get(user)) is not None:
+                        known.contacts.update(u for u in user_ids if u != user)
+            case _CloseAll(reason=reason):
+                self.closing = reason
+                for state in self.users.values():
+                    for peer in state.peers.values():
+                        peer.request_close(reason)
 
     def _is_online(self, user_id: str) -> bool:
         state = self.users.get(user_id)
         return state is not None and state.visible
 
-    def _connect(self, peer: Any, contacts: frozenset[str]) -> None:
+    def _connect(self, peer: Peer, contacts: frozenset[str]) -> None:
         state = self.users[peer.user_id]
         state.admitting -= 1
         state.username = peer.username
         state.contacts = set(contacts)
         state.peers[peer.id] = peer
-        if len(state.peers) == 1 and self.online_gauge is not None:
-            self.online_gauge.inc()
+        if len(state.peers) == 1:
+            self._gauge(1)
         state.grace_generation += 1  # a pending offline announcement is void now
         if self.closing is not None:
-            peer.close(self.closing)
+            peer.request_close(self.closing)
         elif len(state.peers) == 1 and not state.visible:
-            state.status = "online"
+            state.status = "online"  # appearing offline lasts for a session (contract §7)
             self._announce(peer.user_id, state, online=True)
 
-    async def _disconnect(self, peer: Any) -> None:
+    def _disconnect(self, peer: Peer) -> None:
         state = self.users.get(peer.user_id)
         if state is None or state.peers.pop(peer.id, None) is None:
             return
         if not state.peers:
-            if self.online_gauge is not None:
-                self.online_gauge.dec()
+            self._gauge(-1)
             state.grace_generation += 1
             heapq.heappush(self.grace_timers, (trio.current_time() + self.grace,
                                                state.grace_generation, peer.user_id))
@@ -281,103 +317,88 @@ class _Presence:
                 continue
             if state.visible:
                 self._announce(user_id, state, online=False)
-            stamp = self.frames.now()
-            await self.store.fire(partial(Store.touch_last_seen, user_id=user_id, now=stamp))
+            if state.status != "offline":
+                # An invisible user's last-seen stays where it was when they went invisible.
+                await self.store.fire(partial(Store.touch_last_seen, user_id=user_id, now=self.frames.now()))
             self._forget_if_idle(user_id, state)
 
     def next_deadline(self) -> float:
         return self.grace_timers[0][0] if self.grace_timers else math.inf
 
-    def _set_status(self, request: _SetStatus) -> None:
-        state = self.users[request.peer.user_id]
+    async def _set_status(self, request: _SetStatus) -> None:
+        user_id = request.peer.user_id
+        state = self.users[user_id]
+        now = self.frames.now()
+        went_invisible = request.status == "offline" and state.status != "offline"
         state.status = request.status
         if request.status == "offline" and state.visible:
-            self._announce(request.peer.user_id, state, online=False)
+            self._announce(user_id, state, online=False)
         elif request.status != "offline" and not state.visible:
-            self._announce(request.peer.user_id, state, online=True)
-        request.reply.set(self.frames.now())
+            self._announce(user_id, state, online=True)
+        if went_invisible:  # to others, this is when they were last seen
+            await self.store.fire(partial(Store.touch_last_seen, user_id=user_id, now=now))
+        request.reply.set(now)
 
     async def _published(self, events: list[Published]) -> None:
-        """Receipts to the senders (``message:delivered``, for deliveries the room already
-        recorded with the message) and ``conversation:unread`` to participants' connections
-        outside the room. Only the latter needs the store: ONE background request for the
-        whole list records those deliveries and counts the unread messages."""
-        jobs = []
-        for event in events:
-            job = self._delivery_job(event)
-            if job.outside:
-                jobs.append(job)
-            else:
-                notify_delivered(self.frames, list(event.deliveries), job.sender_peers)
-        if not jobs:
-            return
-        now, frames = self.frames.now(), self.frames
+        """Receipts to the senders (``message:delivered``, for deliveries the room recorded with
+        the message) and ``conversation:unread`` to participants' connections outside the room,
+        whose deliveries and counts take ONE store request for the whole list."""
+        jobs = [self._delivery_job(event) for event in events]
+        outside = [job for job in jobs if job.outside]
+        results: list[tuple[dict[str, int], list[Delivery]]] = []
+        if outside:
+            now = self.frames.now()
 
-        def work(store: Store) -> list[tuple[dict[str, int], list[Delivery]]]:
-            return [(store.unread_counts(job.message["conversation_id"], job.outside),
-                     store.record_delivered_to(job.message, job.outside, now)) for job in jobs]
+            def work(store: Store) -> list[tuple[dict[str, int], list[Delivery]]]:
+                return [(store.unread_counts(job.message.conversation_id, job.outside),
+                         store.record_delivered_to(job.message, job.outside, now)) for job in outside]
 
-        def done(results: list[tuple[dict[str, int], list[Delivery]]]) -> None:
-            for job, (counts, deliveries) in zip(jobs, results):
-                job.finish(frames, counts, deliveries)
-
-        await self.store.fire(work, done)
+            results = await self.store.call(work)
+        counted = dict(zip((id(job) for job in outside), results))
+        for job in jobs:
+            counts, deliveries = counted.get(id(job), ({}, []))
+            self._finish(job, counts, deliveries)
 
     def _delivery_job(self, event: Published) -> _DeliveryJob:
         message = event.message
-        sender = message["sender_id"]
-        outside: dict[str, list[Any]] = {}
+        sender = message.sender_id
+        outside: dict[str, list[Peer]] = {}
         for user_id in event.participants:
             if user_id != sender and (state := self.users.get(user_id)) is not None:
                 peers = [p for p in state.peers.values() if p.id not in event.joined_connections]
                 if peers:
                     outside[user_id] = peers
-        sender_state = self.users.get(sender)
-        sender_peers = list(sender_state.peers.values()) if sender_state else []
-        return _DeliveryJob(message, outside, list(event.deliveries), sender_peers)
+        return _DeliveryJob(message, outside, event.deliveries)
+
+    def _finish(self, job: _DeliveryJob, counts: dict[str, int], deliveries: list[Delivery]) -> None:
+        conversation_id = job.message.conversation_id
+        for user_id, peers in job.outside.items():
+            frame = self.frames.event("conversation:unread", unread_data(conversation_id, counts[user_id],
+                                                                         job.message))
+            for peer in peers:
+                peer.deliver(frame, ("unread", conversation_id))
+        sender = self.users.get(job.message.sender_id)
+        if sender is not None:
+            for delivery in (*job.recorded, *deliveries):
+                frame = self.frames.event("message:delivered", delivered_data(delivery))
+                for peer in sender.peers.values():
+                    peer.deliver(frame)
 
 
 @attrs.frozen
 class _DeliveryJob:
     """What one published message still needs once its deliveries are recorded."""
 
-    message: Message
-    outside: dict[str, list[Any]]  # recipient -> its connections that have not joined the room
-    recorded: list[Delivery]  # deliveries the room recorded with the message
-    sender_peers: list[Any]
-
-    def finish(self, frames: Frames, counts: dict[str, int], deliveries: list[Delivery]) -> None:
-        summary = last_message_summary(self.message)
-        for user_id, peers in self.outside.items():
-            frame = frames.event("conversation:unread", {
-                "conversation_id": self.message["conversation_id"], "unread_count": counts[user_id],
-                "last_message": summary})
-            for peer in peers:
-                peer.deliver(frame)
-        notify_delivered(frames, self.recorded + deliveries, self.sender_peers)
+    message: StoredMessage
+    outside: dict[str, list[Peer]]  # recipient -> its connections that have not joined the room
+    recorded: tuple[Delivery, ...]  # deliveries the room recorded with the message
 
 
-def delivered_frame(frames: Frames, delivery: Delivery) -> str:
-    return frames.event("message:delivered", {
-        "message_id": delivery.message_id, "conversation_id": delivery.conversation_id,
-        "recipient_id": delivery.recipient_id, "delivered_at": iso(delivery.delivered_at)})
-
-
-def notify_delivered(frames: Frames, deliveries: list[Delivery], sender_peers: list[Any]) -> None:
-    """Tell a sender's connections about first deliveries of their messages."""
-    for delivery in deliveries:
-        frame = delivered_frame(frames, delivery)
-        for peer in sender_peers:
-            peer.deliver(frame)
-
-
-MAX_BATCH = 256
-
-
-async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, online_gauge: Any = None,
+async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, online_gauge: object = None,
                        inbox_size: int = 4096,
                        task_status: trio.TaskStatus[PresenceHandle] = trio.TASK_STATUS_IGNORED) -> None:
-    send, receive = trio.open_memory_channel[Any](inbox_size)
+    """Serve presence until the inbox is closed or the task is cancelled."""
+    send, receive = trio.open_memory_channel[PresenceRequest](inbox_size)
     presence = _Presence(frames, store, grace, online_gauge)
     task_status.started(PresenceHandle(send))
     async with receive:
@@ -391,9 +412,6 @@ async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, onli
             if request is not None:
                 try:
                     await presence.handle_batch(drain(receive, request, MAX_BATCH))
-                except Exception:  # a bug must not take every user's presence down with it
-                    log.exception("presence failed on a request")
+                except Exception as exc:  # a bug must not take every user's presence down with it
+                    _failures.exception(exc, "presence failed on a request")
             await presence.expire_grace()
-
-
-__all__ = ["PresenceHandle", "Published", "run_presence", "notify_delivered", "delivered_frame", "Store"]

@@ -7,14 +7,12 @@ the reaper only sleeps until the earliest one. A room that sets a new deadline n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import trio
 
 from winkr.clock import WallClock
-from winkr.room import SystemDeleted, send_to_room
+from winkr.room import GetRoom, SystemDeleted, send_to_room
 from winkr.store.store import Store
 from winkr.store.writer import StoreHandle
 
@@ -36,7 +34,7 @@ def open_reaper_channel() -> tuple[ReaperHandle, trio.MemoryReceiveChannel[None]
     return ReaperHandle(send), receive
 
 
-async def run_reaper(store: StoreHandle, get_room: Callable[[str], Any], clock: WallClock,
+async def run_reaper(store: StoreHandle, get_room: GetRoom, clock: WallClock,
                      receive: trio.MemoryReceiveChannel[None]) -> None:
     """Sleep until the earliest ephemeral deadline (or a nudge); erase what is due."""
     while True:

@@ -1,4 +1,4 @@
-"""What a connection needs from the rest of the server, in one bundle."""
+"""What a connection (and its handlers) may use from the rest of the server, in one bundle."""
 from __future__ import annotations
 
 import attrs
@@ -9,7 +9,7 @@ from winkr.config import Settings
 from winkr.hub import HubHandle
 from winkr.policy import PolicySettings
 from winkr.presence import PresenceHandle
-from winkr.ratelimit import RateLimiterHandle
+from winkr.ratelimit import Rate, RateLimiterHandle
 from winkr.reaper import ReaperHandle
 from winkr.store.writer import StoreHandle
 
@@ -25,3 +25,4 @@ class Services:
     hub: HubHandle
     reaper: ReaperHandle
     limiter: RateLimiterHandle
+    message_rates: tuple[Rate, ...]  # the message windows switched on (counted by the store)

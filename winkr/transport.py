@@ -1,41 +1,83 @@
-"""A faster way to write to a trio-websocket connection: several frames, one write.
+"""What winkr needs from trio-websocket beyond its public API, in one place.
 
-``WebSocketConnection.send_message`` costs one ``send`` syscall per frame. A busy
-connection has several frames waiting (an acknowledgement, a receipt, a broadcast), so the
-outbox writer encodes them all with the connection's wsproto state and writes them in one
-``send_all`` under the connection's own stream lock — exactly what ``send_message`` does per
-frame. This reaches into trio-websocket's internals (``_wsproto``, ``_stream``,
-``_stream_lock``), which is why setup.cfg pins trio-websocket below 0.13; if they are not
-there, it falls back to one ``send_message`` per frame.
+- Several frames in one write: ``WebSocketConnection.send_message`` costs one ``send``
+  syscall per frame; the outbox writer encodes every waiting frame with the connection's
+  wsproto state and writes them in one ``send_all`` under the connection's stream lock —
+  exactly what ``send_message`` does per frame.
+- A ping without a task waiting for its pong.
+- A clean close on a protocol violation: trio-websocket drops the TCP connection without a
+  close frame when the client breaks RFC 6455 (invalid UTF-8 in a text frame, a bad opcode,
+  an unmasked frame). :class:`WinkrWebSocket` sends ``connection:closed`` and a close frame
+  with 1007 (invalid payload) or 1002 (protocol error) first.
+
+This reaches into trio-websocket's internals (``_wsproto``, ``_stream``, ``_stream_lock``,
+``_send``, ``_pings``, ``_close_web_socket``, ``_close_stream``), which is why setup.cfg pins
+trio-websocket below 0.13; ``tests/test_connection.py`` exercises every piece.
 """
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
-from wsproto.events import Ping, TextMessage
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection, Ping, TextMessage
+
+# RFC 6455 close codes of violations wsproto detects in what the client sent.
+_VIOLATIONS = {1007: "invalid_payload", 1009: "message_too_large"}
+PROTOCOL_ERROR = 1002
 
 
-def _can_batch(ws: WebSocketConnection) -> bool:
-    return all(hasattr(ws, name) for name in ("_wsproto", "_stream", "_stream_lock", "_abort_web_socket"))
+class WinkrWebSocket(WebSocketConnection):
+    """A server-side WebSocket that says goodbye before closing on a protocol violation."""
+
+    goodbye: Callable[[str, int], str] | None = None  # (reason, code) -> the connection:closed frame
+    protocol_error: tuple[int, str] | None = None  # (code, reason) once a violation closed it
+
+    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        # wsproto reports a frame it could not parse as a CloseConnection while the connection
+        # is still OPEN; a close frame from the client arrives in REMOTE_CLOSING instead.
+        if self._wsproto.state is not ConnectionState.OPEN:
+            await super()._handle_close_connection_event(event)
+            return
+        code = event.code if event.code in _VIOLATIONS else PROTOCOL_ERROR
+        reason = _VIOLATIONS.get(code, "protocol_error")
+        self.protocol_error = (code, reason)
+        try:
+            if self.goodbye is not None:
+                await self._send(TextMessage(data=self.goodbye(reason, code)))
+            await self._send(CloseConnection(code=code, reason=reason))
+        except ConnectionClosed:
+            pass
+        await self._close_web_socket(code, reason)
+        self._close_handshake.set()
+        await self._close_stream()
+
+
+async def wrap_server_stream(nursery: trio.Nursery, stream: trio.abc.Stream, *, message_queue_size: int,
+                             max_message_size: int, receive_buffer_size: int) -> WebSocketRequest:
+    """trio-websocket's ``wrap_server_stream`` with :class:`WinkrWebSocket`: the reader task
+    runs in ``nursery``; returns the handshake request once it arrived."""
+    connection = WinkrWebSocket(stream, WSConnection(ConnectionType.SERVER), message_queue_size=message_queue_size,
+                                max_message_size=max_message_size, receive_buffer_size=receive_buffer_size)
+    nursery.start_soon(connection._reader_task)
+    return await connection._get_request()
 
 
 async def send_frames(ws: WebSocketConnection, frames: list[str]) -> None:
-    """Send text frames in order; raises ``ConnectionClosed`` like ``send_message``."""
-    if not _can_batch(ws) or len(frames) == 1:
-        for frame in frames:
-            await ws.send_message(frame)
-        return
+    """Send text frames in order, in one write; raises ``ConnectionClosed`` like
+    ``send_message``. Cancelling it may cut a frame in half: close the stream after that."""
     if ws.closed:
         raise ConnectionClosed(ws.closed)
-    proto = ws._wsproto  # noqa: SLF001 - see the module docstring
+    proto = ws._wsproto
     data = b"".join([proto.send(TextMessage(data=frame)) for frame in frames])
-    async with ws._stream_lock:  # noqa: SLF001
+    async with ws._stream_lock:
         try:
-            await ws._stream.send_all(data)  # noqa: SLF001
+            await ws._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await ws._abort_web_socket()  # noqa: SLF001
+            await ws._abort_web_socket()
             raise ConnectionClosed(ws.closed) from None
 
 
@@ -43,12 +85,15 @@ async def send_ping(ws: WebSocketConnection) -> trio.Event:
     """Send a ping without waiting for its pong: the returned event is set when the pong (or
     a later one) arrives. ``ws.ping()`` would need a task per connection to wait in; the
     outbox writer checks this event at its next wake-up instead."""
-    if not _can_batch(ws) or not hasattr(ws, "_pings"):
-        raise RuntimeError("trio-websocket internals changed: pin trio-websocket<0.13")
     if ws.closed:
         raise ConnectionClosed(ws.closed)
     payload = secrets.token_bytes(8)
     pong = trio.Event()
-    ws._pings[payload] = pong  # noqa: SLF001 - trio-websocket sets it on the matching pong
-    await ws._send(Ping(payload=payload))  # noqa: SLF001
+    ws._pings[payload] = pong  # trio-websocket sets it on the matching pong
+    await ws._send(Ping(payload=payload))
     return pong
+
+
+async def abort(ws: WebSocketConnection) -> None:
+    """Close the TCP stream at once, with no close frame (after a write was cut mid-frame)."""
+    await ws._close_stream()

@@ -1,47 +1,84 @@
-"""conversation:join, conversation:leave, conversation:create, conversation:list."""
+"""conversation:join, conversation:leave (in the room), conversation:create and
+conversation:list (on the connection)."""
 from __future__ import annotations
 
-from typing import Any
-
+from winkr.actor import Reply
+from winkr.clock import iso
+from winkr.handlers.context import ConnectionContext, RoomCall, RoomContext, Route
 from winkr.protocol.requests import ConversationCreate, ConversationRef, Empty
-from winkr.room import Join, Leave
+from winkr.protocol.wire import conversation_object, listing_object
+from winkr.records import Conversation, ConversationListing
 from winkr.store.store import Store
 
 
-async def join(conn: Any, request: ConversationRef, ref: str | None) -> None:
-    conn.joined.add(request.conversation_id)  # a refused join leaves a harmless no-op leave behind
-    await conn.to_room(request.conversation_id, Join(conn.peer, ref))
+async def join(conn: ConnectionContext, request: ConversationRef, ref: str | None) -> None:
+    """On the connection: within its join budget, ask the room; remember the room only once
+    it accepted (a refused id is not kept)."""
+    conn.check_can_join(request.conversation_id)
+    accepted: Reply[bool] = Reply()
+    await conn.to_room(request.conversation_id, RoomCall(JOIN_IN_ROOM, conn.peer, request, ref,
+                                                         outcome=accepted))
+    if await accepted.wait():
+        conn.joined_room(request.conversation_id)
 
 
-async def leave(conn: Any, request: ConversationRef, ref: str | None) -> None:
-    conn.joined.discard(request.conversation_id)
-    await conn.to_room(request.conversation_id, Leave(conn.peer, ref))
+async def _join_in_room(room: RoomContext, call: RoomCall) -> None:
+    try:
+        room.authorize(call.peer)
+        room.add_member(call.peer)
+    except BaseException:
+        if call.outcome is not None:
+            call.outcome.set(False)
+        raise
+    if call.outcome is not None:
+        call.outcome.set(True)
+    call.peer.deliver(room.frames.event("conversation:joined", {
+        "conversation_id": room.id, "joined_at": iso(room.frames.now())}, call.ref))
 
 
-async def create(conn: Any, request: ConversationCreate, ref: str | None) -> None:
-    settings, principal = conn.s.settings, conn.principal
+JOIN_IN_ROOM = Route("conversation:join", ConversationRef, in_room=_join_in_room)
+"""The room half of ``conversation:join`` (the registry routes the event to ``join``)."""
 
-    def work(store: Store) -> tuple[dict[str, Any], bool]:
+
+async def forget_room(conn: ConnectionContext, request: ConversationRef) -> None:
+    """On the connection, before ``conversation:leave`` reaches the room."""
+    conn.left_room(request.conversation_id)
+
+
+async def leave_in_room(room: RoomContext, call: RoomCall) -> None:
+    room.authorize(call.peer)
+    room.remove_member(call.peer)
+    call.peer.deliver(room.frames.event("conversation:left", {
+        "conversation_id": room.id, "left_at": iso(room.frames.now())}, call.ref))
+
+
+async def create(conn: ConnectionContext, request: ConversationCreate, ref: str | None) -> None:
+    """Create (or find) a conversation; its participants' other connections are told."""
+    settings, principal, now = conn.services.settings, conn.principal, conn.services.frames.now()
+
+    def work(store: Store) -> tuple[Conversation, bool]:
         return store.create_conversation(
             principal.user_id, request.participant_ids, is_service=principal.is_service,
-            max_participants=settings.max_participants, now=conn.s.frames.now(),
+            max_participants=settings.max_participants, now=now,
             per_day=settings.limits.conversations_per_day)
 
-    conversation, created = await conn.s.store.call(work)
-    conn.reply("conversation:created", {"conversation": conversation}, ref)
+    conversation, created = await conn.services.store.call(work)
+    data = {"conversation": conversation_object(conversation)}
+    await conn.reply("conversation:created", data, ref)
     if created:
-        participants = conversation["participant_ids"]
-        frame = conn.s.frames.event("conversation:created", {"conversation": conversation})
-        await conn.s.presence.send_to_users(participants, frame, except_connection=conn.id)
-        await conn.s.presence.add_contacts(participants)
+        presence = conn.services.presence
+        await presence.send_to_users(conversation.participant_ids, conn.services.frames.event(
+            "conversation:created", data), except_connection=conn.id)
+        await presence.add_contacts(conversation.participant_ids)
 
 
-async def list_(conn: Any, request: Empty, ref: str | None) -> None:
+async def list_(conn: ConnectionContext, request: Empty, ref: str | None) -> None:
+    """The caller's conversations with participants' presence, unread counts and last messages."""
     user_id = conn.principal.user_id
-    conversations = await conn.s.store.call(lambda store: store.list_conversations(user_id))
-    people = {p["id"] for c in conversations for p in c["participants"]}
-    online = await conn.s.presence.online(people)
-    for conversation in conversations:
-        for person in conversation["participants"]:
-            person["online"] = online.get(person["id"], False)
-    conn.reply("conversation:list", {"conversations": conversations}, ref)
+
+    def work(store: Store) -> list[ConversationListing]:
+        return store.list_conversations(user_id)
+
+    listings = await conn.services.store.call(work)
+    online = await conn.services.presence.online({p.id for c in listings for p in c.participants})
+    await conn.reply("conversation:list", {"conversations": [listing_object(c, online) for c in listings]}, ref)

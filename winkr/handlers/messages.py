@@ -1,44 +1,157 @@
-"""message:send, message:read, message:delete, message:history."""
+"""message:send, message:read, message:delete (in the room) and message:history (on the
+connection).
+
+The life of a send: the connection checks it cheaply first (its own message budget), then
+runs the content policy, and hands it to the room; the room commits a run of sends as one
+store request, acknowledges each to its sender, broadcasts it to the joined connections in
+commit order, and hands the rest (unread counts, receipts for connections outside the room)
+to presence.
+"""
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
 
 import trio
 
+from winkr.clock import iso
+from winkr.errors import ProtocolError
 from winkr.handlers.catchup import announce_deliveries
-from winkr.policy import check_message
+from winkr.handlers.context import ConnectionContext, RoomCall, RoomContext
+from winkr.peer import Peer
+from winkr.policy import CheckedMessage, check_message
+from winkr.presence import Published
 from winkr.protocol.requests import MessageHistory, MessageRef, MessageSend
-from winkr.room import Delete, Read, Send
-from winkr.store.store import Delivery, Message, Store
+from winkr.protocol.wire import message_object, sender_object, unread_data
+from winkr.records import Delivery, SendItem, SendResult, StoredMessage
+from winkr.store.store import Store
 
 
-async def send(conn: Any, request: MessageSend, ref: str | None) -> None:
+async def prepare_send(conn: ConnectionContext, request: MessageSend) -> CheckedMessage:
+    """On the connection: the cheap limit pre-check, then the content policy (the costly part)."""
+    conn.check_send_budget()
     checked = check_message(request.type, request.content, request.metadata,
-                            is_service=conn.principal.is_service, settings=conn.s.policy)
-    await conn.to_room(request.conversation_id, Send(conn.peer, checked, request.client_message_id, ref,
-                                                     trio.current_time()))
+                            is_service=conn.principal.is_service, settings=conn.services.policy)
+    conn.count_send()
+    return checked
 
 
-async def read(conn: Any, request: MessageRef, ref: str | None) -> None:
-    await conn.to_room(request.conversation_id, Read(conn.peer, request.message_id, ref))
+async def send_run(room: RoomContext, calls: list[RoomCall]) -> None:
+    """In the room: commit a run of sends as one store request, then fan each out in commit
+    order."""
+    allowed: list[RoomCall] = []
+    for call in calls:
+        try:
+            room.authorize(call.peer)
+            allowed.append(call)
+        except ProtocolError as exc:
+            _reply_error(room, call, exc)
+    if not allowed:
+        return
+    # The joined recipients get the message as soon as it commits: record those deliveries in
+    # the same transaction (membership cannot change while this run is in flight).
+    joined_users = {member.user_id for member in room.members()}
+    items = []
+    for call in allowed:
+        assert isinstance(call.request, MessageSend) and isinstance(call.prepared, CheckedMessage)
+        checked = call.prepared
+        items.append(SendItem(call.peer.user_id, checked.type, checked.content, checked.metadata,
+                              call.request.client_message_id, tuple(sorted(joined_users - {call.peer.user_id}))))
+    results = await room.store.call(partial(Store.insert_messages, conversation_id=room.id, items=items,
+                                            now=room.frames.now(), rates=room.message_limits()))
+    published = []
+    for call, result in zip(allowed, results):
+        if isinstance(result, ProtocolError):
+            _reply_error(room, call, result)
+            continue
+        event = _fan_out(room, call, result)
+        if event is not None:
+            published.append(event)
+    if published:  # one hand-off for the whole run
+        await room.presence.published(published)
 
 
-async def delete(conn: Any, request: MessageRef, ref: str | None) -> None:
-    await conn.to_room(request.conversation_id, Delete(conn.peer, request.message_id, ref))
+def _fan_out(room: RoomContext, call: RoomCall, result: SendResult) -> Published | None:
+    """Acknowledge to the sender, broadcast to the joined connections; return what presence
+    must still do (unread counts for the others, receipts)."""
+    peer = call.peer
+    data = {"message": message_object(result.message),
+            "sender": sender_object(peer.user_id, peer.username, peer.avatar_url)}
+    frames = room.frames
+    peer.deliver(frames.event("message:new", data, call.ref))
+    if result.duplicate:  # answered to the sender only (contract §11.15)
+        return None
+    room.broadcast(frames.event("message:new", data), skip=peer)
+    if frames.metrics is not None and call.received_at is not None:
+        frames.metrics.fanout_seconds.observe(trio.current_time() - call.received_at)
+    return Published(result.message, room.authorize(peer), frozenset(m.id for m in room.members()),
+                     result.deliveries)
 
 
-async def history(conn: Any, request: MessageHistory, ref: str | None) -> None:
-    user_id, is_service, now = conn.principal.user_id, conn.principal.is_service, conn.s.frames.now()
+async def read(room: RoomContext, call: RoomCall) -> None:
+    """In the room: move the reader's read position; tell the reader, the senders whose
+    messages became read, and the reader's other connections (their unread count)."""
+    peer, request = call.peer, call.request
+    assert isinstance(request, MessageRef)
+    room.authorize(peer)
+    result = await room.store.call(partial(
+        Store.read_up_to, conversation_id=room.id, reader=peer.user_id,
+        message_id_=request.message_id, now=room.frames.now()))
+    data = {"message_id": request.message_id, "conversation_id": room.id,
+            "reader_id": peer.user_id, "viewed_at": iso(result.viewed_at)}
+    peer.deliver(room.frames.event("message:viewed", data, call.ref))
+    if result.newly_read_senders:
+        # A later read covers an earlier one still waiting: one key per (conversation, reader).
+        await room.presence.send_to_users(result.newly_read_senders, room.frames.event("message:viewed", data),
+                                          key=("viewed", room.id, peer.user_id))
+        await room.presence.send_to_users(
+            (peer.user_id,), room.frames.event("conversation:unread", unread_data(
+                room.id, result.unread_count, result.last_message)),
+            except_connection=peer.id, key=("unread", room.id))
+    if result.ephemeral_expiries:
+        room.nudge_reaper()
 
-    def work(store: Store) -> tuple[list[Message], bool, list[Delivery]]:
-        participants = store.authorize(request.conversation_id, user_id, is_service)
+
+async def delete(room: RoomContext, call: RoomCall) -> None:
+    """In the room: erase a message (a tombstone stays) and announce it to the room."""
+    peer, request = call.peer, call.request
+    assert isinstance(request, MessageRef)
+    room.authorize(peer)
+    deleted_at = await room.store.call(partial(
+        Store.delete_message, conversation_id=room.id, message_id_=request.message_id,
+        deleted_by=peer.user_id, now=room.frames.now()))
+    announce_deleted(room, request.message_id, peer.user_id, deleted_at, peer, call.ref)
+
+
+def announce_deleted(room: RoomContext, message_id: str, deleted_by: str, deleted_at: float,
+                     requester: Peer | None, ref: str | None) -> None:
+    """``message:deleted`` to the room; the requester (joined or not) gets it with its ``ref``."""
+    data = {"message_id": message_id, "conversation_id": room.id, "deleted_by": deleted_by,
+            "deleted_at": iso(deleted_at)}
+    if requester is not None:
+        requester.deliver(room.frames.event("message:deleted", data, ref))
+    room.broadcast(room.frames.event("message:deleted", data), skip=requester)
+
+
+async def history(conn: ConnectionContext, request: MessageHistory, ref: str | None) -> None:
+    """On the connection: a page of history; the messages it shows the reader for the first
+    time count as delivered."""
+    principal, now = conn.principal, conn.services.frames.now()
+    user_id = principal.user_id
+
+    def work(store: Store) -> tuple[list[StoredMessage], bool, list[Delivery]]:
+        participants = store.authorize(request.conversation_id, user_id, principal.is_service)
         messages, has_more = store.history(request.conversation_id, user_id, request.before_seq,
                                            request.after_seq, request.limit)
         if user_id not in participants:  # a service account reading is not a delivery
             return messages, has_more, []
         return messages, has_more, store.record_delivered(messages, user_id, now)
 
-    messages, has_more, deliveries = await conn.s.store.call(work)
-    conn.reply("message:history", {"conversation_id": request.conversation_id, "messages": messages,
-                                   "has_more": has_more}, ref)
+    messages, has_more, deliveries = await conn.services.store.call(work)
+    await conn.reply("message:history", {"conversation_id": request.conversation_id,
+                                         "messages": [message_object(m) for m in messages],
+                                         "has_more": has_more}, ref)
     await announce_deliveries(conn, deliveries)
+
+
+def _reply_error(room: RoomContext, call: RoomCall, exc: ProtocolError) -> None:
+    call.peer.deliver(room.frames.error(exc, call.route.event, call.ref))

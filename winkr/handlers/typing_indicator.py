@@ -1,25 +1,20 @@
 """typing:start and typing:stop: no success reply, only an error when refused."""
 from __future__ import annotations
 
-from typing import Any
-
+from winkr.handlers.context import ConnectionContext, RoomCall, RoomContext
 from winkr.protocol.requests import ConversationRef
 from winkr.ratelimit import Rate, rate_limited
-from winkr.room import Typing
 
 
-async def _typing(conn: Any, request: ConversationRef, ref: str | None, is_typing: bool) -> None:
-    rate = Rate(conn.s.settings.limits.typing_per_minute, "minute")
+async def check_typing_limit(conn: ConnectionContext, request: ConversationRef) -> None:
+    """On the connection: both starts and stops count toward the typing limit (§11.4)."""
+    rate = Rate(conn.services.settings.limits.typing_per_minute, "minute")
     if rate.count:
-        retry_after = await conn.s.limiter.hit(f"typing\x1f{conn.principal.user_id}", rate)
+        retry_after = await conn.services.limiter.hit(f"typing\x1f{conn.principal.user_id}", rate)
         if retry_after:
             raise rate_limited(rate, retry_after, "typing events")
-    await conn.to_room(request.conversation_id, Typing(conn.peer, is_typing, ref))
 
 
-async def start(conn: Any, request: ConversationRef, ref: str | None) -> None:
-    await _typing(conn, request, ref, True)
-
-
-async def stop(conn: Any, request: ConversationRef, ref: str | None) -> None:
-    await _typing(conn, request, ref, False)
+async def typing_in_room(room: RoomContext, call: RoomCall) -> None:
+    room.authorize(call.peer)
+    room.set_typing(call.peer, call.route.event == "typing:start")

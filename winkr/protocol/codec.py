@@ -82,3 +82,12 @@ def error_data(exc: ProtocolError, request_event: str | None) -> dict[str, Any]:
     """The ``data`` of an ``error`` event."""
     return {"code": exc.code, "message": exc.message, "details": exc.details,
             "request_event": request_event}
+
+
+def refusal_body(exc: ProtocolError) -> bytes:
+    """The JSON body of a refused handshake (contract §2): ``{"event": "error", "data":
+    {code, message[, details]}}`` — no ``ref``, ``request_event`` or ``timestamp``."""
+    data: dict[str, Any] = {"code": exc.code, "message": exc.message}
+    if exc.details:
+        data["details"] = exc.details
+    return orjson.dumps({"event": "error", "data": data})

@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NewType
+from typing import Any, NewType, TypeVar
 
 import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from winkr.errors import VALIDATION_ERROR, ProtocolError
+from winkr.ids import MAX_ID_CHARS, MAX_SEQ_DIGITS, user_id_problem
 
 Id = NewType("Id", str)
-"""A conversation, message or user id: a string of 1–64 characters."""
+"""A conversation id (or any opaque id): a printable string of 1–64 characters."""
+UserId = NewType("UserId", str)
+"""A user id: see ``winkr.ids.user_id_problem``."""
+MessageId = NewType("MessageId", str)
+"""``<conversation_id>.<seq>``; whether it names a message is the store's question (NOT_FOUND)."""
 
-MAX_ID_CHARS = 64
 MAX_HISTORY_LIMIT = 100
+MAX_MESSAGE_ID_CHARS = MAX_ID_CHARS + 1 + MAX_SEQ_DIGITS
 
 
 @attrs.frozen
@@ -36,7 +41,7 @@ class MessageRef:
     """``message:read`` and ``message:delete``."""
 
     conversation_id: Id
-    message_id: Id
+    message_id: MessageId
 
 
 @attrs.frozen
@@ -48,7 +53,7 @@ class ConversationRef:
 
 @attrs.frozen
 class ConversationCreate:
-    participant_ids: list[Id]
+    participant_ids: list[UserId]
 
 
 @attrs.frozen
@@ -74,20 +79,9 @@ class AuthRefresh:
     token: str
 
 
-REQUEST_TYPES: dict[str, type] = {
-    "message:send": MessageSend,
-    "message:read": MessageRef,
-    "message:delete": MessageRef,
-    "message:history": MessageHistory,
-    "typing:start": ConversationRef,
-    "typing:stop": ConversationRef,
-    "conversation:join": ConversationRef,
-    "conversation:leave": ConversationRef,
-    "conversation:create": ConversationCreate,
-    "conversation:list": Empty,
-    "user:status": UserStatus,
-    "auth:refresh": AuthRefresh,
-}
+ClientRequest = (MessageSend | MessageRef | ConversationRef | ConversationCreate | Empty | MessageHistory
+                 | UserStatus | AuthRefresh)
+"""Every request a client can send (the closed union the handlers receive)."""
 
 STATUSES = ("online", "away", "busy", "offline")
 
@@ -110,7 +104,21 @@ def _strict(kind: type, check: Callable[[Any], bool], what: str) -> Callable[[An
 
 converter = cattrs.Converter(detailed_validation=True)
 converter.register_structure_hook(
-    Id, _strict(str, lambda v: 0 < len(v) <= MAX_ID_CHARS, f"must be a string of 1-{MAX_ID_CHARS} characters"))
+    Id, _strict(str, lambda v: 0 < len(v) <= MAX_ID_CHARS and v.isprintable(),
+                f"must be a printable string of 1-{MAX_ID_CHARS} characters"))
+converter.register_structure_hook(
+    MessageId, _strict(str, lambda v: 0 < len(v) <= MAX_MESSAGE_ID_CHARS and v.isprintable(),
+                       f"must be a message id (a printable string of 1-{MAX_MESSAGE_ID_CHARS} characters)"))
+
+
+def _structure_user_id(value: Any, _: Any) -> UserId:
+    problem = user_id_problem(value)
+    if problem is not None:
+        raise _FieldError(problem)
+    return UserId(value)
+
+
+converter.register_structure_hook(UserId, _structure_user_id)
 converter.register_structure_hook(str, _strict(str, lambda v: True, "must be a string"))
 converter.register_structure_hook(
     int, _strict(int, lambda v: -(2**63) <= v < 2**63, "must be an integer"))
@@ -119,16 +127,17 @@ converter.register_structure_hook(
 converter.register_structure_hook(Any, lambda v, _: v)
 
 
-def _structure_id_list(value: Any, _: Any) -> list[Id]:
+def _structure_user_id_list(value: Any, _: Any) -> list[UserId]:
     if not isinstance(value, list):
         raise _FieldError("must be a list of user ids")
     for index, item in enumerate(value):
-        if not isinstance(item, str) or not 0 < len(item) <= MAX_ID_CHARS:
-            raise _FieldError(f"must be a string of 1-{MAX_ID_CHARS} characters", str(index))
+        problem = user_id_problem(item)
+        if problem is not None:
+            raise _FieldError(problem, str(index))
     return list(value)
 
 
-converter.register_structure_hook_func(lambda t: t == list[Id], _structure_id_list)
+converter.register_structure_hook_func(lambda t: t == list[UserId], _structure_user_id_list)
 
 
 def _first_error(exc: BaseException, path: list[str]) -> tuple[str, str]:
@@ -148,13 +157,14 @@ def _first_error(exc: BaseException, path: list[str]) -> tuple[str, str]:
     return ".".join(path), "has the wrong type"
 
 
-def structure_request(event: str, data: dict[str, Any]) -> Any:
-    """Return the request value for ``event``; raise ``ProtocolError`` naming the bad field."""
-    kind = REQUEST_TYPES.get(event)
-    if kind is None:
-        raise ProtocolError(VALIDATION_ERROR, f"unknown event {event!r}", field="event")
+R = TypeVar("R", bound=ClientRequest)
+
+
+def structure_request(kind: type[R], data: dict[str, Any]) -> R:
+    """The request value of type ``kind`` read from ``data``; raises ``ProtocolError``
+    (``VALIDATION_ERROR``) naming the bad field."""
     try:
-        request: Any = converter.structure(data, kind)
+        request = converter.structure(data, kind)
     except (ClassValidationError, IterableValidationError) as exc:
         field, reason = _first_error(exc, [])
         raise ProtocolError(VALIDATION_ERROR, f"{field} {reason}", field=field) from None
@@ -162,7 +172,7 @@ def structure_request(event: str, data: dict[str, Any]) -> Any:
     return request
 
 
-def _check_bounds(request: Any) -> None:
+def _check_bounds(request: ClientRequest) -> None:
     if isinstance(request, MessageHistory):
         if not 1 <= request.limit <= MAX_HISTORY_LIMIT:
             raise ProtocolError(VALIDATION_ERROR, f"limit must be between 1 and {MAX_HISTORY_LIMIT}",

@@ -61,6 +61,16 @@ MIGRATIONS: list[str] = [
         tat REAL NOT NULL               -- GCRA theoretical arrival time (wall clock)
     ) WITHOUT ROWID;
     """,
+    # 2: seq from a per-conversation counter updated in the insert's transaction (so a rolled
+    # back insert rolls its seq back too); pair keys as a JSON array (injective, whatever the ids)
+    """
+    ALTER TABLE conversations ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE conversations SET last_seq = coalesce(
+        (SELECT max(seq) FROM messages m WHERE m.conversation_id = conversations.id), 0);
+    UPDATE conversations SET pair_key = json_array(
+        substr(pair_key, 1, instr(pair_key, char(31)) - 1),
+        substr(pair_key, instr(pair_key, char(31)) + 1)) WHERE pair_key IS NOT NULL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,113 +1,68 @@
 """The synchronous store: every SQL statement of the service lives here.
 
-It runs only inside the store writer's thread (one connection, one owner), so its caches
-(participants, last ``seq``) are plain attributes. Methods raise ``ProtocolError`` for what
-the client got wrong; the writer rolls that request's savepoint back.
+It runs only inside the store writer's thread (one connection, one owner), so its cache
+(participants, which never change once a conversation exists) is a plain attribute. Methods
+return the records of ``winkr.records`` — never wire-format dicts — and raise
+``ProtocolError`` for what the client got wrong; the writer then rolls that request's
+savepoint back, and everything the request wrote (its ``seq`` counter too) goes with it.
 """
 from __future__ import annotations
 
 import sqlite3
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
 import orjson
 
-from winkr.clock import iso
 from winkr.errors import CONVERSATION_FULL, FORBIDDEN, NOT_FOUND, VALIDATION_ERROR, ProtocolError
+from winkr.ids import message_id, pair_key, parse_message_id
 from winkr.ratelimit import PERIODS, Rate, gcra, rate_limited
-
-Message = dict[str, Any]
-"""A message object exactly as it goes on the wire (contract §5)."""
+from winkr.records import (
+    Conversation,
+    ConversationListing,
+    Delivery,
+    Person,
+    ReadResult,
+    SendItem,
+    SendResult,
+    StoredMessage,
+    UnreadSummary,
+    authorize,
+)
 
 _MESSAGE_COLUMNS = ("conversation_id, seq, sender_id, type, content, metadata, client_message_id,"
                     " created_at, updated_at, deleted_at")
 
+# Unread = what the others sent after my read position, minus what they deleted. `seq` has no
+# gaps by construction (the counter moves in the insert's own transaction), so the count of
+# messages after my position is `last_seq - last_read_seq`.
 _UNREAD_SQL = """
 SELECT p.user_id,
-       ((SELECT coalesce(max(m.seq), 0) FROM messages m WHERE m.conversation_id = p.conversation_id)
-        - p.last_read_seq)
+       (c.last_seq - p.last_read_seq)
        - (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id
             AND m.sender_id = p.user_id AND m.seq > p.last_read_seq)
        - (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id
             AND m.deleted_at IS NOT NULL AND m.sender_id != p.user_id AND m.seq > p.last_read_seq)
-FROM participants p
+FROM participants p JOIN conversations c ON c.id = p.conversation_id
 WHERE p.conversation_id = ?"""
 
 
-@attrs.frozen
-class Delivery:
-    message_id: str
-    conversation_id: str
-    sender_id: str
-    recipient_id: str
-    delivered_at: float
-
-
-@attrs.frozen
-class SendResult:
-    message: Message
-    duplicate: bool
-    deliveries: tuple[Delivery, ...] = ()
-
-
-@attrs.frozen
-class ReadResult:
-    seq: int
-    viewed_at: float
-    newly_read_senders: tuple[str, ...]
-    unread_count: int
-    ephemeral_expiries: tuple[float, ...]
-
-
-@attrs.frozen
-class UnreadSummary:
-    conversation_id: str
-    unread_count: int
-    last_message: Message | None
-
-
-def message_id(conversation_id: str, seq: int) -> str:
-    return f"{conversation_id}.{seq}"
-
-
-def parse_message_id(conversation_id: str, message_id: str) -> int | None:
-    """The ``seq`` a message id names within this conversation, if it does."""
-    prefix, dot, seq = message_id.rpartition(".")
-    if not dot or prefix != conversation_id or not seq.isdigit() or len(seq) > 18:
-        return None
-    return int(seq)
-
-
-def _message(row: tuple[Any, ...], is_read: bool = False) -> Message:
+def _message(row: Sequence[Any], is_read: bool = False) -> StoredMessage:
     (conv, seq, sender, type_, content, metadata, cmid, created, updated, deleted) = row
-    message: Message = {
-        "id": message_id(conv, seq), "conversation_id": conv, "seq": seq, "sender_id": sender, "type": type_,
-        "content": content, "metadata": orjson.loads(metadata), "created_at": iso(created),
-        "updated_at": iso(updated), "is_read": is_read, "is_deleted": deleted is not None,
-    }
-    if cmid is not None:
-        message["client_message_id"] = cmid
-    return message
-
-
-def last_message_summary(message: Message) -> Message:
-    """The short form used in ``conversation:unread`` and ``conversation:list``."""
-    return {key: message[key] for key in
-            ("id", "seq", "content", "type", "sender_id", "created_at", "is_deleted")}
+    return StoredMessage(conv, seq, sender, type_, content, orjson.loads(metadata), cmid, created, updated,
+                         deleted is not None, is_read)
 
 
 class Store:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self._participants: dict[str, tuple[str, ...]] = {}
-        self._last_seq: dict[str, int] = {}
 
     def forget_caches(self) -> None:
-        """After a failed COMMIT the caches may be ahead of the database."""
+        """After a failed COMMIT the cache may hold conversations that were never stored."""
         self._participants.clear()
-        self._last_seq.clear()
 
     # --- users and conversations -------------------------------------------------------
 
@@ -129,6 +84,7 @@ class Store:
         return {row[0] for row in rows}
 
     def participants(self, conversation_id: str) -> tuple[str, ...] | None:
+        """The participants (sorted), or ``None`` for a conversation that does not exist."""
         cached = self._participants.get(conversation_id)
         if cached is None:
             rows = self.db.execute("SELECT user_id FROM participants WHERE conversation_id = ? "
@@ -139,19 +95,13 @@ class Store:
         return cached
 
     def authorize(self, conversation_id: str, user_id: str, is_service: bool = False) -> tuple[str, ...]:
-        """The participants, if ``user_id`` may act on the conversation."""
-        participants = self.participants(conversation_id)
-        if participants is None:
-            raise ProtocolError(NOT_FOUND, "conversation not found", field="conversation_id")
-        if user_id not in participants and not is_service:
-            raise ProtocolError(FORBIDDEN, "you are not a participant of this conversation",
-                                field="conversation_id")
-        return participants
+        """The participants, if ``user_id`` may act on the conversation (``records.authorize``)."""
+        return authorize(self.participants(conversation_id), user_id, is_service)
 
     def create_conversation(self, creator: str, others: Iterable[str], *, is_service: bool,
-                            max_participants: int, now: float,
-                            per_day: int = 0) -> tuple[dict[str, Any], bool]:
-        """Create (or, for two people, find) a conversation. Returns ``(conversation, created)``."""
+                            max_participants: int, now: float, per_day: int = 0) -> tuple[Conversation, bool]:
+        """Create (or, for two people, find) a conversation. Returns ``(conversation, created)``.
+        A service account is not a participant (contract §11.13)."""
         members = set(others) if is_service else {creator, *others}
         if len(members) < 2:
             raise ProtocolError(VALIDATION_ERROR, "a conversation needs at least two different users",
@@ -160,96 +110,89 @@ class Store:
             raise ProtocolError(CONVERSATION_FULL,
                                 f"a conversation has at most {max_participants} participants",
                                 field="participant_ids")
-        ordered = sorted(members)
-        pair_key = "\x1f".join(ordered) if len(ordered) == 2 else None
-        if pair_key is not None:
+        ordered = tuple(sorted(members))
+        key = pair_key(*ordered) if len(ordered) == 2 else None
+        if key is not None:
             row = self.db.execute("SELECT id, created_at FROM conversations WHERE pair_key = ?",
-                                  (pair_key,)).fetchone()
+                                  (key,)).fetchone()
             if row is not None:
-                return self._conversation(row[0], ordered, row[1]), False
+                return Conversation(row[0], ordered, row[1]), False
         if per_day:
             self._count_conversation(creator, per_day, now)
         conversation_id = str(uuid.uuid4())
         self.db.execute("INSERT INTO conversations (id, created_at, created_by, pair_key) "
-                        "VALUES (?, ?, ?, ?)", (conversation_id, now, creator, pair_key))
+                        "VALUES (?, ?, ?, ?)", (conversation_id, now, creator, key))
         self.db.executemany("INSERT INTO participants (conversation_id, user_id) VALUES (?, ?)",
                             [(conversation_id, user) for user in ordered])
-        for user in ordered:
-            self.db.execute("INSERT OR IGNORE INTO users (id, username) VALUES (?, ?)", (user, user))
-        return self._conversation(conversation_id, ordered, now), True
-
-    @staticmethod
-    def _conversation(conversation_id: str, participants: list[str], created_at: float) -> dict[str, Any]:
-        return {"id": conversation_id, "participant_ids": participants, "created_at": iso(created_at)}
+        self.db.executemany("INSERT INTO users (id, username) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+                            [(user, user) for user in ordered])
+        return Conversation(conversation_id, ordered, now), True
 
     # --- messages ----------------------------------------------------------------------
 
-    def _next_seq(self, conversation_id: str) -> int:
-        last = self._last_seq.get(conversation_id)
-        if last is None:
-            last = self.db.execute("SELECT coalesce(max(seq), 0) FROM messages WHERE conversation_id = ?",
-                                   (conversation_id,)).fetchone()[0]
-        return last + 1
+    def _take_seq(self, conversation_id: str) -> int:
+        """The next ``seq``, taken from the conversation's counter in this transaction."""
+        row = self.db.execute("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? "
+                              "RETURNING last_seq", (conversation_id,)).fetchone()
+        if row is None:
+            raise ProtocolError(NOT_FOUND, "conversation not found", field="conversation_id")
+        seq: int = row[0]
+        return seq
 
-    def insert_message(self, conversation_id: str, sender_id: str, type_: str, content: str,
-                       metadata: dict[str, Any], client_message_id: str | None,
-                       now: float, rates: tuple[Rate, ...] = ()) -> SendResult:
+    def last_seq(self, conversation_id: str) -> int:
+        row = self.db.execute("SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def insert_message(self, conversation_id: str, item: SendItem, now: float,
+                       rates: tuple[Rate, ...] = ()) -> SendResult:
         """Store a message with the next ``seq``; a repeated ``client_message_id`` returns the
         original and stores nothing. ``rates`` are the sender's message limits: checked and
         counted here, in the same transaction, so they hold across restarts."""
-        if client_message_id is not None:
+        if item.client_message_id is not None:
             row = self.db.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND sender_id = ? "
-                "AND client_message_id = ?", (conversation_id, sender_id, client_message_id)).fetchone()
+                "AND client_message_id = ?", (conversation_id, item.sender_id, item.client_message_id)).fetchone()
             if row is not None:
                 return SendResult(_message(row), True)
         if rates:
-            self._count_messages(sender_id, rates, now)
-        seq = self._next_seq(conversation_id)
+            self._count_messages(item.sender_id, rates, now)
+        seq = self._take_seq(conversation_id)
         self.db.execute(
             f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-            (conversation_id, seq, sender_id, type_, content, orjson.dumps(metadata).decode(),
-             client_message_id, now, now))
-        self._last_seq[conversation_id] = seq
-        created = iso(now)
-        message: Message = {
-            "id": message_id(conversation_id, seq), "conversation_id": conversation_id, "seq": seq,
-            "sender_id": sender_id,
-            "type": type_, "content": content, "metadata": metadata, "created_at": created,
-            "updated_at": created, "is_read": False, "is_deleted": False,
-        }
-        if client_message_id is not None:
-            message["client_message_id"] = client_message_id
+            (conversation_id, seq, item.sender_id, item.type, item.content, orjson.dumps(item.metadata).decode(),
+             item.client_message_id, now, now))
+        message = StoredMessage(conversation_id, seq, item.sender_id, item.type, item.content, item.metadata,
+                                item.client_message_id, now, now)
         return SendResult(message, False)
 
-    def insert_messages(self, conversation_id: str, items: list[tuple[str, Any, str | None, list[str]]],
-                        now: float, rates: tuple[Rate, ...] = ()) -> list[SendResult | ProtocolError]:
-        """Several ``insert_message`` calls in one request: ``items`` are (sender, checked
-        message, client_message_id, recipients reached at once). A refusal (rate limit)
-        writes nothing, so it needs no savepoint; it is returned in its place."""
+    def insert_messages(self, conversation_id: str, items: Sequence[SendItem], now: float,
+                        rates: tuple[Rate, ...] = ()) -> list[SendResult | ProtocolError]:
+        """A room's run of sends in one request, each with the deliveries to the recipients it
+        reaches at once. A refusal (rate limit) writes nothing, so it needs no savepoint; it is
+        returned in its place."""
         results: list[SendResult | ProtocolError] = []
-        for sender_id, m, client_message_id, reached in items:
+        for item in items:
             try:
-                result = self.insert_message(conversation_id, sender_id, m.type, m.content,
-                                             m.metadata, client_message_id, now, rates)
+                result = self.insert_message(conversation_id, item, now, rates)
             except ProtocolError as exc:
                 results.append(exc)
                 continue
-            if not result.duplicate and reached:
+            if not result.duplicate and item.reached:
                 result = attrs.evolve(result, deliveries=tuple(
-                    self.record_delivered_to(result.message, reached, now)))
+                    self.record_delivered_to(result.message, item.reached, now)))
             results.append(result)
         return results
 
     def unread_count(self, conversation_id: str, user_id: str) -> int:
         row = self.db.execute(_UNREAD_SQL + " AND p.user_id = ?", (conversation_id, user_id)).fetchone()
-        return row[1] if row else 0
+        return int(row[1]) if row else 0
 
     def unread_counts(self, conversation_id: str, user_ids: Iterable[str]) -> dict[str, int]:
         return {user: self.unread_count(conversation_id, user) for user in user_ids}
 
-    def _message_seq(self, conversation_id: str, message_id: str) -> tuple[int, float | None]:
-        seq = parse_message_id(conversation_id, message_id)
+    def _message_seq(self, conversation_id: str, message_id_: str) -> tuple[int, float | None]:
+        """The seq of an existing message and its ``deleted_at``; ``NOT_FOUND`` otherwise."""
+        seq = parse_message_id(conversation_id, message_id_)
         row = None if seq is None else self.db.execute(
             "SELECT deleted_at FROM messages WHERE conversation_id = ? AND seq = ?",
             (conversation_id, seq)).fetchone()
@@ -257,9 +200,9 @@ class Store:
             raise ProtocolError(NOT_FOUND, "message not found", field="message_id")
         return seq, row[0]
 
-    def read_up_to(self, conversation_id: str, reader: str, message_id: str, now: float) -> ReadResult:
-        """Mark every message up to ``message_id`` not sent by ``reader`` as read by them."""
-        seq, _ = self._message_seq(conversation_id, message_id)
+    def read_up_to(self, conversation_id: str, reader: str, message_id_: str, now: float) -> ReadResult:
+        """Mark every message up to ``message_id_`` not sent by ``reader`` as read by them."""
+        seq, _ = self._message_seq(conversation_id, message_id_)
         row = self.db.execute("SELECT last_read_seq FROM participants WHERE conversation_id = ? AND "
                               "user_id = ?", (conversation_id, reader)).fetchone()
         if row is None:  # a service account: it may post, but it has no read position
@@ -267,7 +210,7 @@ class Store:
                                 field="conversation_id")
         old = row[0]
         if seq <= old:
-            return ReadResult(seq, now, (), self.unread_count(conversation_id, reader), ())
+            return ReadResult(seq, now, (), self.unread_count(conversation_id, reader), None, ())
         senders = tuple(row[0] for row in self.db.execute(
             "SELECT DISTINCT sender_id FROM messages WHERE conversation_id = ? AND seq > ? AND seq <= ? "
             "AND sender_id != ?", (conversation_id, old, seq, reader)))
@@ -278,11 +221,12 @@ class Store:
             "RETURNING expires_at", (now, conversation_id, old, seq, reader)))
         self.db.execute("UPDATE participants SET last_read_seq = ? WHERE conversation_id = ? AND user_id = ?",
                         (seq, conversation_id, reader))
-        return ReadResult(seq, now, senders, self.unread_count(conversation_id, reader), expiries)
+        return ReadResult(seq, now, senders, self.unread_count(conversation_id, reader),
+                          self.last_message(conversation_id) if senders else None, expiries)
 
-    def delete_message(self, conversation_id: str, message_id: str, deleted_by: str, now: float) -> float:
+    def delete_message(self, conversation_id: str, message_id_: str, deleted_by: str, now: float) -> float:
         """Erase content and metadata, keep a tombstone. Returns ``deleted_at``."""
-        seq, deleted_at = self._message_seq(conversation_id, message_id)
+        seq, deleted_at = self._message_seq(conversation_id, message_id_)
         if deleted_at is not None:
             raise ProtocolError(NOT_FOUND, "message already deleted", field="message_id")
         self.db.execute("UPDATE messages SET content = '', metadata = '{}', deleted_at = ?, deleted_by = ?, "
@@ -305,7 +249,7 @@ class Store:
         return due
 
     def history(self, conversation_id: str, user_id: str, before_seq: int | None,
-                after_seq: int | None, limit: int) -> tuple[list[Message], bool]:
+                after_seq: int | None, limit: int) -> tuple[list[StoredMessage], bool]:
         """A page in ascending ``seq`` (contract §11.2) and whether more lie beyond it."""
         where = "conversation_id = ?"
         args: list[Any] = [conversation_id]
@@ -319,35 +263,34 @@ class Store:
         rows = self.db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where} "
                                f"ORDER BY seq {order} LIMIT ?", (*args, limit + 1)).fetchall()
         has_more = len(rows) > limit
-        rows = sorted(rows[:limit], key=lambda r: r[1])
+        rows = sorted(rows[:limit], key=lambda r: int(r[1]))
         reads = dict(self.db.execute("SELECT user_id, last_read_seq FROM participants WHERE "
                                      "conversation_id = ?", (conversation_id,)).fetchall())
         mine = reads.get(user_id, 0)
         others = max((seq for user, seq in reads.items() if user != user_id), default=0)
         return [_message(row, row[1] <= (others if row[2] == user_id else mine)) for row in rows], has_more
 
-    def last_message(self, conversation_id: str) -> Message | None:
+    def last_message(self, conversation_id: str) -> StoredMessage | None:
         row = self.db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? "
                               "ORDER BY seq DESC LIMIT 1", (conversation_id,)).fetchone()
         return _message(row) if row else None
 
     # --- receipts and summaries --------------------------------------------------------
 
-    def record_delivered(self, messages: Iterable[Message], recipient_id: str, now: float) -> list[Delivery]:
+    def record_delivered(self, messages: Iterable[StoredMessage], recipient_id: str, now: float) -> list[Delivery]:
         """Record first deliveries to ``recipient_id``; returns only the new ones."""
         fresh = []
         for message in messages:
-            if message["sender_id"] == recipient_id or message["is_deleted"]:
+            if message.sender_id == recipient_id or message.is_deleted:
                 continue
             cursor = self.db.execute(
-                "INSERT OR IGNORE INTO deliveries (conversation_id, seq, user_id, delivered_at) "
-                "VALUES (?, ?, ?, ?)", (message["conversation_id"], message["seq"], recipient_id, now))
+                "INSERT INTO deliveries (conversation_id, seq, user_id, delivered_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING", (message.conversation_id, message.seq, recipient_id, now))
             if cursor.rowcount:
-                fresh.append(Delivery(message["id"], message["conversation_id"], message["sender_id"],
-                                      recipient_id, now))
+                fresh.append(Delivery(message.conversation_id, message.seq, message.sender_id, recipient_id, now))
         return fresh
 
-    def record_delivered_to(self, message: Message, recipients: Iterable[str], now: float) -> list[Delivery]:
+    def record_delivered_to(self, message: StoredMessage, recipients: Iterable[str], now: float) -> list[Delivery]:
         fresh = []
         for recipient in recipients:
             fresh += self.record_delivered((message,), recipient, now)
@@ -366,21 +309,16 @@ class Store:
                 found.append(UnreadSummary(conversation_id, count, self.last_message(conversation_id)))
         return found
 
-    def list_conversations(self, user_id: str) -> list[dict[str, Any]]:
+    def list_conversations(self, user_id: str) -> list[ConversationListing]:
         result = []
         for conversation_id in self.conversation_ids(user_id):
             people = self.db.execute(
                 "SELECT p.user_id, u.username, u.avatar_url, u.last_seen_at FROM participants p "
                 "LEFT JOIN users u ON u.id = p.user_id WHERE p.conversation_id = ? ORDER BY p.user_id",
                 (conversation_id,)).fetchall()
-            last = self.last_message(conversation_id)
-            result.append({
-                "id": conversation_id,
-                "participants": [{"id": uid, "username": name or uid, "avatar_url": avatar,
-                                  "last_seen_at": iso(seen) if seen else None} for uid, name, avatar, seen in people],
-                "unread_count": self.unread_count(conversation_id, user_id),
-                "last_message": last_message_summary(last) if last else None,
-            })
+            result.append(ConversationListing(
+                conversation_id, tuple(Person(uid, name or uid, avatar, seen) for uid, name, avatar, seen in people),
+                self.unread_count(conversation_id, user_id), self.last_message(conversation_id)))
         return result
 
     # --- rate-limit state (GCRA, persisted) --------------------------------------------

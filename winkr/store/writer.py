@@ -33,8 +33,7 @@ async def run_inline(fn: Callable[..., T], *args: Any) -> T:
 @attrs.frozen
 class _Request:
     work: Callable[[Store], Any]
-    pending: Reply[Any] | None
-    on_done: Callable[[Any], None] | None  # runs on the trio thread after the commit
+    pending: Reply[Any] | None  # None: a background write nobody waits for
 
 
 class StoreHandle:
@@ -43,23 +42,18 @@ class StoreHandle:
     def __init__(self, inbox: trio.MemorySendChannel[_Request]) -> None:
         self._inbox = inbox
 
-    async def submit(self, work: Callable[[Store], T]) -> Reply[T]:
-        """Queue ``work``; waits only for room in the inbox."""
-        pending: Reply[T] = Reply()
-        await self._inbox.send(_Request(work, pending, None))
-        return pending
-
     async def call(self, work: Callable[[Store], T]) -> T:
-        """Queue ``work`` and wait for its committed result."""
-        return await (await self.submit(work)).wait()
+        """Run ``work`` in the writer's next transaction and return its result once committed;
+        raises what ``work`` raised (its savepoint rolled back) or ``INTERNAL_ERROR`` if the
+        commit failed. Cancelling the wait does not cancel the work: it still commits."""
+        pending: Reply[T] = Reply()
+        await self._inbox.send(_Request(work, pending))
+        return await pending.wait()
 
-    async def fire(self, work: Callable[[Store], T], on_done: Callable[[T], None] | None = None) -> None:
-        """Queue ``work`` whose result is handed to ``on_done`` (on the trio thread, after the
-        commit) instead of to a waiting task."""
-        await self._inbox.send(_Request(work, None, on_done))
-
-    async def aclose(self) -> None:
-        await self._inbox.aclose()
+    async def fire(self, work: Callable[[Store], object]) -> None:
+        """Queue a background write nobody waits for (its failure is logged); waits only for
+        room in the inbox."""
+        await self._inbox.send(_Request(work, None))
 
 
 def _run_batch(store: Store, batch: list[_Request]) -> list[tuple[Any, BaseException | None]]:
@@ -120,13 +114,7 @@ async def _commit_and_answer(store: Store, run_sync: RunSync, batch: list[_Reque
                 request.pending.set(value)
             else:
                 request.pending.fail(error)
-        elif error is not None:
-            if not isinstance(error, ProtocolError):
-                log.error("background store request failed: %r", error)
-        elif request.on_done is not None:
-            try:
-                request.on_done(value)
-            except Exception:  # noqa: BLE001 - a callback bug must not stop the writer
-                log.exception("store callback failed")
+        elif error is not None and not isinstance(error, ProtocolError):
+            log.error("background store request failed: %r", error)
 
 

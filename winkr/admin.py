@@ -1,0 +1,57 @@
+"""Operator actions from the command line, done the way the server would do them."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import trio
+from trio_websocket import open_websocket_url
+
+from winkr.config import Settings
+from winkr.errors import INTERNAL_ERROR, ProtocolError
+from winkr.protocol.wire import conversation_object
+
+CLI_TIMEOUT = 10.0  # seconds for the whole exchange with a running server
+
+
+async def create_conversation_through_server(url: str, service_token: str, user_ids: list[str]) -> dict[str, Any]:
+    """``conversation:create`` over the running server's WebSocket as a service account: the
+    participants' open connections get ``conversation:created``. Raises ``ProtocolError`` with
+    the server's error, ``OSError`` when the server cannot be reached."""
+    with trio.fail_after(CLI_TIMEOUT):
+        async with open_websocket_url(url, extra_headers=[(b"authorization", f"Bearer {service_token}".encode())]) as ws:
+            await ws.send_message(orjson.dumps({"event": "conversation:create", "ref": "cli",
+                                                "data": {"participant_ids": user_ids}}).decode())
+            while True:
+                reply = orjson.loads(await ws.get_message())
+                if reply.get("ref") != "cli":
+                    continue
+                if reply["event"] == "error":
+                    data = reply["data"]
+                    raise ProtocolError(data.get("code", INTERNAL_ERROR), data.get("message", "refused"))
+                conversation: dict[str, Any] = reply["data"]["conversation"]
+                return conversation
+
+
+def create_conversation_directly(settings: Settings, user_ids: list[str]) -> dict[str, Any]:
+    """Create it in the database itself: only while no server runs on it. Raises
+    ``ProtocolError`` for what the store refuses."""
+    from winkr.store.schema import open_database
+    from winkr.store.store import Store
+
+    db = open_database(settings.db, settings.sqlite_synchronous)
+    try:
+        store = Store(db)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            conversation, _ = store.create_conversation(
+                user_ids[0], user_ids, is_service=True, max_participants=settings.max_participants,
+                now=time.time())
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    finally:
+        db.close()
+    return conversation_object(conversation)
