@@ -61,14 +61,16 @@ SUFFIXES: tuple[str, ...] = (
 _VOWEL_SUFFIXES = tuple(s for s in SUFFIXES if s[0] in "aeiouy")
 
 # Punctuation or underscore (never whitespace, never a letter/digit) may sit between letters;
-# capped at three so the pattern can't wander across a whole line of symbols.
-_SEP = r"(?:[^\w\s]|_){0,3}"
+# capped at three so the pattern can't wander across a whole line of symbols. A separator is
+# never a look-alike of the letter after it, or "a$$hole" would spend "$" as a separator.
+_SEP_CHAR = r"(?:[^\w\s]|_)"
 # One symbol standing in for one letter ("f*ck").
 _WILD = r"(?:[^\w\s]|_)"
-# Look-alikes of a letter in folded (lowercase) text. Digits are verified afterwards (see
+# Look-alikes of a letter in folded (lowercase) text ("l" for "i": "SHlT" reads as "SHIT").
+# Digits are verified afterwards (see
 # _acceptable): on their own they would turn room numbers like "455" into "ass".
 _LOOKALIKES: dict[str, str] = {
-    "a": "@4", "b": "8", "e": "3", "g": "9", "i": "!1|", "l": "1|", "o": "0", "s": "$5",
+    "a": "@4", "b": "8", "e": "3", "g": "9", "i": "!1|l", "l": "1|", "o": "0", "s": "$5",
     "t": "7+", "u": "v",
 }
 # "Glued to a letter or digit" means not a whole word; underscore counts as a separator.
@@ -106,6 +108,11 @@ def _char_class(ch: str) -> str:
     return "[" + re.escape(ch + _LOOKALIKES.get(ch, "")) + "]"
 
 
+def _sep_then(cls: str) -> str:
+    """Up to three separators, then one letter of class ``cls``, as one atomic piece."""
+    return f"(?>(?:(?!{cls}){_SEP_CHAR}){{0,3}}{cls})"
+
+
 def _piece(ch: str, count: int, repeat: bool = True) -> str:
     """``count`` (or, with ``repeat``, more) of letter ``ch``, each possibly preceded by
     separators ("s.s.s")."""
@@ -117,7 +124,7 @@ def _piece(ch: str, count: int, repeat: bool = True) -> str:
     # Each separator+letter piece is atomic and each repeat possessive: the next piece is a
     # different letter, so giving characters back never helps, and refusing to keeps the
     # cost per starting position bounded (no quadratic blow-up on "$$$$…", "s.s.s.…").
-    return f"(?>{_SEP}{cls})" * count + (f"(?>{_SEP}{cls})*+" if repeat else "")
+    return _sep_then(cls) * count + (f"{_sep_then(cls)}*+" if repeat else "")
 
 
 def _runs(word: str) -> list[tuple[str, int]]:
@@ -130,7 +137,7 @@ def _rest(word: str, wild_run: int | None = None) -> str:
     runs = _runs(word)
     first_ch, first_n = runs[0]
     cls = _char_class(first_ch)
-    parts = [f"(?>{_SEP}{cls})" * (first_n - 1) + f"(?>{_SEP}{cls})*+"]
+    parts = [_sep_then(cls) * (first_n - 1) + f"{_sep_then(cls)}*+"]
     for j, (ch, n) in enumerate(runs[1:], start=1):
         parts.append(_WILD if j == wild_run else _piece(ch, n))
     return "".join(parts)

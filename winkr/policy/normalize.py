@@ -34,6 +34,7 @@ __all__ = ["Folded", "fold", "is_blank"]
 # Blank-looking letters and symbols that Unicode does not class as format characters.
 _FILLERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
 _INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc", "Mn", "Me"})
+_MARKS = frozenset({"Mn", "Me"})
 _LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 # Targets of the confusables fold: ASCII letters (lower case wins over upper case when a
 # character imitates both) and the punctuation the PII patterns care about.
@@ -62,25 +63,41 @@ class Folded:
     def span_in_original(self, start: int, end: int) -> tuple[int, int]:
         """The original span holding folded ``[start, end)`` (``end > start``); characters the
         fold removed inside the span (invisible ones) are included."""
-        if self.origin is None:
-            return start, end
-        return self.origin[start], self.origin[end - 1] + 1
+        if self.origin is not None:
+            start, end = self.origin[start], self.origin[end - 1] + 1
+            # Combining marks (accents, keycap enclosures, variation selectors) belong to the
+            # character before them: "t\u0301" is masked as a whole, not as "*\u0301".
+            original = self.original
+            while end < len(original) and unicodedata.category(original[end]) in _MARKS:
+                end += 1
+        return start, end
 
 
 @functools.cache
-def _confusables() -> dict[str, str]:
-    """Non-ASCII character → the ASCII character it imitates (built once, ~50 ms)."""
+def _confusables() -> tuple[dict[str, str], dict[str, str]]:
+    """Non-ASCII character → the ASCII character it imitates (built once, ~50 ms): one table
+    from the lower-case targets (and punctuation), one from the upper-case ones."""
     # Imported here: loading the package's table costs ~50 ms, which every `winkr` command
     # would pay at import time otherwise; the first non-ASCII message pays it once instead.
     from confusable_homoglyphs.confusables import confusables_data
 
-    table: dict[str, str] = {}
+    lower: dict[str, str] = {}
+    upper: dict[str, str] = {}
     for target in _CONFUSABLE_TARGETS:
+        table = upper if target.isupper() else lower
         for entry in confusables_data.get(target, ()):
             ch = entry["c"]
             if len(ch) == 1 and not ch.isascii():
                 table.setdefault(ch, target.lower())
-    return table
+    return lower, upper
+
+
+def _confusable(ch: str) -> str | None:
+    # An upper-case character imitates an upper-case letter first: Cyrillic "І" is "I"
+    # (folded "i"), although Unicode also lists it as confusable with "l".
+    lower, upper = _confusables()
+    first, second = (upper, lower) if ch.isupper() else (lower, upper)
+    return first.get(ch) or second.get(ch)
 
 
 def _is_invisible(ch: str) -> bool:
@@ -100,9 +117,11 @@ def _fold_char(ch: str, depth: int = 0) -> str:
     compat = unicodedata.normalize("NFKC", ch)
     if compat != ch and depth < 3:
         return "".join(_fold_char(c, depth + 1) for c in compat)
-    table = _confusables()
-    if ch in table:
-        return table[ch]
+    imitated = _confusable(ch)
+    if imitated == "l" and ch.isupper() and _confusable(ch.lower()) == "i":
+        return "i"  # Unicode folds capital-I look-alikes to "l"; Cyrillic "І" is an "i"
+    if imitated is not None:
+        return imitated
     if ch in _DOTS:
         return "."
     if unicodedata.category(ch) == "Pd":
@@ -111,8 +130,8 @@ def _fold_char(ch: str, depth: int = 0) -> str:
     if len(decomposed) > 1 and all(unicodedata.combining(c) for c in decomposed[1:]):
         return _fold_char(decomposed[0], depth + 1)  # "é" → "e", "ё" → "е" → "e"
     for other in (ch.upper(), ch.lower()):
-        if len(other) == 1 and other in table:
-            return table[other]
+        if len(other) == 1 and (imitated := _confusable(other)) is not None:
+            return imitated
     lower = ch.lower()
     return lower if len(lower) == 1 else ch
 

@@ -35,7 +35,8 @@ __all__ = ["PHONE_REGIONS", "find_pii", "find_pii_in", "mask_pii"]
 # Numbers written with "+" parse the same from any region; the regions add the national
 # formats of the places most users dial from (see _regions_for).
 PHONE_REGIONS: tuple[str, ...] = ("US", "GB", "DE", "FR", "IN")
-_TRUNK_ZERO_REGIONS = ("GB", "DE", "FR", "IN")  # national numbers start with trunk "0"
+# Digit counts of national numbers written with the trunk "0", per region.
+_TRUNK_ZERO_LENGTHS = {"GB": (10, 11), "DE": (6, 15), "FR": (10, 10), "IN": (11, 11)}
 _MIN_PHONE_DIGITS = 7  # shorter runs are never a valid number in these regions
 _MAX_NATIONAL_DIGITS = 10  # past this a run that failed as a whole may hold a number + more
 _MAX_MATCH_DIGITS = 17  # longer runs are split into whole digit groups instead
@@ -58,7 +59,7 @@ _DOT = rf"(?:\.|\ *+{_OPEN}\ *+dot\ *+{_CLOSE}\ *+|\ ++dot\ ++)"
 _EMAIL = re.compile(
     # Local part starts at a token boundary; the domain is dot-separated labels. Possessive
     # pieces keep this linear on adversarial input; the TLD is checked separately.
-    rf"(?<![\w.%+-])[\w%+-][\w.%+-]*+(?P<at>{_AT})(?P<domain>[^\W_][\w-]*+(?:{_DOT}[^\W_][\w-]*+)++)"
+    rf"(?<![\w.%+'-])[\w%+-][\w.%+-]*+(?P<at>{_AT})(?P<domain>[^\W_][\w-]*+(?:{_DOT}[^\W_][\w-]*+)++)"
 )
 _SPELLED_DOT = re.compile(rf"{_OPEN}\ *dot\ *{_CLOSE}|\ dot\ ")
 _TLD = re.compile(r"[^\W\d_]{2,63}")
@@ -69,9 +70,10 @@ _EMAIL_HINT = re.compile(rf"@|{_OPEN}\ *at\ *{_CLOSE}|\ at\ ")
 # Any single non-alphanumeric character (not a line break) may separate digit groups.
 _SEP_CHAR = r"(?:[^\w\n]|_)"
 # A run that could hold a phone or card number: digit groups joined by 1-4 separator
-# characters. It starts with a digit so the regex engine can skip ahead to one quickly; a
-# "+" or "(" just before it is added in code.
-_DIGIT_RUNS = re.compile(rf"\d++(?:{_SEP_CHAR}{{1,4}}+\d++)*+")
+# characters, except that a comma or semicolon only joins groups on its own ("415,555,2671"
+# but not the list "12345, 23456, 34567"). It starts with a digit so the regex engine can
+# skip ahead to one quickly; a "+" or "(" just before it is added in code.
+_DIGIT_RUNS = re.compile(r"\d++(?:(?:(?:[^\w\n,;]|_){1,4}+|[,;])\d++)*+")
 # Letters that stand in for digits inside a digit group: "4l5", "267l", "O2O".
 _LETTER_DIGIT_HINT = re.compile(r"\d[oil]|[oil]\d")
 _LETTER_DIGITS = re.compile(r"(?<![^\W_])(?:[oil]++\d|\d++[oil])[0-9oil]*+(?![^\W_])")
@@ -92,9 +94,11 @@ _NOT_PHONE = re.compile(
 _REFERENCE_BEFORE = re.compile(
     r"(?<![^\W_])(?:order|tracking|track|reference|ref|invoice|booking|confirmation|ticket|case"
     r"|receipt|serial|sku|isbn|item|parcel|package|shipment|pnr|transaction|txn|claim)"
-    r"(?:[\s.:#-]*+(?:number|num|nr|no|id|code|#))?[\s.:#-]*+\Z"
+    r"(?:[\s.:#-]*+(?:number|num|nr|no|id|code|#))?[\s.:#-]*+"
+    # Earlier parts of the same code, each holding a digit ("1Z 999 AA1 0123 4567 84").
+    r"(?:[^\W\d_]*+\d\w*+[\s.:#/-]++)*+[^\W\d_]*+\Z"
 )
-_REFERENCE_LOOKBACK = 40
+_REFERENCE_LOOKBACK = 48
 # 13-19 digits: contiguous, in groups of four (4-4-4-1..4, 4-4-4-4-1..3), or the 4-6-4/4-6-5
 # Amex/Diners grouping; any 1-3 separator characters between groups.
 _CARD_SEP = rf"{_SEP_CHAR}{{1,3}}+"
@@ -103,6 +107,9 @@ _CARD = re.compile(
     rf"|\d{{4}}{_CARD_SEP}\d{{4}}{_CARD_SEP}\d{{4}}{_CARD_SEP}\d{{1,4}}(?:{_CARD_SEP}\d{{1,3}})?"
     rf"|\d{{4}}{_CARD_SEP}\d{{6}}{_CARD_SEP}\d{{4,5}})(?!\d)"
 )
+# Issuer ranges of the card networks (Mastercard 2/5, Amex/Diners/JCB 3, Visa 4,
+# Discover/UnionPay/Maestro 6); a Luhn-valid "1111 2222 3333 4444" is not a card.
+_CARD_FIRST_DIGITS = "23456"
 _DIGIT = re.compile(r"\d")
 _DIGIT_RUN = re.compile(r"\d+")
 _NO_DIGITS_TAIL = re.compile(r"\D*\Z")
@@ -169,7 +176,7 @@ def _email_spans(text: str) -> list[tuple[int, int]]:
         domain = m.group("domain")
         label = _LAST_LABEL.search(domain)
         plain_at = m.group("at").strip() == "at"
-        if label and _TLD.fullmatch(label.group()) and not (
+        if label and _TLD.fullmatch(label.group()) and label.group() != "dot" and not (
             plain_at and not _SPELLED_DOT.search(domain)
         ):
             spans.append(m.span())
@@ -193,7 +200,7 @@ def _card_spans(text: str, candidates: list[tuple[int, int, int]]) -> list[tuple
                 digits = "".join(g.group() for g in groups[:k])
                 if len(digits) < _MIN_CARD_DIGITS:
                     break
-                if len(digits) <= _MAX_CARD_DIGITS and _luhn_ok(digits):
+                if len(digits) <= _MAX_CARD_DIGITS and digits[0] in _CARD_FIRST_DIGITS and _luhn_ok(digits):
                     spans.append((m.start(), m.start() + groups[k - 1].end()))
                     break
     return spans
@@ -213,8 +220,12 @@ def _regions_for(raw: str, n_digits: int) -> tuple[str, ...]:
     head = raw.lstrip("(")
     if head.startswith("+"):
         return PHONE_REGIONS[:1]
+    if head.startswith("00"):
+        return ("GB",)  # "00" is the international prefix there (and in DE, FR, IN)
     if head.startswith("0"):
-        return _TRUNK_ZERO_REGIONS
+        # National numbers with the trunk "0", by their lengths in each region, so a long
+        # zero-led run doesn't spend four parses per stretch.
+        return tuple(r for r, (lo, hi) in _TRUNK_ZERO_LENGTHS.items() if lo <= n_digits <= hi)
     first = head[:1]
     regions = []
     # NANP: ten digits, area code never starting with 0/1, or the same after a leading "1".
