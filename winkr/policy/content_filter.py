@@ -131,8 +131,8 @@ def _runs(word: str) -> list[tuple[str, int]]:
     return [(ch, len(list(run))) for ch, run in groupby(word)]
 
 
-def _rest(word: str, wild_run: int | None = None) -> str:
-    """The pattern for ``word`` after its first character has been consumed; with
+def _rest(word: str, wild_run: int | None = None) -> list[str]:
+    """The pattern pieces for ``word`` after its first character has been consumed; with
     ``wild_run``, that (single-letter, inner) run is one symbol instead."""
     runs = _runs(word)
     first_ch, first_n = runs[0]
@@ -140,17 +140,14 @@ def _rest(word: str, wild_run: int | None = None) -> str:
     parts = [_sep_then(cls) * (first_n - 1) + f"{_sep_then(cls)}*+"]
     for j, (ch, n) in enumerate(runs[1:], start=1):
         parts.append(_WILD if j == wild_run else _piece(ch, n))
-    return "".join(parts)
-
-
-def _whole_suffix(suffix: str) -> str:
-    # A repeated "s" is not tolerated in endings: "ass" + "es" must not swallow "assess".
-    return "".join(_piece(ch, n, repeat=ch != "s") for ch, n in _runs(suffix))
+    return parts
 
 
 def _suffix_group(suffixes: Iterable[str], optional: bool) -> str:
+    # A repeated "s" is not tolerated in endings: "ass" + "es" must not swallow "assess".
     ordered = sorted(suffixes, key=lambda s: (-len(s), s))
-    return "(?:" + "|".join(_whole_suffix(s) for s in ordered) + (")?" if optional else ")")
+    trie = _trie_pattern([[_piece(ch, n, repeat=ch != "s") for ch, n in _runs(s)] for s in ordered])
+    return f"(?:{trie})" + ("?" if optional else "")
 
 
 @attrs.frozen
@@ -158,8 +155,8 @@ class _Entry:
     word: str
     inflected: bool
 
-    def rest_patterns(self, wildcards: bool) -> list[str]:
-        """Alternatives for this entry (first character already consumed)."""
+    def rest_patterns(self, wildcards: bool) -> list[list[str]]:
+        """Alternatives for this entry as lists of pieces (first character consumed)."""
         runs = _runs(self.word)
         stems = [_rest(self.word)]
         if wildcards and sum(n for _, n in runs) >= _MIN_LETTERS_WITH_WILDCARD + 1:
@@ -167,17 +164,43 @@ class _Entry:
                 _rest(self.word, j) for j in range(1, len(runs) - 1)
                 if runs[j][1] == 1 and runs[j][0].isalpha()
             ]
-        stem_group = stems[0] if len(stems) == 1 else "(?:" + "|".join(stems) + ")"
         if not self.inflected:
-            return [stem_group]
-        patterns = [stem_group + _suffix_group(SUFFIXES, optional=True)]
+            return stems
+        suffixes = _suffix_group(SUFFIXES, optional=True)
+        patterns = [stem + [suffixes] for stem in stems]
         if self.word.endswith("e") and len(self.word) > 2:
-            patterns.append(_rest(self.word[:-1]) + _suffix_group(_VOWEL_SUFFIXES, optional=False))
+            patterns.append(_rest(self.word[:-1]) + [_suffix_group(_VOWEL_SUFFIXES, optional=False)])
         return patterns
 
 
+_END = ""  # trie key marking "an alternative may end here"
+
+
+def _trie_pattern(alternatives: list[list[str]]) -> str:
+    """One regex for ``alternatives`` with shared leading pieces factored out, so a piece
+    common to many words ("sh" of shit/shithead/...) is tried once per position. Order is
+    kept: earlier (longer) alternatives are tried first, an ending last."""
+    trie: dict[str, dict] = {}  # type: ignore[type-arg]
+    for pieces in alternatives:
+        node = trie
+        for piece in pieces:
+            node = node.setdefault(piece, {})
+        node.setdefault(_END, {})
+
+    def emit(node: dict) -> str:  # type: ignore[type-arg]
+        branches = [piece + emit(child) for piece, child in node.items() if piece != _END]
+        ends = _END in node
+        if not branches:
+            return ""
+        if len(branches) == 1 and not ends:
+            return branches[0]
+        return "(?:" + "|".join(branches) + ("|)" if ends else ")")
+
+    return emit(trie)
+
+
 def _compile(entries: list[_Entry], wildcards: bool) -> re.Pattern[str]:
-    by_first: dict[str, list[str]] = {}
+    by_first: dict[str, list[list[str]]] = {}
     # Longest first so "motherfuck" is tried before "mother…" prefixes of other entries.
     for entry in sorted(entries, key=lambda e: (-len(e.word), e.word)):
         by_first.setdefault(entry.word[0], []).extend(entry.rest_patterns(wildcards))
@@ -185,11 +208,11 @@ def _compile(entries: list[_Entry], wildcards: bool) -> re.Pattern[str]:
     # Why this shape: a pattern that *starts* with a plain character class lets the regex
     # engine skip ahead in C to the next possible first letter, instead of trying every
     # alternative at every position. Then: the character before the first letter is not a
-    # letter/digit (whole word), and not another form of the same letter (so "$$$$…" is
-    # tried once, not at every "$"); each branch re-checks which first letter it was
-    # consumed for.
+    # letter/digit (whole word); each branch re-checks which first letter it was consumed
+    # for, and that the letter is not preceded by another form of itself (so "$$$$…" is
+    # tried once, not at every "$").
     branches = "|".join(
-        f"{_not_after_same(ch)}(?<={_char_class(ch)})(?:{'|'.join(rests)})"
+        f"(?<={_char_class(ch)}){_not_after_same(ch)}{_trie_pattern(rests)}"
         for ch, rests in by_first.items()
     )
     return re.compile(
