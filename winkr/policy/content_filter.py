@@ -174,20 +174,21 @@ class _Entry:
 
 
 _END = ""  # trie key marking "an alternative may end here"
+_Trie = dict[str, "_Trie"]
 
 
 def _trie_pattern(alternatives: list[list[str]]) -> str:
     """One regex for ``alternatives`` with shared leading pieces factored out, so a piece
     common to many words ("sh" of shit/shithead/...) is tried once per position. Order is
     kept: earlier (longer) alternatives are tried first, an ending last."""
-    trie: dict[str, dict] = {}  # type: ignore[type-arg]
+    trie: _Trie = {}
     for pieces in alternatives:
         node = trie
         for piece in pieces:
             node = node.setdefault(piece, {})
         node.setdefault(_END, {})
 
-    def emit(node: dict) -> str:  # type: ignore[type-arg]
+    def emit(node: _Trie) -> str:
         branches = [piece + emit(child) for piece, child in node.items() if piece != _END]
         ends = _END in node
         if not branches:
