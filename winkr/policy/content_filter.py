@@ -124,7 +124,7 @@ def _piece(ch: str, count: int, repeat: bool = True) -> str:
     # Each separator+letter piece is atomic and each repeat possessive: the next piece is a
     # different letter, so giving characters back never helps, and refusing to keeps the
     # cost per starting position bounded (no quadratic blow-up on "$$$$…", "s.s.s.…").
-    return _sep_then(cls) * count + (f"{_sep_then(cls)}*+" if repeat else "")
+    return _sep_then(cls) + (f"{{{count},}}+" if repeat else f"{{{count}}}")
 
 
 def _runs(word: str) -> list[tuple[str, int]]:
@@ -137,7 +137,7 @@ def _rest(word: str, wild_run: int | None = None) -> list[str]:
     runs = _runs(word)
     first_ch, first_n = runs[0]
     cls = _char_class(first_ch)
-    parts = [_sep_then(cls) * (first_n - 1) + f"{_sep_then(cls)}*+"]
+    parts = [_sep_then(cls) + f"{{{first_n - 1},}}+"]
     for j, (ch, n) in enumerate(runs[1:], start=1):
         parts.append(_WILD if j == wild_run else _piece(ch, n))
     return parts
@@ -155,8 +155,9 @@ class _Entry:
     word: str
     inflected: bool
 
-    def rest_patterns(self, wildcards: bool) -> list[list[str]]:
-        """Alternatives for this entry as lists of pieces (first character consumed)."""
+    def stems(self, wildcards: bool) -> list[list[str]]:
+        """The entry's stem as lists of pieces (first character consumed): as written, and
+        with each inner single letter hidden behind a symbol when ``wildcards``."""
         runs = _runs(self.word)
         stems = [_rest(self.word)]
         if wildcards and sum(n for _, n in runs) >= _MIN_LETTERS_WITH_WILDCARD + 1:
@@ -164,13 +165,13 @@ class _Entry:
                 _rest(self.word, j) for j in range(1, len(runs) - 1)
                 if runs[j][1] == 1 and runs[j][0].isalpha()
             ]
-        if not self.inflected:
-            return stems
-        suffixes = _suffix_group(SUFFIXES, optional=True)
-        patterns = [stem + [suffixes] for stem in stems]
-        if self.word.endswith("e") and len(self.word) > 2:
-            patterns.append(_rest(self.word[:-1]) + [_suffix_group(_VOWEL_SUFFIXES, optional=False)])
-        return patterns
+        return stems
+
+    def e_dropped(self) -> list[list[str]]:
+        """The stem without its final "e", for the vowel endings ("whor" + "ing")."""
+        if self.inflected and self.word.endswith("e") and len(self.word) > 2:
+            return [_rest(self.word[:-1])]
+        return []
 
 
 _END = ""  # trie key marking "an alternative may end here"
@@ -200,11 +201,29 @@ def _trie_pattern(alternatives: list[list[str]]) -> str:
     return emit(trie)
 
 
+def _branch(entries: list[_Entry], wildcards: bool) -> str:
+    """The alternatives for entries sharing a first letter (that letter consumed)."""
+    inflected = [stem for e in entries if e.inflected for stem in e.stems(wildcards)]
+    exact = [stem for e in entries if not e.inflected for stem in e.stems(wildcards)]
+    e_dropped = [stem for e in entries for stem in e.e_dropped()]
+    # Each ending group appears once per first letter, after a trie of all the stems, not
+    # once per stem: the regex stays small (fast to compile) and backtracking into the
+    # stem alternatives keeps "longest first".
+    alternatives = []
+    if inflected:
+        alternatives.append(_trie_pattern(inflected) + _suffix_group(SUFFIXES, optional=True))
+    if e_dropped:
+        alternatives.append(_trie_pattern(e_dropped) + _suffix_group(_VOWEL_SUFFIXES, optional=False))
+    if exact:
+        alternatives.append(_trie_pattern(exact))
+    return "(?:" + "|".join(alternatives) + ")"
+
+
 def _compile(entries: list[_Entry], wildcards: bool) -> re.Pattern[str]:
-    by_first: dict[str, list[list[str]]] = {}
+    by_first: dict[str, list[_Entry]] = {}
     # Longest first so "motherfuck" is tried before "mother…" prefixes of other entries.
     for entry in sorted(entries, key=lambda e: (-len(e.word), e.word)):
-        by_first.setdefault(entry.word[0], []).extend(entry.rest_patterns(wildcards))
+        by_first.setdefault(entry.word[0], []).append(entry)
     first_chars = "".join(ch + _LOOKALIKES.get(ch, "") for ch in by_first)
     # Why this shape: a pattern that *starts* with a plain character class lets the regex
     # engine skip ahead in C to the next possible first letter, instead of trying every
@@ -213,8 +232,8 @@ def _compile(entries: list[_Entry], wildcards: bool) -> re.Pattern[str]:
     # for, and that the letter is not preceded by another form of itself (so "$$$$…" is
     # tried once, not at every "$").
     branches = "|".join(
-        f"(?<={_char_class(ch)}){_not_after_same(ch)}{_trie_pattern(rests)}"
-        for ch, rests in by_first.items()
+        f"(?<={_char_class(ch)}){_not_after_same(ch)}{_branch(group, wildcards)}"
+        for ch, group in by_first.items()
     )
     return re.compile(
         f"[{re.escape(''.join(dict.fromkeys(first_chars)))}]{_NOT_AFTER_ALNUM_2}"
@@ -242,12 +261,11 @@ def _exception_pattern(phrases: list[str]) -> re.Pattern[str] | None:
 
 @attrs.frozen
 class BlockList:
-    """A compiled block list: ``pattern`` finds candidates (wildcards allowed), ``strict``
-    is the same without wildcards (to tell which matches used one), ``exceptions`` the
-    phrases never masked."""
+    """A compiled block list: ``pattern`` finds candidates (wildcards allowed),
+    ``exceptions`` the phrases never masked."""
 
+    entries: tuple[_Entry, ...]
     pattern: re.Pattern[str]
-    strict: re.Pattern[str]
     exceptions: re.Pattern[str] | None
 
     def acceptable(self, matched: str) -> bool:
@@ -255,9 +273,16 @@ class BlockList:
         letters = len(_ASCII_LETTERS.findall(matched))
         if letters < _MIN_LETTERS_WITH_DIGITS and _DIGITS.search(matched):
             return False
-        if letters < _MIN_LETTERS_WITH_WILDCARD and not self.strict.fullmatch(matched):
-            return False
+        if letters < _MIN_LETTERS_WITH_WILDCARD and not _strict(self.entries).fullmatch(matched):
+            return False  # it needed the wildcard, and too few real letters are left
         return True
+
+
+@functools.lru_cache(maxsize=16)
+def _strict(entries: tuple[_Entry, ...]) -> re.Pattern[str]:
+    """The pattern without wildcards: compiled only when a short candidate needs telling
+    whether it used one ("a*s" does not)."""
+    return _compile(list(entries), wildcards=False)
 
 
 @functools.lru_cache(maxsize=16)
@@ -278,10 +303,10 @@ def compile_block_list(words: tuple[str, ...]) -> BlockList | None:
             entries[item] = _Entry(item, inflected=True)
     if not entries:
         return None
-    listed = list(entries.values())
+    listed = tuple(entries.values())
     return BlockList(
-        pattern=_compile(listed, wildcards=True),
-        strict=_compile(listed, wildcards=False),
+        entries=listed,
+        pattern=_compile(list(listed), wildcards=True),
         exceptions=_exception_pattern(exceptions),
     )
 
