@@ -57,6 +57,7 @@ __all__ = [
 SUFFIXES: tuple[str, ...] = (
     "s", "es", "ed", "d", "er", "ers", "ing", "ings", "in", "y", "ier", "iest", "ies", "ish",
     "head", "heads", "face", "faces", "hole", "holes", "bag", "bags", "wit", "wits",
+    "show", "shows", "storm", "storms", "load", "loads",
 )
 _VOWEL_SUFFIXES = tuple(s for s in SUFFIXES if s[0] in "aeiouy")
 

@@ -42,6 +42,12 @@ _CONFUSABLE_TARGETS = string.ascii_lowercase + string.ascii_uppercase + ".-/@_:"
 # Dot-like characters the confusables table leaves alone but senders use for "." in
 # addresses ("jane@example。com").
 _DOTS = frozenset("\u3002\uff61\u00b7\u2022\u2219\u22c5\u30fb")
+# Latin letters Unicode's confusables table leaves alone, recognised by their names: a
+# letter with a hook/stroke/tail, a small capital, a negative squared or circled letter.
+_LATIN_BY_NAME = re.compile(
+    r"(?:NEGATIVE (?:SQUARED|CIRCLED) )?LATIN (?:SMALL |CAPITAL )?LETTER (?:SMALL CAPITAL )?"
+    r"([A-Z])(?: WITH [A-Z -]+)?"
+)
 _ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _NOT_ONE_TO_ONE = re.compile("\x00")
 # Per-character results are cached, but not without bound: a sender cycling through every
@@ -127,6 +133,9 @@ def _fold_char(ch: str, depth: int = 0) -> str:
         return "i"  # Unicode folds capital-I look-alikes to "l"; Cyrillic "І" is an "i"
     if imitated is not None:
         return imitated
+    named = _LATIN_BY_NAME.fullmatch(unicodedata.name(ch, ""))
+    if named is not None:
+        return named.group(1).lower()  # "ƒ", small capitals "ꜰᴜᴄᴋ", hooks "ʂɦɨʈ", "🅵"
     if ch in _DOTS:
         return "."
     if unicodedata.category(ch) == "Pd":

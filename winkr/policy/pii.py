@@ -63,6 +63,11 @@ _EMAIL = re.compile(
     # pieces keep this linear on adversarial input; the TLD is checked separately.
     rf"(?<![\w.%+'-])[\w%+-][\w.%+-]*+(?P<at>{_AT})(?P<domain>[^\W_][\w-]*+(?:{_DOT}[^\W_][\w-]*+)++)"
 )
+# "jane at gmail.com" is an address even with a real dot; "look at google.com" is not.
+_MAIL_PROVIDER = re.compile(
+    r"(?:gmail|googlemail|yahoo|ymail|hotmail|outlook|msn|icloud|aol|proton|protonmail|gmx"
+    r"|yandex|zoho|fastmail|tutanota)\."
+)
 _SPELLED_DOT = re.compile(rf"{_OPEN}\ *dot\ *{_CLOSE}|\ dot\ ")
 _TLD = re.compile(r"[^\W\d_]{2,63}")
 _LAST_LABEL = re.compile(r"[\w-]+\Z")
@@ -179,7 +184,7 @@ def _email_spans(text: str) -> list[tuple[int, int]]:
         label = _LAST_LABEL.search(domain)
         plain_at = m.group("at").strip() == "at"
         if label and _TLD.fullmatch(label.group()) and label.group() != "dot" and not (
-            plain_at and not _SPELLED_DOT.search(domain)
+            plain_at and not _SPELLED_DOT.search(domain) and not _MAIL_PROVIDER.match(domain)
         ):
             spans.append(m.span())
             pos = m.end()
