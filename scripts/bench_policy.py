@@ -14,7 +14,10 @@ messages (robust against a noisy shared machine):
                invisible-character floods, long near-miss words)
 
 The adversarial rows are also printed one by one (max µs), so a super-linear input shows up
-as an outlier rather than disappearing into a mean.
+as an outlier rather than disappearing into a mean, with the ratio of its cost at 2000 and
+at 500 characters: about 4 is linear, less is a budget cutting in, clearly more than 4
+would be super-linear (the filters themselves are called directly for this, since the
+policy refuses text over 2000 characters).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import time
 from collections.abc import Callable
 
 from winkr.errors import ProtocolError
-from winkr.policy import PolicySettings, check_message, default_blocked_words
+from winkr.policy import PolicySettings, check_message, default_blocked_words, find_pii, mask_blocked
 
 CHAT = [
     "hey!", "how are you?", "lol", "see you tonight 😊", "that's so cool", "good morning ☀️",
@@ -112,8 +115,21 @@ def main() -> None:
     for name, texts in (("chat", CHAT), ("numbers", NUMBERS), ("unicode", UNICODE)):
         results[name] = best_us(run(texts), args.rounds) / len(texts)
     per_input = {name: best_us(run([text]), args.rounds) for name, text in ADVERSARIAL.items()}
+    words = settings.blocked_words
+
+    def filters(text: str) -> Callable[[], None]:
+        def go() -> None:
+            mask_blocked(text, words)
+            find_pii(text)
+        return go
+
+    scaling = {
+        name: best_us(filters(text), args.rounds) / max(best_us(filters(text[:500]), args.rounds), 1e-3)
+        for name, text in ADVERSARIAL.items()
+    }
     results["adversarial_mean"] = statistics.fmean(per_input.values())
     results["adversarial_max"] = max(per_input.values())
+    results["worst_scaling_2000_vs_500"] = max(scaling.values())
     if args.json:
         print(json.dumps({k: round(v, 1) for k, v in results.items()}))
         return
@@ -121,9 +137,9 @@ def main() -> None:
     for name, value in results.items():
         print(f"{name:<22} {value:>11.1f}")
     print()
-    print(f"{'adversarial input (2000 chars)':<32} {'µs':>9}")
+    print(f"{'adversarial input (2000 chars)':<32} {'µs':>9} {'x(2000/500)':>12}")
     for name, value in sorted(per_input.items(), key=lambda kv: -kv[1]):
-        print(f"{name:<32} {value:>9.1f}")
+        print(f"{name:<32} {value:>9.1f} {scaling[name]:>12.1f}")
 
 
 if __name__ == "__main__":
