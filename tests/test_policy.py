@@ -94,6 +94,14 @@ VALID: list[tuple[str, object, object, bool, str, dict[str, Any]]] = [
     ("gift", "for you", {"gift_id": 42}, False, "for you", {"gift_id": 42}),
     ("gift", None, {"gift_id": "g" * 64}, False, "", {"gift_id": "g" * 64}),
     ("text", "hi", {"encrypted": False}, False, "hi", {"encrypted": False}),
+    # A caption with nothing visible is no caption (docs/protocol.md §6)
+    ("photo", "\u200b\u3164", {"url": URL}, False, "", {"url": URL}),
+    ("gift", "  ", {"gift_id": 1}, False, "", {"gift_id": 1}),
+    ("location", "\u202e", {"latitude": 0, "longitude": 0}, False, "",
+     {"latitude": 0, "longitude": 0}),
+    # Visible text with invisible characters around it is kept as sent
+    ("text", "\u200bhi\u200b", None, False, "\u200bhi\u200b", {}),
+    ("text", "👨\u200d👩\u200d👧", None, False, "👨\u200d👩\u200d👧", {}),
 ]
 
 
@@ -130,6 +138,19 @@ INVALID: list[tuple[object, object, object, bool, str, str]] = [
     ("text", "🙂" * 2001, None, False, MESSAGE_TOO_LARGE, "content"),
     ("system", None, None, True, VALIDATION_ERROR, "content"),
     ("system", "  ", None, True, VALIDATION_ERROR, "content"),
+    # Invisible-only text is blank too (issue 8, item 6)
+    ("text", "\u200b", None, False, VALIDATION_ERROR, "content"),
+    ("text", "\u200b\u200b\u200b", None, False, VALIDATION_ERROR, "content"),
+    ("text", "\u202e\u200d", None, False, VALIDATION_ERROR, "content"),
+    ("text", "\u3164", None, False, VALIDATION_ERROR, "content"),
+    ("text", "\u115f\u1160", None, False, VALIDATION_ERROR, "content"),
+    ("text", "\uffa0 \u3164", None, False, VALIDATION_ERROR, "content"),
+    ("text", " \u200b\n\ufe0f\u2060 ", None, False, VALIDATION_ERROR, "content"),
+    ("text", "\u00ad\u200c\u200e\u2800", None, False, VALIDATION_ERROR, "content"),
+    ("text", "\u0301\u0302", None, False, VALIDATION_ERROR, "content"),
+    ("text", "\x00\x07", None, False, VALIDATION_ERROR, "content"),
+    ("text", "\U000e0041\U000e007f", None, False, VALIDATION_ERROR, "content"),
+    ("system", "\u200b\u3164", None, True, VALIDATION_ERROR, "content"),
     ("system", "x" * 2001, None, True, MESSAGE_TOO_LARGE, "content"),
     ("text", "hi", {"encrypted": "yes"}, False, VALIDATION_ERROR, "metadata.encrypted"),
     ("text", "hi", {"encrypted": 1}, False, VALIDATION_ERROR, "metadata.encrypted"),
@@ -281,6 +302,28 @@ NOT_MASKED = [
 @pytest.mark.parametrize("text", NOT_MASKED)
 def test_block_list_leaves_ordinary_words(text: str) -> None:
     assert mask_blocked(text, WORDS) == (text, False)
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    # Masks map back onto the sender's characters: same length, the rest untouched
+    ("f\u200buck you", "***** you"),
+    ("ｓｈｉｔ!", "****!"),
+    ("ѕһіт happens", "**** happens"),
+    ("s\u0301h\u0301i\u0301t\u0301 ok", "******** ok"),
+    ("oh f*ck, ok", "oh ****, ok"),
+    ("ﬀuck? no: fuck", "****? no: ****"),  # "ﬀ" folds to "ff": "ffuck", one char masked
+])
+def test_block_list_masks_the_original_characters(text: str, want: str) -> None:
+    assert mask_blocked(text, WORDS) == (want, want != text)
+
+
+def test_block_list_syntax_inflections_exact_words_and_exceptions() -> None:
+    assert mask_blocked("frakking fraks", ("frak",)) == ("******** *****", True)
+    assert mask_blocked("frakking frak", ("=frak",)) == ("frakking ****", True)
+    assert mask_blocked("frak off, frak", ("frak", "~frak off")) == ("frak off, ****", True)
+    assert mask_blocked("frak and off", ("frak", "~frak off")) == ("frak and off", False)
+    assert mask_blocked("ｆｒａｋ", ("ＦＲＡＫ",)) == ("****", True)
+    assert mask_blocked("whoring", ("whore",)) == ("*******", True)
 
 
 def test_block_list_empty_or_custom() -> None:
@@ -472,6 +515,36 @@ def test_pii_mask_keeps_length_and_only_adds_stars(text: str) -> None:
     assert len(masked) == len(text)
     assert changed == (masked != text)
     assert all(a == b or b == "*" for a, b in zip(text, masked))
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("call ４１５ ５５５ ２６７１", "call ************"),
+    ("4\u200b1\u200b5-555-2671!", "**************!"),
+    ("mail jane＠example.com", "mail ****************"),
+    ("4️⃣1️⃣5️⃣5️⃣5️⃣5️⃣2️⃣6️⃣7️⃣1️⃣ ok", "*" * 30 + " ok"),
+])
+def test_pii_masks_the_original_characters(text: str, want: str) -> None:
+    assert mask_pii(text) == (want, True)
+
+
+UNICODE_ALPHABET = st.sampled_from(
+    "shitfuck as 0123456789 -_.*/@＠ｓｈ４１ѕіһ\u200b\u200d\u202e\u0301\ufe0f\u20e3ﬀ…½٣ab\n"
+)
+
+
+@hyp_settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=UNICODE_ALPHABET, min_size=1, max_size=80))
+def test_check_message_mask_keeps_length_and_only_adds_stars(text: str) -> None:
+    try:
+        result = check("text", text)
+    except ProtocolError as e:  # only a blank message may be refused
+        assert e.field == "content" and not text.strip("\u200b\u200d\u202e\u0301\ufe0f\u20e3 \n")
+        return
+    masked = result.content
+    assert len(masked) == len(text)
+    assert all(a == b or b == "*" for a, b in zip(text, masked))
+    flagged = "filtered" in result.metadata or "pii_masked" in result.metadata
+    assert flagged == (masked != text)
 
 
 # --- check_message: filter + PII together ---------------------------------------------------

@@ -20,8 +20,9 @@ from winkr.errors import (
     VALIDATION_ERROR,
     ProtocolError,
 )
-from winkr.policy.content_filter import mask_blocked
-from winkr.policy.pii import find_pii, mask_pii
+from winkr.policy.content_filter import compile_block_list, find_blocked, mask_spans
+from winkr.policy.normalize import fold, is_blank, load_tables
+from winkr.policy.pii import find_pii_in
 
 __all__ = ["MESSAGE_TYPES", "PII_POLICIES", "CheckedMessage", "PolicySettings", "check_message"]
 
@@ -52,6 +53,12 @@ class PolicySettings:
     max_encrypted_chars: int = 8000
     max_photo_bytes: int = 10 * 1024 * 1024
     max_url_chars: int = 2048
+
+    def __attrs_post_init__(self) -> None:
+        # Compile the block list (~0.15 s) and load the confusables table (~0.05 s) when the
+        # settings are made (server start), not on the event loop at the first message.
+        compile_block_list(self.blocked_words)
+        load_tables()
 
 
 MAX_METADATA_DEPTH = 16  # every frame that carries the message must still encode
@@ -94,7 +101,9 @@ def _is_number(value: object) -> bool:
 def _check_content(type_: str, content: object, encrypted: bool, settings: PolicySettings) -> str:
     if content is not None and not isinstance(content, str):
         raise _invalid("content", "content must be a string")
-    if content is None or (type_ in _CONTENT_REQUIRED and not content.strip()):
+    # Blank means nothing visible: whitespace and invisible characters (zero-width spaces,
+    # bidi overrides, Hangul fillers...) only. A blank caption is no caption.
+    if content is None or is_blank(content):
         if type_ in _CONTENT_REQUIRED:
             raise _invalid("content", f"content is required and must not be blank for {type_}")
         return ""
@@ -173,21 +182,22 @@ _METADATA_CHECKS: dict[str, Callable[[dict[str, Any], PolicySettings], None]] = 
 
 
 def _filter_content(content: str, meta: dict[str, Any], settings: PolicySettings) -> str:
-    """Block list first, then PII; flags what was masked in ``meta``."""
-    content, filtered = mask_blocked(content, settings.blocked_words)
-    if filtered:
+    """Block list and PII on one folded view; flags what was masked in ``meta``."""
+    folded = fold(content)
+    masked = find_blocked(folded, settings.blocked_words)
+    if masked:
         meta["filtered"] = True
-    if settings.pii_policy == "reject":
-        if find_pii(content):
+    if settings.pii_policy != "allow":
+        pii = find_pii_in(folded)
+        if pii and settings.pii_policy == "reject":
             raise _invalid(
                 "content",
                 "personal information (e-mail, phone or card number) is not allowed",
             )
-    elif settings.pii_policy == "mask":
-        content, masked = mask_pii(content)
-        if masked:
+        if pii:
             meta["pii_masked"] = True
-    return content
+            masked += pii
+    return mask_spans(content, masked) if masked else content
 
 
 def check_message(
