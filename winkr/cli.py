@@ -1,10 +1,12 @@
 """The operator interface (contract §1): ``winkr serve``, ``winkr token``,
-``winkr conversation create``, ``winkr db backup|check``. Output for machines goes to stdout;
-logs go to stderr."""
+``winkr conversation create``, ``winkr db backup|check``, ``winkr check-config`` and
+``winkr --version``. Output for machines goes to stdout; logs go to stderr. Every failure an
+operator can fix is one line that says what to do, with exit status 2 (issue 13)."""
 from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sqlite3
 import sys
 import time
@@ -16,9 +18,10 @@ import attrs
 import orjson
 import trio
 
+from winkr import __version__, preflight
 from winkr.auth import load_or_create_secret, mint_token
 from winkr.config import ConfigError, Settings, load_settings
-from winkr.logs import setup_logging
+from winkr.logs import json_line, setup_logging
 
 log = logging.getLogger("winkr")
 
@@ -29,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--db", help="SQLite database file (default ./winkr.db)")
 
     parser = argparse.ArgumentParser(prog="winkr", description="Winkr realtime chat service")
+    parser.add_argument("--version", action="version",
+                        version=f"winkr {__version__} (Python {'.'.join(map(str, sys.version_info[:3]))})")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", parents=[common], help="run the WebSocket server")
@@ -57,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_argument("path", metavar="PATH", help="the copy to write")
     backup.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
     db_commands.add_parser("check", parents=[common], help="integrity check and schema version")
+
+    commands.add_parser("check-config", parents=[common],
+                        help="validate the settings and the files they name; exit 0 (usable) or 2")
     return parser
 
 
@@ -74,9 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"winkr: {exc}", file=sys.stderr)
         return 2
+    if args.command == "check-config":
+        return _check_config(settings, args.config)
     setup_logging(settings.log_format, settings.log_level)
     if args.command == "serve":
-        return _serve(settings)
+        return _serve(settings, args.config)
     if args.command == "token":
         return _token(settings, args)
     if args.command == "db":
@@ -84,49 +94,136 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _create_conversation(settings, args.user_ids)
 
 
-def _secret(settings: Settings) -> str | None:
-    if settings.jwt_algorithm != "HS256":
-        return None
-    secret, created = load_or_create_secret(settings)
-    if created:
-        log.warning("no JWT secret configured: generated one and stored it in %s", settings.secret_path)
-    return secret
+def _fail(settings: Settings, message: str) -> int:
+    """Report a failure the operator can fix, in the configured log format; exit status 2."""
+    if settings.log_format == "json":
+        print(json_line(message, level=logging.ERROR), file=sys.stderr, flush=True)
+    else:
+        print(f"winkr: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
-def _serve(settings: Settings) -> int:
+def _leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+# --- winkr serve ------------------------------------------------------------------------------------
+
+def _serve(settings: Settings, config_file: str | None) -> int:
+    """Check, bind, then create: a port in use or a missing folder leaves nothing behind."""
+    problems = [p for p in (preflight.database_problem(settings.db), *preflight.key_problems(settings)) if p]
+    if problems:
+        return _fail(settings, problems[0])
+    try:
+        sockets = preflight.bind_tcp(settings.host, settings.port)
+        if settings.metrics_port:
+            preflight.check_port_free(settings.metrics_host, settings.metrics_port, flag="--metrics-port")
+    except preflight.StartupError as exc:
+        return _fail(settings, str(exc))
+    try:
+        return _serve_on(settings, config_file, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _serve_on(settings: Settings, config_file: str | None, sockets: list[socket.socket]) -> int:
     from winkr.server import serve_forever
     from winkr.store.schema import SchemaTooNew
 
-    secret = _secret(settings)
+    secret = ""
+    if settings.jwt_algorithm == "HS256":
+        try:
+            found = preflight.find_secret(settings, config_file)
+        except preflight.StartupError as exc:
+            return _fail(settings, str(exc))
+        secret, created = (found.secret, False) if found.secret else load_or_create_secret(settings)
+        if created:
+            log.warning("no JWT secret configured: generated one and stored it in %s", settings.secret_path)
     if settings.jwt_public_key and "-----BEGIN" not in settings.jwt_public_key:
         # Read the key file here, before the event loop: no file I/O on the trio thread.
         settings = attrs.evolve(settings, jwt_public_key=Path(settings.jwt_public_key).read_text())
 
     def on_listening(ports: list[int]) -> None:
         host = settings.host if ":" not in settings.host else f"[{settings.host}]"
-        print(f"winkr: listening on ws://{host}:{ports[0]}/ws", flush=True)
+        url = f"ws://{host}:{ports[0]}/ws"
+        if settings.log_format == "json":
+            print(json_line(f"listening on {url}", url=url, health=f"http://{host}:{ports[0]}/health"), flush=True)
+        else:
+            print(f"winkr: listening on {url}", flush=True)
+
+    async def run() -> None:
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
+        await serve_forever(settings, secret, on_listening=on_listening, listeners=listeners)
 
     status = 0
     try:
-        trio.run(lambda: serve_forever(settings, secret or "", on_listening=on_listening))
+        trio.run(run)
     except* SchemaTooNew as group:
-        print(f"winkr: {group.exceptions[0]}; upgrade winkr or restore a backup", file=sys.stderr)
-        status = 2
-    except* OSError as group:  # the port is taken, the database folder is missing, ...
-        print(f"winkr: cannot start: {group.exceptions[0]}", file=sys.stderr)
-        status = 2
+        status = _fail(settings, f"{settings.db}: {_leaf(group)}; upgrade winkr or restore a backup")
+    except* sqlite3.Error as group:
+        status = _fail(settings, f"cannot open the database {Path(settings.db).absolute()}: {_leaf(group)}")
+    except* OSError as group:
+        status = _fail(settings, f"cannot start: {_leaf(group)}")
     return status
 
 
+# --- winkr token ----------------------------------------------------------------------------------
+
 def _token(settings: Settings, args: argparse.Namespace) -> int:
+    """Sign with the server's secret or key; never generate a secret (a token signed with a new
+    one would only be refused by the server)."""
+    secret = None
+    if settings.jwt_algorithm == "HS256":
+        try:
+            found = preflight.find_secret(settings, args.config)
+        except preflight.StartupError as exc:
+            return _fail(settings, str(exc))
+        if found.secret is None:
+            return _fail(settings, "no JWT secret found: " + ", ".join(found.looked) + " (winkr serve writes "
+                         "that file beside its database when no secret is configured); run `winkr token` with "
+                         "the server's --config / --db, or set WINKR_JWT_SECRET")
+        secret = found.secret
+    elif (problem := next(iter(preflight.key_problems(settings)), None)) is not None:
+        return _fail(settings, problem)
     try:
-        token = mint_token(settings, _secret(settings), args.user_id, ttl=args.ttl, now=time.time(),
+        token = mint_token(settings, secret, args.user_id, ttl=args.ttl, now=time.time(),
                            username=args.username, avatar_url=args.avatar_url, service=args.service)
     except (ValueError, OSError) as exc:
-        print(f"winkr: {exc}", file=sys.stderr)
-        return 2
+        return _fail(settings, str(exc))
     print(token)
     return 0
+
+
+# --- winkr check-config --------------------------------------------------------------------------
+
+def _check_config(settings: Settings, config_file: str | None) -> int:
+    """``ok``/``error``/``note`` lines on stdout; 0 when ``winkr serve`` would start with these
+    settings (as this user), 2 otherwise. Ports are not probed: the server may be running."""
+    lines: list[tuple[str, str]] = []
+    lines.append(("ok", f"settings from {config_file or 'defaults'}, WINKR_* and flags: "
+                        f"ws://{settings.host}:{settings.port}/ws, {settings.jwt_algorithm}, "
+                        f"metrics {'off' if settings.metrics_port is None else settings.metrics_port}, "
+                        f"log {settings.log_format}"))
+    problem = preflight.database_problem(settings.db)
+    lines.append(("error", problem) if problem else
+                 ("ok", f"database {Path(settings.db).absolute()} "
+                        f"({'exists' if Path(settings.db).exists() else 'created at first start'}), folder writable"))
+    lines += [("error", problem) for problem in preflight.key_problems(settings)]
+    if settings.jwt_algorithm == "HS256":
+        try:
+            found = preflight.find_secret(settings, config_file)
+        except preflight.StartupError as exc:
+            lines.append(("error", str(exc)))
+        else:
+            lines.append(("ok", f"JWT secret from {found.source}") if found.secret else
+                         ("note", f"no JWT secret configured: winkr serve will generate one in "
+                                  f"{settings.secret_path.absolute()}; your API must sign with it"))
+    for status, text in lines:
+        print(f"{status:5} {text}")
+    return 2 if any(status == "error" for status, _ in lines) else 0
 
 
 def _create_conversation(settings: Settings, user_ids: list[str]) -> int:

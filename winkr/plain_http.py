@@ -1,0 +1,149 @@
+"""Plain HTTP on the WebSocket port (issue 13): health checks for load balancers and systemd,
+and a short answer that says what to do to anything that is not a WebSocket upgrade.
+
+Why before trio-websocket: its handshake (wsproto) answers a request without
+``Upgrade: websocket`` with a bare ``400`` and no body, and ``wrap_server_stream`` then waits
+for a handshake that never comes until our handshake timeout. So the server reads the request
+head here first (with h11, which wsproto itself uses), answers plain requests itself, and hands
+upgrade requests to trio-websocket on a stream that replays the bytes already read.
+
+Answers (``Connection: close``, JSON bodies):
+
+- ``GET|HEAD /health`` and ``/healthz``: ``200 {"status": "ok"}`` (the server is accepting).
+- ``GET|HEAD /``: ``200`` naming the WebSocket endpoint and how to authenticate.
+- ``/ws`` without an upgrade: ``426 Upgrade Required``; any other path: ``404``; another
+  method: ``405``; a malformed request: ``400``; a head over 16 KiB: ``431``. Their bodies are
+  the handshake refusal's shape, ``{"event": "error", "data": {"code", "message"}}``.
+"""
+from __future__ import annotations
+
+import http
+from urllib.parse import urlsplit
+
+import attrs
+import h11
+import orjson
+import trio
+
+from winkr.errors import NOT_FOUND, VALIDATION_ERROR
+
+MAX_HEAD_BYTES = 16 * 1024
+READ_BYTES = 4096
+HEALTH_PATHS = ("/health", "/healthz")
+
+
+class ReplayStream(trio.abc.Stream):
+    """``stream`` with ``prefix`` (bytes already read from it) delivered again first."""
+
+    def __init__(self, prefix: bytes, stream: trio.abc.Stream) -> None:
+        self._prefix = prefix
+        self._stream = stream
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The underlying socket, for trio-websocket's ``local``/``remote`` (TCP streams only)."""
+        sock: trio.socket.SocketType = getattr(self._stream, "socket")  # noqa: B009 - absent on memory streams
+        return sock
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._prefix:
+            cut = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:cut], self._prefix[cut:]
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+@attrs.frozen
+class Opening:
+    """The request head a client opened with."""
+
+    request: h11.Request | None  # None: malformed or too large (``status`` says which)
+    status: int  # 0 when the head parsed
+    connection: h11.Connection = attrs.field(eq=False, repr=False)
+    data: bytes = attrs.field(repr=False)  # every byte read so far
+
+    @property
+    def is_websocket(self) -> bool:
+        if self.request is None:
+            return False
+        return any(name == b"upgrade" and b"websocket" in value.lower() for name, value in self.request.headers)
+
+    def replay(self, stream: trio.abc.Stream) -> ReplayStream:
+        """``stream`` as it was before the head was read (for ``wrap_server_stream``)."""
+        return ReplayStream(self.data, stream)
+
+
+async def read_opening(stream: trio.abc.Stream) -> Opening | None:
+    """Read until a whole request head has arrived; None when the peer closed first.
+
+    Reads at most ``MAX_HEAD_BYTES`` plus one read; cancellation (the handshake timeout)
+    simply propagates."""
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    data = bytearray()
+    while True:
+        try:
+            event = connection.next_event()
+        except h11.RemoteProtocolError as exc:
+            return Opening(None, exc.error_status_hint, connection, bytes(data))
+        if isinstance(event, h11.Request):
+            return Opening(event, 0, connection, bytes(data))
+        if event is not h11.NEED_DATA:  # ConnectionClosed: the peer went away before a request
+            return None
+        chunk = bytes(await stream.receive_some(READ_BYTES))
+        data += chunk
+        connection.receive_data(chunk)  # b"" marks the end of the stream
+
+
+def _error(code: str, message: str) -> dict[str, object]:
+    return {"event": "error", "data": {"code": code, "message": message}}
+
+
+def plan_answer(opening: Opening) -> tuple[int, list[tuple[str, str]], dict[str, object]]:
+    """The status, extra headers and JSON body for a request that is not a WebSocket upgrade."""
+    request = opening.request
+    if request is None:
+        if opening.status == 431:
+            return 431, [], _error(VALIDATION_ERROR, f"request head over {MAX_HEAD_BYTES} bytes")
+        return 400, [], _error(VALIDATION_ERROR, "malformed HTTP request")
+    path = urlsplit(request.target.decode("latin-1")).path
+    if request.method not in (b"GET", b"HEAD"):
+        return 405, [("allow", "GET, HEAD")], _error(
+            VALIDATION_ERROR, "only GET and HEAD: GET /health for a health check, a WebSocket upgrade on /ws")
+    if path in HEALTH_PATHS:
+        return 200, [], {"status": "ok"}
+    if path == "/":
+        return 200, [], {"service": "winkr", "websocket": "/ws", "health": "/health",
+                         "message": "winkr speaks WebSocket at /ws: connect with a WebSocket client and a token "
+                                    "(Authorization: Bearer <jwt>, the subprotocol bearer.<jwt>, or ?token=<jwt>)"}
+    if path == "/ws":
+        return 426, [("upgrade", "websocket")], _error(
+            VALIDATION_ERROR, "/ws speaks WebSocket: send a WebSocket upgrade request "
+                              "(Connection: Upgrade, Upgrade: websocket) with a token")
+    return 404, [], _error(NOT_FOUND, "no such path: the WebSocket endpoint is /ws, the health check /health")
+
+
+async def answer(stream: trio.abc.Stream, opening: Opening) -> int:
+    """Answer a request that is not a WebSocket upgrade and return its status; the caller
+    closes the stream."""
+    status, headers, body = plan_answer(opening)
+    payload = orjson.dumps(body) + b"\n"
+    head = h11.Response(status_code=status, reason=http.HTTPStatus(status).phrase.encode(), headers=[
+        ("content-type", "application/json"), ("content-length", str(len(payload))),
+        ("cache-control", "no-store"), ("connection", "close"), *headers])
+    is_head = opening.request is not None and opening.request.method == b"HEAD"
+    out = opening.connection.send(head) or b""
+    if not is_head:
+        out += opening.connection.send(h11.Data(data=payload)) or b""
+    if opening.request is not None:
+        out += opening.connection.send(h11.EndOfMessage()) or b""
+    await stream.send_all(out)
+    return status
