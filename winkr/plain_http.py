@@ -12,7 +12,8 @@ Answers (``Connection: close``, JSON bodies):
 - ``GET|HEAD /health`` and ``/healthz``: ``200 {"status": "ok"}`` (the server is accepting).
 - ``GET|HEAD /``: ``200`` naming the WebSocket endpoint and how to authenticate.
 - ``/ws`` without an upgrade: ``426 Upgrade Required``; any other path: ``404``; another
-  method: ``405``; a malformed request: ``400``; a head over 16 KiB: ``431``. Their bodies are
+  method: ``405``; a malformed or truncated request: ``400``; a head still incomplete after
+  16 KiB: ``431``. Their bodies are
   the handshake refusal's shape, ``{"event": "error", "data": {"code", "message"}}``.
 """
 from __future__ import annotations
@@ -112,7 +113,7 @@ def plan_answer(opening: Opening) -> tuple[int, list[tuple[str, str]], dict[str,
     request = opening.request
     if request is None:
         if opening.status == 431:
-            return 431, [], _error(VALIDATION_ERROR, f"request head over {MAX_HEAD_BYTES} bytes")
+            return 431, [], _error(VALIDATION_ERROR, f"request head over {MAX_HEAD_BYTES} bytes: send a shorter one")
         return 400, [], _error(VALIDATION_ERROR, "malformed HTTP request")
     path = urlsplit(request.target.decode("latin-1")).path
     if request.method not in (b"GET", b"HEAD"):
