@@ -2,8 +2,8 @@
 docs/deploy.md §2 runs under a temporary root, then winkr starts the way deploy/winkr.service
 starts it — as an unprivileged user (systemd's DynamicUser), in its state directory, with its
 environment, its EnvironmentFile read by "systemd" (this test, as root) and its ExecStart —
-without systemd. It must answer /health, accept a token signed with the secret the docs
-generate, serve metrics, log only JSON and stop cleanly on SIGTERM.
+without systemd. It must tell "systemd" it is ready, answer /health, accept a token signed
+with the secret the docs generate, serve metrics, log only JSON and stop cleanly on SIGTERM.
 
 Needs root (to drop to the ``nobody`` user with setpriv, as systemd would); skipped otherwise."""
 from __future__ import annotations
@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -148,6 +149,14 @@ def test_the_documented_layout_runs_as_an_unprivileged_user(public_tmp: Path,
     peek = subprocess.run([*drop, "cat", str(env_file)], capture_output=True, text=True, timeout=30)
     assert peek.returncode != 0, "setpriv did not drop privileges; this test would prove nothing"
 
+    # Type=notify: systemd listens on a datagram socket for READY=1.
+    assert unit["Type"] == ["notify"]
+    notify_path = tmp_path / "notify.sock"
+    notifications = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notifications.bind(str(notify_path))
+    os.chmod(notify_path, 0o777)
+    environment["NOTIFY_SOCKET"] = str(notify_path)
+
     stderr_path = tmp_path / "service.stderr"
     with open(stderr_path, "w") as stderr:
         proc = subprocess.Popen([*drop, *command], cwd=rooted(unit["WorkingDirectory"][0], root), env=environment,
@@ -155,6 +164,10 @@ def test_the_documented_layout_runs_as_an_unprivileged_user(public_tmp: Path,
                                 preexec_fn=lambda: os.umask(umask))
     try:
         port, stdout_lines = wait_for_port(proc, stderr_path, START_TIMEOUT)
+        notifications.settimeout(10)
+        ready = notifications.recv(4096).decode()
+        assert ready.splitlines()[0] == "READY=1", ready
+        assert f"STATUS=listening on ws://127.0.0.1:{port}/ws" in ready
         metrics_port = _metrics_port(stderr_path)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
             assert response.status == 200
@@ -176,6 +189,7 @@ def test_the_documented_layout_runs_as_an_unprivileged_user(public_tmp: Path,
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0, stderr_path.read_text()
     finally:
+        notifications.close()
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)

@@ -233,3 +233,20 @@ def test_the_listening_line_is_json_in_json_mode(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+# --- systemd readiness ----------------------------------------------------------------------------
+
+def test_sd_notify_reaches_an_abstract_socket_and_is_silent_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from winkr.sdnotify import notify
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify("READY=1") is False
+    name = f"winkr-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert notify("READY=1") is True
+        assert listener.recv(100) == b"READY=1"
+    monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/socket")
+    assert notify("READY=1") is False  # never raises

@@ -18,7 +18,7 @@ import attrs
 import orjson
 import trio
 
-from winkr import __version__, preflight
+from winkr import __version__, preflight, sdnotify
 from winkr.auth import load_or_create_secret, mint_token
 from winkr.config import ConfigError, Settings, load_settings
 from winkr.logs import json_line, setup_logging
@@ -153,6 +153,7 @@ def _serve_on(settings: Settings, config_file: str | None, sockets: list[socket.
             print(json_line(f"listening on {url}", url=url, health=f"http://{host}:{ports[0]}/health"), flush=True)
         else:
             print(f"winkr: listening on {url}", flush=True)
+        sdnotify.notify(f"READY=1\nSTATUS=listening on {url}")  # one local datagram: no real blocking
 
     async def run() -> None:
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
