@@ -168,6 +168,9 @@ def _serve_on(settings: Settings, config_file: str | None, sockets: list[socket.
         status = _fail(settings, f"cannot open the database {Path(settings.db).absolute()}: {_leaf(group)}")
     except* OSError as group:
         status = _fail(settings, f"cannot start: {_leaf(group)}")
+    except* Exception as group:  # a bug: the traceback goes to the log, in the log's format (JSON too)
+        log.critical("winkr stopped on an unexpected error", exc_info=group)
+        status = 1
     return status
 
 
