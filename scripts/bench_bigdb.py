@@ -82,6 +82,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--db", default="bench-bigdb.db")
     args = parser.parse_args()
+    from _deps import require
+
+    require("bench_bigdb.py", ["websockets.asyncio.client", "jwt", "winkr"])
     t0 = time.perf_counter()
     conversations = fill(args.db, args.messages, args.conversations)
     fill_s = time.perf_counter() - t0

@@ -20,17 +20,18 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-import jwt
-from websockets.asyncio.client import connect
-
 MAX_USERS = 20_000
 
 
 def token(secret: str, user: str) -> str:
+    import jwt  # checked by main() before use (scripts/_deps.py)
+
     return jwt.encode({"sub": user, "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
 
 
 async def storm(url: str, secret: str, users: int, concurrency: int, timeout: float) -> dict[str, object]:
+    from websockets.asyncio.client import connect
+
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
     failures: dict[str, int] = {}
@@ -77,6 +78,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=500)
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
+    from _deps import require
+
+    require("connect_storm.py", ["websockets.asyncio.client", "jwt"])
     if not args.secret:
         parser.error("--secret or WINKR_JWT_SECRET is required")
     if urlsplit(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):

@@ -441,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    from _deps import require
+
+    require("crashtest.py", ["websockets.asyncio.client", "jwt", "winkr"])
     if not 1 <= args.cycles <= 10_000:
         ap.error("--cycles must be between 1 and 10000")
     if args.users < 2 or args.users % 2 or args.users > 2000:

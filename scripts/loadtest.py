@@ -1580,6 +1580,9 @@ def resolve_secret(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    from _deps import require
+
+    require("loadtest.py", ["websockets.asyncio.client", "jwt", "rich"])
     try:
         check_target(args.url, args.allow_remote)
         mix = None if args.no_mix else parse_mix(args.mix)

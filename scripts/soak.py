@@ -368,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    from _deps import require
+
+    require("soak.py", ["websockets.asyncio.client", "jwt", "winkr"])
     if not 0 < args.duration <= 86400 or not 0.1 <= args.interval <= 3600:
         ap.error("need 0 < --duration <= 86400 and 0.1 <= --interval <= 3600")
     if args.users < 2 or args.users % 2 or args.users > 2000:

@@ -38,3 +38,55 @@ def test_bad_settings_are_refused_with_a_clear_error(tmp_path: Path, text: str) 
     config.write_text(text + "\n")
     with pytest.raises(ConfigError):
         load_settings(str(config), environ={})
+
+
+# --- issue 13: errors name the setting as the operator wrote it --------------------------------
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({"WINKR_PORT": "abc"}, "invalid setting WINKR_PORT='abc': expected an integer"),
+    ({"WINKR_MESSAGES_PER_MINUTE": "lots"}, "invalid setting WINKR_MESSAGES_PER_MINUTE='lots': expected an integer"),
+    ({"WINKR_PING_INTERVAL": "soon"}, "invalid setting WINKR_PING_INTERVAL='soon': expected a number"),
+    ({"WINKR_PII_POLICY": "sometimes"}, "WINKR_PII_POLICY must be mask, reject or allow"),
+    ({"WINKR_CONNECTIONS_PER_USER": "-1"}, "WINKR_CONNECTIONS_PER_USER must be >= 0"),
+])
+def test_environment_errors_name_the_variable(environ: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings(None, environ=environ)
+    assert expected in str(error.value)
+    assert "$." not in str(error.value)
+
+
+def test_file_errors_name_the_key_and_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text('port = "eighty"\nno_such_setting = 1\n[limits]\nmessages_per_hour = -5\n')
+    with pytest.raises(ConfigError) as error:
+        load_settings(str(config), environ={})
+    message = str(error.value)
+    assert f"invalid setting port='eighty' (in {config}): expected an integer" in message
+    assert f"unknown setting no_such_setting in {config}" in message
+    config.write_text("[limits]\nmessages_per_hour = -5\n")
+    with pytest.raises(ConfigError, match=rf"limits.messages_per_hour \(in {config}\) must be >= 0"):
+        load_settings(str(config), environ={})
+
+
+def test_flag_errors_name_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--port must be between 0 and 65535"):
+        load_settings(None, {"port": 70000}, environ={})
+
+
+@pytest.mark.parametrize("secret", ["...", "x" * 31, "short but not empty"])
+def test_short_hs256_secrets_are_refused(secret: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings(None, environ={"WINKR_JWT_SECRET": secret})
+    message = str(error.value)
+    assert message.startswith(f"WINKR_JWT_SECRET is {len(secret.encode())} bytes: ")
+    assert "at least 32" in message and "secrets.token_urlsafe" in message
+    assert secret not in message.replace("bytes", "")  # the value itself is never echoed
+
+
+def test_a_32_byte_secret_is_accepted_and_other_algorithms_ignore_it() -> None:
+    assert load_settings(None, environ={"WINKR_JWT_SECRET": "k" * 32}).jwt_secret == "k" * 32
+    settings = load_settings(None, {"jwt_algorithm": "RS256", "jwt_public_key": "/some/key.pem",
+                                    "jwt_secret": "..."}, environ={})
+    assert settings.jwt_algorithm == "RS256"
+

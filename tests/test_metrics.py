@@ -95,3 +95,21 @@ async def test_rooms_online_users_limits_and_closes_are_counted(tmp_path: Any) -
         assert sample(text, "winkr_online_users") == 1
         assert sample(text, "winkr_connections_closed_total", reason="client_closed") == 1
         server.request_shutdown()
+
+
+async def test_process_metrics_are_served_and_created_series_are_not(harness: Harness) -> None:
+    """Issue 13: memory, file descriptors and CPU from prometheus_client's process collector
+    (Linux: /proc), the version, and none of the ``*_created`` timestamp series."""
+    import sys
+
+    from winkr import __version__
+
+    await harness.connect("alice")
+    text = harness.server.metrics.text()
+    assert "_created" not in text
+    assert sample(text, "winkr_info", version=__version__) == 1
+    if sys.platform == "linux":
+        assert sample(text, "process_resident_memory_bytes") > 10_000_000
+        assert sample(text, "process_open_fds") >= 3
+        assert sample(text, "process_cpu_seconds_total") > 0
+        assert sample(text, "process_max_fds") > 0

@@ -19,8 +19,9 @@ async def create_conversation_through_server(url: str, service_token: str, user_
     """``conversation:create`` over the running server's WebSocket as a service account: the
     participants' open connections get ``conversation:created``. Raises ``ProtocolError`` with
     the server's error, ``OSError`` when the server cannot be reached."""
+    headers = [(b"authorization", f"Bearer {service_token}".encode())]
     with trio.fail_after(CLI_TIMEOUT):
-        async with open_websocket_url(url, extra_headers=[(b"authorization", f"Bearer {service_token}".encode())]) as ws:
+        async with open_websocket_url(url, extra_headers=headers) as ws:
             await ws.send_message(orjson.dumps({"event": "conversation:create", "ref": "cli",
                                                 "data": {"participant_ids": user_ids}}).decode())
             while True:

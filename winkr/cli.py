@@ -1,10 +1,12 @@
 """The operator interface (contract §1): ``winkr serve``, ``winkr token``,
-``winkr conversation create``, ``winkr db backup|check``. Output for machines goes to stdout;
-logs go to stderr."""
+``winkr conversation create``, ``winkr db backup|check``, ``winkr check-config`` and
+``winkr --version``. Output for machines goes to stdout; logs go to stderr. Every failure an
+operator can fix is one line that says what to do, with exit status 2 (issue 13)."""
 from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sqlite3
 import sys
 import time
@@ -16,9 +18,10 @@ import attrs
 import orjson
 import trio
 
+from winkr import __version__, preflight, sdnotify
 from winkr.auth import load_or_create_secret, mint_token
 from winkr.config import ConfigError, Settings, load_settings
-from winkr.logs import setup_logging
+from winkr.logs import json_line, setup_logging
 
 log = logging.getLogger("winkr")
 
@@ -29,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--db", help="SQLite database file (default ./winkr.db)")
 
     parser = argparse.ArgumentParser(prog="winkr", description="Winkr realtime chat service")
+    parser.add_argument("--version", action="version",
+                        version=f"winkr {__version__} (Python {'.'.join(map(str, sys.version_info[:3]))})")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", parents=[common], help="run the WebSocket server")
@@ -57,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_argument("path", metavar="PATH", help="the copy to write")
     backup.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
     db_commands.add_parser("check", parents=[common], help="integrity check and schema version")
+
+    commands.add_parser("check-config", parents=[common],
+                        help="validate the settings and the files they name; exit 0 (usable) or 2")
     return parser
 
 
@@ -74,66 +82,166 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"winkr: {exc}", file=sys.stderr)
         return 2
+    if args.command == "check-config":
+        return _check_config(settings, args.config)
     setup_logging(settings.log_format, settings.log_level)
     if args.command == "serve":
-        return _serve(settings)
+        return _serve(settings, args.config)
     if args.command == "token":
         return _token(settings, args)
     if args.command == "db":
         return _db(settings, args)
-    return _create_conversation(settings, args.user_ids)
+    return _create_conversation(settings, args.user_ids, args.config)
 
 
-def _secret(settings: Settings) -> str | None:
-    if settings.jwt_algorithm != "HS256":
-        return None
-    secret, created = load_or_create_secret(settings)
-    if created:
-        log.warning("no JWT secret configured: generated one and stored it in %s", settings.secret_path)
-    return secret
+def _fail(settings: Settings, message: str) -> int:
+    """Report a failure the operator can fix, in the configured log format; exit status 2."""
+    if settings.log_format == "json":
+        print(json_line(message, level=logging.ERROR), file=sys.stderr, flush=True)
+    else:
+        print(f"winkr: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
-def _serve(settings: Settings) -> int:
+def _leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+# --- winkr serve ------------------------------------------------------------------------------------
+
+def _serve(settings: Settings, config_file: str | None) -> int:
+    """Check, bind, then create: a port in use or a missing folder leaves nothing behind."""
+    problems = [p for p in (preflight.database_problem(settings.db), *preflight.key_problems(settings)) if p]
+    if problems:
+        return _fail(settings, problems[0])
+    try:
+        sockets = preflight.bind_tcp(settings.host, settings.port)
+        if settings.metrics_port:
+            preflight.check_port_free(settings.metrics_host, settings.metrics_port, flag="--metrics-port")
+    except preflight.StartupError as exc:
+        return _fail(settings, str(exc))
+    try:
+        return _serve_on(settings, config_file, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _serve_on(settings: Settings, config_file: str | None, sockets: list[socket.socket]) -> int:
     from winkr.runfile import remove_run_file, write_run_file
     from winkr.server import serve_forever
     from winkr.store.schema import SchemaTooNew
 
-    secret = _secret(settings)
+    secret = ""
+    if settings.jwt_algorithm == "HS256":
+        try:
+            found = preflight.find_secret(settings, config_file)
+        except preflight.StartupError as exc:
+            return _fail(settings, str(exc))
+        secret, created = (found.secret, False) if found.secret else load_or_create_secret(settings)
+        if created:
+            log.warning("no JWT secret configured: generated one and stored it in %s", settings.secret_path)
     if settings.jwt_public_key and "-----BEGIN" not in settings.jwt_public_key:
         # Read the key file here, before the event loop: no file I/O on the trio thread.
         settings = attrs.evolve(settings, jwt_public_key=Path(settings.jwt_public_key).read_text())
 
     def on_listening(ports: list[int]) -> None:
         host = settings.host if ":" not in settings.host else f"[{settings.host}]"
+        url = f"ws://{host}:{ports[0]}/ws"
         write_run_file(settings, ports[0])
-        print(f"winkr: listening on ws://{host}:{ports[0]}/ws", flush=True)
+        if settings.log_format == "json":
+            print(json_line(f"listening on {url}", url=url, health=f"http://{host}:{ports[0]}/health"), flush=True)
+        else:
+            print(f"winkr: listening on {url}", flush=True)
+        sdnotify.notify(f"READY=1\nSTATUS=listening on {url}")  # one local datagram: no real blocking
+
+    async def run() -> None:
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
+        await serve_forever(settings, secret, on_listening=on_listening, listeners=listeners)
 
     status = 0
     try:
-        trio.run(lambda: serve_forever(settings, secret or "", on_listening=on_listening))
+        trio.run(run)
     except* SchemaTooNew as group:
-        print(f"winkr: {group.exceptions[0]}; upgrade winkr or restore a backup", file=sys.stderr)
-        status = 2
-    except* OSError as group:  # the port is taken, the database folder is missing, ...
-        print(f"winkr: cannot start: {group.exceptions[0]}", file=sys.stderr)
-        status = 2
+        status = _fail(settings, f"{settings.db}: {_leaf(group)}; upgrade winkr or restore a backup")
+    except* sqlite3.Error as group:
+        status = _fail(settings, f"cannot open the database {Path(settings.db).absolute()}: {_leaf(group)}")
+    except* OSError as group:
+        status = _fail(settings, f"cannot start: {_leaf(group)}")
+    except* Exception as group:  # a bug: the traceback goes to the log, in the log's format (JSON too)
+        log.critical("winkr stopped on an unexpected error", exc_info=group)
+        status = 1
     finally:
         remove_run_file(settings)
     return status
 
 
+# --- winkr token ----------------------------------------------------------------------------------
+
+def _signing_secret(settings: Settings, config_file: str | None, command: str) -> str | None:
+    """The server's HMAC secret (``None`` for RS256/ES256); never generates one (a token signed
+    with a new one would only be refused by the server). Raises ``StartupError`` saying where it
+    looked."""
+    if settings.jwt_algorithm != "HS256":
+        if (problem := next(iter(preflight.key_problems(settings)), None)) is not None:
+            raise preflight.StartupError(problem)
+        return None
+    found = preflight.find_secret(settings, config_file)
+    if found.secret is None:
+        raise preflight.StartupError(
+            "no JWT secret found: " + ", ".join(found.looked) + " (winkr serve writes that file beside its "
+            f"database when no secret is configured); run `winkr {command}` with the server's --config / --db, "
+            "or set WINKR_JWT_SECRET")
+    return found.secret
+
+
 def _token(settings: Settings, args: argparse.Namespace) -> int:
+    """Sign a token for a user with the server's secret or key."""
     try:
-        token = mint_token(settings, _secret(settings), args.user_id, ttl=args.ttl, now=time.time(),
+        secret = _signing_secret(settings, args.config, "token")
+    except preflight.StartupError as exc:
+        return _fail(settings, str(exc))
+    try:
+        token = mint_token(settings, secret, args.user_id, ttl=args.ttl, now=time.time(),
                            username=args.username, avatar_url=args.avatar_url, service=args.service)
     except (ValueError, OSError) as exc:
-        print(f"winkr: {exc}", file=sys.stderr)
-        return 2
+        return _fail(settings, str(exc))
     print(token)
     return 0
 
 
-def _create_conversation(settings: Settings, user_ids: list[str]) -> int:
+# --- winkr check-config --------------------------------------------------------------------------
+
+def _check_config(settings: Settings, config_file: str | None) -> int:
+    """``ok``/``error``/``note`` lines on stdout; 0 when ``winkr serve`` would start with these
+    settings (as this user), 2 otherwise. Ports are not probed: the server may be running."""
+    lines: list[tuple[str, str]] = []
+    lines.append(("ok", f"settings from {config_file or 'defaults'}, WINKR_* and flags: "
+                        f"ws://{settings.host}:{settings.port}/ws, {settings.jwt_algorithm}, "
+                        f"metrics {'off' if settings.metrics_port is None else settings.metrics_port}, "
+                        f"log {settings.log_format}"))
+    problem = preflight.database_problem(settings.db)
+    lines.append(("error", problem) if problem else
+                 ("ok", f"database {Path(settings.db).absolute()} "
+                        f"({'exists' if Path(settings.db).exists() else 'created at first start'}), folder writable"))
+    lines += [("error", problem) for problem in preflight.key_problems(settings)]
+    if settings.jwt_algorithm == "HS256":
+        try:
+            found = preflight.find_secret(settings, config_file)
+        except preflight.StartupError as exc:
+            lines.append(("error", str(exc)))
+        else:
+            lines.append(("ok", f"JWT secret from {found.source}") if found.secret else
+                         ("note", f"no JWT secret configured: winkr serve will generate one in "
+                                  f"{settings.secret_path.absolute()}; your API must sign with it"))
+    for status, text in lines:
+        print(f"{status:5} {text}")
+    return 2 if any(status == "error" for status, _ in lines) else 0
+
+
+def _create_conversation(settings: Settings, user_ids: list[str], config_file: str | None) -> int:
     """Through the running server when there is one (its participants online are told), else
     straight into the database (no server: nobody to go behind)."""
     from winkr.admin import create_conversation_directly, create_conversation_through_server
@@ -143,16 +251,17 @@ def _create_conversation(settings: Settings, user_ids: list[str]) -> int:
     url = running_server_url(settings)
     try:
         if url is not None:
-            token = mint_token(settings, _secret(settings), "winkr-cli", ttl=60, now=time.time(), service=True)
+            secret = _signing_secret(settings, config_file, "conversation create")
+            token = mint_token(settings, secret, "winkr-cli", ttl=60, now=time.time(), service=True)
             conversation = trio.run(create_conversation_through_server, url, token, user_ids)
+        elif (problem := preflight.database_problem(settings.db)) is not None:
+            return _fail(settings, problem)
         else:
             conversation = create_conversation_directly(settings, user_ids)
     except ProtocolError as exc:
-        print(f"winkr: {exc.message}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"winkr: {exc}", file=sys.stderr)
-        return 2
+        return _fail(settings, exc.message)
+    except (preflight.StartupError, OSError, ValueError, sqlite3.Error) as exc:
+        return _fail(settings, str(exc))
     print(orjson.dumps(conversation).decode())
     return 0
 

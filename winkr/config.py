@@ -93,17 +93,32 @@ _converter.register_structure_hook_func(
 
 
 class ConfigError(Exception):
-    """The configuration is unusable; the message says which setting and why."""
+    """The configuration is unusable; the message says which setting, where it came from
+    (``port in FILE``, ``WINKR_PORT``, ``--port``) and why."""
+
+
+MIN_SECRET_BYTES = 32
+SECRET_HINT = "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+_PRIVATE = frozenset({"jwt_secret", "jwt_private_key"})  # never echoed in an error
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "tuple": "a list of strings"}
+
+Origins = dict[tuple[str, ...], tuple[str, str]]
+"""Where each given setting came from, by key path (``("limits", "messages_per_minute")``):
+its name as written there and where that was (``("port", " (in FILE)")``, ``("WINKR_PORT", "")``)."""
+
+
+def env_name(key: str) -> str:
+    return f"WINKR_{key.upper()}"
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     limits: dict[str, Any] = {}
     for field in attrs.fields(Settings):
-        if field.name != "limits" and (value := environ.get(f"WINKR_{field.name.upper()}")) is not None:
+        if field.name != "limits" and (value := environ.get(env_name(field.name))) is not None:
             found[field.name] = value
     for field in attrs.fields(Limits):
-        if (value := environ.get(f"WINKR_{field.name.upper()}")) is not None:
+        if (value := environ.get(env_name(field.name))) is not None:
             limits[field.name] = value
     if limits:
         found["limits"] = limits
@@ -120,39 +135,87 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _record(origins: Origins, layer: Mapping[str, Any], describe: Any, prefix: tuple[str, ...] = ()) -> None:
+    for key, value in layer.items():
+        if isinstance(value, Mapping):
+            _record(origins, value, describe, (*prefix, key))
+        elif value is not None:
+            origins[(*prefix, key)] = describe((*prefix, key))
+
+
 def load_settings(
     config_file: str | None = None,
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Build the settings from a TOML file, the environment and flags (in that order)."""
+    """Build the settings from a TOML file, the environment and flags (in that order).
+
+    Raises ``ConfigError`` naming the offending setting as the operator wrote it."""
     raw: dict[str, Any] = {}
     if config_file:
         try:
             raw = tomllib.loads(Path(config_file).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
-    raw = _merge(raw, _from_env(os.environ if environ is None else environ))
-    raw = _merge(raw, flags or {})
+    env = _from_env(os.environ if environ is None else environ)
+    origins: Origins = {}
+    _record(origins, raw, lambda path: (".".join(path), f" (in {config_file})"))
+    _record(origins, env, lambda path: (env_name(path[-1]), ""))
+    _record(origins, flags or {}, lambda path: ("--" + path[-1].replace("_", "-") if len(path) == 1
+                                                else ".".join(path), ""))
+    raw = _merge(_merge(raw, env), flags or {})
     try:
         settings = _converter.structure(raw, Settings)
     except cattrs.BaseValidationError as exc:
-        raise ConfigError("invalid setting: " + "; ".join(cattrs.transform_error(exc))) from exc
-    _check(settings)
+        raise ConfigError("; ".join(_describe(line, raw, origins, config_file)
+                                    for line in cattrs.transform_error(exc))) from exc
+    _check(settings, lambda *path: "".join(origins.get(path, (".".join(path), ""))))
     return settings
 
 
-def _check(settings: Settings) -> None:
+def _describe(line: str, raw: Mapping[str, Any], origins: Origins, config_file: str | None) -> str:
+    """One cattrs error line (``invalid value for type, expected int @ $.port``) in the
+    operator's terms: ``WINKR_PORT='abc' is not an integer``."""
+    message, _, where = line.rpartition(" @ ")
+    path = tuple(part for part in where.removeprefix("$").split(".") if part)
+    if message.startswith("extra fields found"):
+        names = message.partition("(")[2].rstrip(")").split(", ")
+        section = f"[{'.'.join(path)}] " if path else ""
+        source = f" in {config_file}" if config_file else ""
+        return (f"unknown setting {section}{', '.join(names)}{source}: "
+                "deploy/winkr.example.toml lists every setting")
+    name, where = origins.get(path, (".".join(path), ""))
+    expected = message.rpartition("expected ")[2]
+    value: Any = raw
+    for part in path:
+        value = value.get(part) if isinstance(value, Mapping) else None
+    shown = "" if path and path[-1] in _PRIVATE else f"={value!r}"
+    return f"invalid setting {name}{shown}{where}: expected {_TYPE_WORDS.get(expected, expected)}"
+
+
+def _check(settings: Settings, name: Any) -> None:
+    """Rules on the values; ``name(*path)`` says where a setting came from."""
     if settings.jwt_algorithm not in ("HS256", "RS256", "ES256"):
-        raise ConfigError("jwt_algorithm must be HS256, RS256 or ES256")
+        raise ConfigError(f"{name('jwt_algorithm')} must be HS256, RS256 or ES256")
     if settings.jwt_algorithm != "HS256" and not settings.jwt_public_key:
-        raise ConfigError(f"jwt_algorithm {settings.jwt_algorithm} needs jwt_public_key")
+        raise ConfigError(f"jwt_algorithm {settings.jwt_algorithm} needs jwt_public_key (PEM text or a file)")
+    if settings.jwt_algorithm == "HS256" and settings.jwt_secret is not None:
+        size = len(settings.jwt_secret.encode())
+        if size < MIN_SECRET_BYTES:
+            raise ConfigError(f"{name('jwt_secret')} is {size} bytes: an HS256 secret needs at least "
+                              f"{MIN_SECRET_BYTES} random bytes; make one with {SECRET_HINT}")
+    for port in ("port", "metrics_port"):
+        value = getattr(settings, port)
+        if value is not None and not 0 <= value <= 65535:
+            raise ConfigError(f"{name(port)} must be between 0 and 65535 (0 picks a free port)")
     if settings.pii_policy not in ("mask", "reject", "allow"):
-        raise ConfigError("pii_policy must be mask, reject or allow")
+        raise ConfigError(f"{name('pii_policy')} must be mask, reject or allow")
     if settings.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
-        raise ConfigError("sqlite_synchronous must be NORMAL or FULL")
+        raise ConfigError(f"{name('sqlite_synchronous')} must be NORMAL or FULL")
     if settings.log_format not in ("text", "json"):
-        raise ConfigError("log_format must be text or json")
+        raise ConfigError(f"{name('log_format')} must be text or json")
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"{name('log_level')} must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
     for field in attrs.fields(Limits):
         if getattr(settings.limits, field.name) < 0:
-            raise ConfigError(f"limits.{field.name} must be >= 0")
+            raise ConfigError(f"{name('limits', field.name)} must be >= 0 (0 switches the limit off)")

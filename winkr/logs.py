@@ -1,6 +1,9 @@
 """Logging setup: human-readable lines, or JSON lines with ``--log-format json``.
 
 Structured fields travel in ``extra=``; never put a token, message content or PII there.
+With JSON, everything winkr writes is JSON: log records (stderr), Python warnings (routed
+through logging), and the lines for machines on stdout (``json_line``), so journald, which
+collects both streams, never sees the formats mixed.
 """
 from __future__ import annotations
 
@@ -80,3 +83,12 @@ class ThrottledLog:
         if suppressed:
             message += f" (and {suppressed} more like it in the last {now - logged_at:.0f} s)"
         self._log.error(message, *args, exc_info=exc)
+    logging.captureWarnings(True)  # a library's warning is a log record too, in the same format
+
+
+def json_line(message: str, *, logger: str = "winkr", level: int = logging.INFO, **fields: object) -> str:
+    """One JSON object shaped like a log record (``ts``, ``level``, ``logger``, ``msg`` and
+    ``fields``), for a line written to stdout in JSON mode."""
+    record = logging.LogRecord(logger, level, "", 0, message, (), None)
+    record.__dict__.update(fields)
+    return JsonFormatter().format(record)

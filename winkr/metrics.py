@@ -2,16 +2,35 @@
 
 Counting is cheap and happens where the thing happens: events in (connection), frames
 encoded by event (``Frames``), errors by code, refused handshakes by code, store commit
-latency (writer), send→fan-out latency (room), open connections. The HTTP endpoint
-(``--metrics-port``) is prometheus_client's own server on a daemon thread, off the trio
-thread.
+latency (writer), send→fan-out latency (room), open connections. Each registry also
+carries prometheus_client's process collector (``process_resident_memory_bytes``,
+``process_open_fds``, ``process_cpu_seconds_total``, ... from ``/proc``, Linux only), its
+platform collector (``python_info``) and ``winkr_info{version}``. The ``*_created`` series
+(one per counter and histogram, the creation timestamp) are switched off process-wide: they
+are noise for dashboards. The HTTP endpoint (``--metrics-port``) is prometheus_client's own
+server on a daemon thread, off the trio thread; ``deploy/grafana-winkr.json`` charts it.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
+
+from winkr import __version__
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide; prometheus_client has no per-registry switch
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -22,6 +41,9 @@ class Metrics:
     def __init__(self, events: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        Info("winkr", "The running winkr's version.", registry=r).info({"version": __version__})
         self.connections = Gauge("winkr_connections", "Open WebSocket connections.", registry=r)
         self.events_in = Counter("winkr_events_received_total", "Client events received, by event.",
                                  ["event"], registry=r)

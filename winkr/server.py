@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import trio
 from trio_websocket import WebSocketRequest
 
+from winkr import plain_http
 from winkr.actor import Frames
 from winkr.auth import Principal, TokenVerifier, token_from_handshake
 from winkr.clock import WallClock, system_wall_clock
@@ -103,9 +104,16 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 request = None
                 with trio.move_on_after(settings.handshake_timeout):
-                    request = await wrap_server_stream(
-                        nursery, stream, max_message_size=_library_frame_limit(settings.limits.max_frame_bytes),
-                        message_queue_size=RECEIVE_QUEUE, receive_buffer_size=RECEIVE_BUFFER)
+                    # Plain HTTP (health checks, a browser) is answered here; upgrades go on.
+                    opening = await plain_http.read_opening(stream)
+                    if opening is not None and not opening.is_websocket:
+                        status = await plain_http.answer(stream, opening)
+                        log.debug("plain HTTP request answered", extra={"ip": ip, "status": status})
+                    elif opening is not None:
+                        request = await wrap_server_stream(
+                            nursery, opening.replay(stream),
+                            max_message_size=_library_frame_limit(settings.limits.max_frame_bytes),
+                            message_queue_size=RECEIVE_QUEUE, receive_buffer_size=RECEIVE_BUFFER)
                 if request is not None:
                     await self._serve_request(request, ip)
                 nursery.cancel_scope.cancel()
@@ -289,8 +297,10 @@ class Server:
         self._connections.start_soon(self.gateway.handle_stream, stream)
 
 
-async def serve_forever(settings: Settings, secret: str, *, on_listening: Callable[[list[int]], None]) -> None:
-    """Run a server until SIGINT/SIGTERM (the CLI's entry point)."""
+async def serve_forever(settings: Settings, secret: str, *, on_listening: Callable[[list[int]], None],
+                        listeners: list[trio.SocketListener] | None = None) -> None:
+    """Run a server until SIGINT/SIGTERM (the CLI's entry point), on ``listeners`` when given
+    (the CLI binds them before it creates anything)."""
     server = Server(settings, secret)
     if settings.metrics_port is not None:
         port = server.metrics.serve_http(settings.metrics_port, settings.metrics_host)
@@ -298,7 +308,7 @@ async def serve_forever(settings: Settings, secret: str, *, on_listening: Callab
     # Signals are caught before the "listening" line, so a signal right after it is graceful.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
+            await nursery.start(partial(server.serve, listeners))
             on_listening(server.ports)
             async for _ in signals:
                 server.request_shutdown()
