@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,6 +24,8 @@ from winkr.server import Server
 from winkr.store.writer import run_inline
 
 SECRET = "test-secret-please-ignore-0123456789abcdef"
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+"""Every timestamp of the protocol: RFC 3339, UTC, milliseconds, ``Z`` (contract §11.11)."""
 RECV_TIMEOUT = 30.0  # mock seconds: a missing event fails the test, instantly in real time
 
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import queue
-import re
 import signal
 import sqlite3
 import stat
@@ -19,12 +18,12 @@ from typing import Any
 
 import jwt
 import pytest
+from conftest import TIMESTAMP
 from processes import reply_to, wait_for_port
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 SECRET = "cli-test-secret-0123456789abcdef0123456789"
-TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 START_TIMEOUT = 20.0
 COMMAND_TIMEOUT = 30.0
 

@@ -8,7 +8,6 @@ the test function receives directly, not one requested by a fixture such as ``ha
 """
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,10 +16,10 @@ import orjson
 import pytest
 import trio
 import trio.testing
-from conftest import SECRET, Client, Harness, error_body, make_settings, refused, start_server
+from conftest import SECRET, TIMESTAMP, Client, Harness, error_body, make_settings, refused, start_server
 from trio_websocket import ConnectionClosed, ConnectionRejected, wrap_client_stream
+from wire_clients import bounded_stream_pair
 
-TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 MAX_FRAME = 32 * 1024
 
 
@@ -369,80 +368,6 @@ async def test_binary_frame_over_32_kib_is_also_too_large(autojump_clock: Any, h
 
 
 # --- slow consumers ----------------------------------------------------------------------
-
-class _Pipe:
-    """One direction of a bounded in-memory byte pipe. ``send_all`` waits while ``capacity``
-    bytes are unread, then appends all of its data at once: a cancelled send leaves no
-    half frame behind (unlike ``lockstep_stream_pair``)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.buffer = bytearray()
-        self.capacity = capacity
-        self.send_closed = False
-        self.receive_closed = False
-        self.lot = trio.lowlevel.ParkingLot()
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self.send_closed:
-            raise trio.ClosedResourceError
-        while len(self.buffer) >= self.capacity and not self.receive_closed:
-            await self.lot.park()
-        if self.receive_closed:
-            raise trio.BrokenResourceError
-        self.buffer += data
-        self.lot.unpark_all()
-        await trio.lowlevel.cancel_shielded_checkpoint()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self.receive_closed:
-            raise trio.ClosedResourceError
-        while not self.buffer and not self.send_closed:
-            await self.lot.park()
-        if self.receive_closed:
-            raise trio.ClosedResourceError
-        size = len(self.buffer) if max_bytes is None else max_bytes
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]
-        self.lot.unpark_all()
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return data
-
-    def close_send(self) -> None:
-        self.send_closed = True
-        self.lot.unpark_all()
-
-    def close_receive(self) -> None:
-        self.receive_closed = True
-        self.lot.unpark_all()
-
-
-class _PipeEnd(trio.abc.Stream):
-    def __init__(self, outgoing: _Pipe, incoming: _Pipe) -> None:
-        self.outgoing, self.incoming = outgoing, incoming
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.outgoing.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.incoming.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        self.outgoing.close_send()
-        self.incoming.close_receive()
-        await trio.lowlevel.checkpoint()
-
-
-def bounded_stream_pair(to_client_capacity: int) -> tuple[_PipeEnd, _PipeEnd]:
-    """(client end, server end): the server can get ahead of a non-reading client by only
-    ``to_client_capacity`` bytes, as with a real socket's buffers."""
-    up, down = _Pipe(1 << 22), _Pipe(to_client_capacity)
-    return _PipeEnd(up, down), _PipeEnd(down, up)
-
 
 @pytest.fixture
 async def small_queue_harness(autojump_clock: Any, tmp_path: Any) -> AsyncIterator[Harness]:

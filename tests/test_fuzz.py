@@ -19,21 +19,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
 import trio
-from conftest import Client, Harness, make_settings, start_server
+from conftest import TIMESTAMP, Client, Harness, make_settings, start_server
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 MAX_FRAME = 32 * 1024
 SETTLE = 0.05  # mock seconds after each frame: the server has gone idle before they pass
-TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 SEED_CODES = {"VALIDATION_ERROR", "UNAUTHORIZED", "FORBIDDEN", "NOT_FOUND", "RATE_LIMITED",
               "INTERNAL_ERROR", "CONNECTION_ERROR", "MESSAGE_TOO_LARGE", "INVALID_MESSAGE_TYPE",

@@ -6,10 +6,7 @@ the test function receives directly, not one requested by a fixture such as ``ha
 """
 from __future__ import annotations
 
-import re
 import sqlite3
-from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import jwt
@@ -17,13 +14,10 @@ import orjson
 import pytest
 import trio
 import trio.testing
-from conftest import SECRET, Client, Harness
+from conftest import SECRET, TIMESTAMP, Client, Harness
 from trio_websocket import ConnectionClosed
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, Request, TextMessage
+from wire_clients import RawClient, assert_closed_with, iso_seconds
 
-TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 EPSILON = 0.05  # mock seconds: autojump lands exactly on deadlines
 
 
@@ -59,85 +53,6 @@ async def until_close(client: Client, timeout: float) -> tuple[list[dict[str, An
             while True:
                 events.append(orjson.loads(await client.ws.get_message()))
     return events, info.value.reason.code
-
-
-def assert_closed_with(events: list[dict[str, Any]], reason: str, code: int) -> None:
-    assert events, "no connection:closed before the close frame"
-    last = events[-1]
-    assert last["event"] == "connection:closed", events
-    assert last["data"]["reason"] == reason, last
-    assert last["data"]["code"] == code, last
-    assert TIMESTAMP.match(last["data"]["timestamp"]), last
-    assert "ref" not in last
-
-
-def iso_seconds(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + \
-        f"{int(round(ts * 1000)) % 1000:03d}Z"
-
-
-class RawClient:
-    """A WebSocket client spoken by hand with wsproto over a memory stream, so it can do what
-    trio-websocket never does: ignore pings, or wait before sending its handshake."""
-
-    def __init__(self, harness: Harness, *, answer_pings: bool) -> None:
-        self.stream, server_stream = trio.testing.memory_stream_pair()
-        harness.server.accept_stream(server_stream)
-        self.ws = WSConnection(ConnectionType.CLIENT)
-        self.answer_pings = answer_pings
-        self.accepted = False
-        self.events: list[dict[str, Any]] = []
-        self.pings: list[float] = []
-        self.close_code: int | None = None
-        self.closed_at: float | None = None
-        self.eof = False
-        self._text: list[str] = []
-
-    async def handshake(self, token: str) -> None:
-        await self.stream.send_all(self.ws.send(Request(
-            host="localhost", target="/ws",
-            extra_headers=[(b"authorization", f"Bearer {token}".encode())])))
-        await self.pump_until(lambda: self.accepted, timeout=30)
-
-    async def send_event(self, event: str, data: dict[str, Any], ref: str) -> None:
-        frame = orjson.dumps({"event": event, "data": data, "ref": ref}).decode()
-        await self.stream.send_all(self.ws.send(TextMessage(frame)))
-
-    async def _pump_once(self) -> None:
-        data = await self.stream.receive_some(65536)
-        if not data:
-            self.eof = True
-        self.ws.receive_data(data or None)
-        for event in self.ws.events():
-            if isinstance(event, AcceptConnection):
-                self.accepted = True
-            elif isinstance(event, RejectConnection):
-                raise AssertionError(f"handshake refused: {event.status_code}")
-            elif isinstance(event, TextMessage):
-                self._text.append(event.data)
-                if event.message_finished:
-                    self.events.append(orjson.loads("".join(self._text)))
-                    self._text.clear()
-            elif isinstance(event, Ping):
-                self.pings.append(trio.current_time())
-                if self.answer_pings and self.ws.state is ConnectionState.OPEN:
-                    await self.stream.send_all(self.ws.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                if self.close_code is None:
-                    self.close_code, self.closed_at = event.code, trio.current_time()
-                if self.ws.state is ConnectionState.REMOTE_CLOSING:
-                    await self.stream.send_all(self.ws.send(event.response()))
-
-    async def pump_until(self, predicate: Callable[[], bool], timeout: float) -> None:
-        with trio.fail_after(timeout):
-            while not predicate():
-                assert not self.eof, "the server ended the stream"
-                await self._pump_once()
-
-    async def pump_for(self, seconds: float) -> None:
-        with trio.move_on_after(seconds):
-            while not self.eof:
-                await self._pump_once()
 
 
 # --- typing (§6) ----------------------------------------------------------------------------

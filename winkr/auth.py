@@ -15,10 +15,13 @@ import jwt
 
 from winkr.config import Settings
 from winkr.errors import UNAUTHORIZED, ProtocolError
+from winkr.ids import user_id_problem
 
 SUBPROTOCOL = "winkr.v1"
 BEARER_PREFIX = "bearer."
-MAX_SUB_CHARS = 64
+MAX_USERNAME_CHARS = 100
+MAX_AVATAR_URL_CHARS = 2048
+MAX_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z: the last time an RFC 3339 timestamp can show
 
 
 @attrs.frozen
@@ -30,6 +33,7 @@ class Principal:
     avatar_url: str | None
     is_service: bool
     expires_at: float  # wall-clock seconds
+    issued_at: float | None = None  # the token's iat, when it has one (revocations compare it)
 
 
 def _read_key(value: str) -> str:
@@ -64,26 +68,59 @@ class TokenVerifier:
                 audience=self._audience,
                 options={"require": ["sub", "exp"], "verify_exp": False,
                          "verify_aud": self._audience is not None,
-                         "verify_iss": self._issuer is not None},
+                         "verify_iss": self._issuer is not None, "verify_iat": False},
             )
         except jwt.PyJWTError as exc:
             raise ProtocolError(UNAUTHORIZED, f"invalid token: {exc}") from None
-        sub, exp = claims.get("sub"), claims.get("exp")
-        if not isinstance(sub, str) or not 0 < len(sub) <= MAX_SUB_CHARS:
-            raise ProtocolError(UNAUTHORIZED, "invalid token: sub must be a string of 1-64 characters")
-        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
-            raise ProtocolError(UNAUTHORIZED, "invalid token: exp must be a number")
-        if exp <= now:
-            raise ProtocolError(UNAUTHORIZED, "token has expired")
-        username = claims.get("username")
-        avatar = claims.get("avatar_url")
-        return Principal(
-            user_id=sub,
-            username=username if isinstance(username, str) else sub,
-            avatar_url=avatar if isinstance(avatar, str) else None,
-            is_service=claims.get("role") == "service",
-            expires_at=float(exp),
-        )
+        return principal_from_claims(claims, now)
+
+
+def _invalid(reason: str) -> ProtocolError:
+    return ProtocolError(UNAUTHORIZED, f"invalid token: {reason}")
+
+
+def _time_claim(claims: dict[str, Any], name: str) -> float | None:
+    """A NumericDate claim: a finite number of seconds within years 1970-9999 (JSON decoders
+    accept NaN and Infinity; neither is a time)."""
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_NUMERIC_DATE:
+        raise _invalid(f"{name} must be a time in seconds since 1970 (at most year 9999)")
+    return float(value)
+
+
+def _text_claim(claims: dict[str, Any], name: str, max_chars: int) -> str | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= max_chars or not value.isprintable():
+        raise _invalid(f"{name} must be printable text of 1-{max_chars} characters")
+    return value
+
+
+def principal_from_claims(claims: dict[str, Any], now: float) -> Principal:
+    """Every claim checked before anything is accepted: a token that would break a frame later
+    (a lone surrogate in a name, an ``exp`` of NaN or 10^17) is refused here, with 401."""
+    sub = claims.get("sub")
+    problem = user_id_problem(sub)
+    if problem is not None or not isinstance(sub, str):
+        raise _invalid(f"sub {problem}")
+    exp = _time_claim(claims, "exp")
+    if exp is None:
+        raise _invalid("exp is required")
+    issued_at = _time_claim(claims, "iat")
+    username = _text_claim(claims, "username", MAX_USERNAME_CHARS)
+    avatar_url = _text_claim(claims, "avatar_url", MAX_AVATAR_URL_CHARS)
+    if avatar_url is not None and (urlsplit(avatar_url).scheme not in ("https", "http") or " " in avatar_url):
+        raise _invalid("avatar_url must be an http(s) URL")
+    role = claims.get("role")
+    if role is not None and not isinstance(role, str):
+        raise _invalid("role must be a string")
+    if exp <= now:
+        raise ProtocolError(UNAUTHORIZED, "token has expired")
+    return Principal(user_id=sub, username=username or sub, avatar_url=avatar_url, is_service=role == "service",
+                     expires_at=exp, issued_at=issued_at)
 
 
 def mint_token(settings: Settings, secret: str | None, user_id: str, *, ttl: float, now: float,

@@ -294,16 +294,19 @@ class Connection:
         ref: str | None = None
         metrics = self._services.frames.metrics
         try:
-            self._spend_budget(1)  # every frame, before any parsing
-            envelope = parse_envelope(frame, self._services.settings.limits.max_frame_bytes)
+            try:
+                envelope = parse_envelope(frame, self._services.settings.limits.max_frame_bytes)
+            except EnvelopeError:
+                self._spend_budget(1)
+                raise
             event, ref = envelope.event, envelope.ref
             if metrics is not None:
                 metrics.event_in(event)
             route = ROUTES.get(event)
+            # The budget comes before any work beyond reading the envelope (which gives the ref).
+            self._spend_budget(route.cost if route is not None else 1)
             if route is None:
                 raise ProtocolError(VALIDATION_ERROR, f"unknown event {event!r}", field="event")
-            if route.cost > 1:
-                self._spend_budget(route.cost - 1)
             request = structure_request(route.request_type, envelope.data)
             if route.on_connection is not None:
                 await route.on_connection(self, request, ref)
@@ -312,15 +315,15 @@ class Connection:
             prepared = await route.prepare(self, request) if route.prepare is not None else None
             await self._to_room(request.conversation_id, RoomCall(route, self._peer, request, ref, prepared,
                                                                   trio.current_time()))
-        except EnvelopeError as exc:
-            await self._reply_error(exc, exc.request_event, exc.ref)
-            if exc.code == MESSAGE_TOO_LARGE:
-                self._outbox.request_close("message_too_large")
         except _OverBudget as exc:
             await self._reply_error(exc.error, event, ref)
             # Read nothing more from this client until the budget allows it: a flood then
             # costs one refusal per wait, and the rest waits in the client's TCP buffers.
             await trio.sleep(exc.wait)
+        except EnvelopeError as exc:
+            await self._reply_error(exc, exc.request_event, exc.ref)
+            if exc.code == MESSAGE_TOO_LARGE:
+                self._outbox.request_close("message_too_large")
         except ProtocolError as exc:
             await self._reply_error(exc, event, ref)
         except Exception as exc:

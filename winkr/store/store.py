@@ -49,6 +49,20 @@ FROM participants p JOIN conversations c ON c.id = p.conversation_id
 WHERE p.conversation_id = ?"""
 
 
+# The same, for every conversation of one user at once.
+_UNREAD_ALL_SQL = """
+SELECT p.conversation_id,
+       (c.last_seq - p.last_read_seq)
+       - (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id
+            AND m.sender_id = p.user_id AND m.seq > p.last_read_seq)
+       - (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id
+            AND m.deleted_at IS NOT NULL AND m.sender_id != p.user_id AND m.seq > p.last_read_seq)
+FROM participants p JOIN conversations c ON c.id = p.conversation_id
+WHERE p.user_id = ?"""
+
+_MESSAGE_COLUMNS_M = ", ".join(f"m.{column.strip()}" for column in _MESSAGE_COLUMNS.split(","))
+
+
 def _message(row: Sequence[Any], is_read: bool = False) -> StoredMessage:
     (conv, seq, sender, type_, content, metadata, cmid, created, updated, deleted) = row
     return StoredMessage(conv, seq, sender, type_, content, orjson.loads(metadata), cmid, created, updated,
@@ -300,26 +314,40 @@ class Store:
         return [row[0] for row in self.db.execute(
             "SELECT conversation_id FROM participants WHERE user_id = ?", (user_id,))]
 
+    def _unread_by_conversation(self, user_id: str) -> dict[str, int]:
+        """The unread count of every conversation of ``user_id``, in one query."""
+        rows = self.db.execute(_UNREAD_ALL_SQL, (user_id,)).fetchall()
+        return {conversation_id: int(count) for conversation_id, count in rows}
+
+    def _last_messages(self, user_id: str) -> dict[str, StoredMessage]:
+        """The last message of every conversation of ``user_id`` that has one, in one query."""
+        rows = self.db.execute(
+            f"SELECT {_MESSAGE_COLUMNS_M} FROM participants p JOIN conversations c ON c.id = p.conversation_id "
+            "JOIN messages m ON m.conversation_id = c.id AND m.seq = c.last_seq WHERE p.user_id = ?",
+            (user_id,)).fetchall()
+        return {row[0]: _message(row) for row in rows}
+
     def unread_summaries(self, user_id: str) -> list[UnreadSummary]:
         """Every conversation of ``user_id`` with unread messages, with its last message."""
-        found = []
-        for conversation_id in self.conversation_ids(user_id):
-            count = self.unread_count(conversation_id, user_id)
-            if count > 0:
-                found.append(UnreadSummary(conversation_id, count, self.last_message(conversation_id)))
-        return found
+        counts = {c: n for c, n in self._unread_by_conversation(user_id).items() if n > 0}
+        if not counts:
+            return []
+        lasts = self._last_messages(user_id)
+        return [UnreadSummary(c, n, lasts.get(c)) for c, n in sorted(counts.items())]
 
     def list_conversations(self, user_id: str) -> list[ConversationListing]:
-        result = []
-        for conversation_id in self.conversation_ids(user_id):
-            people = self.db.execute(
-                "SELECT p.user_id, u.username, u.avatar_url, u.last_seen_at FROM participants p "
-                "LEFT JOIN users u ON u.id = p.user_id WHERE p.conversation_id = ? ORDER BY p.user_id",
-                (conversation_id,)).fetchall()
-            result.append(ConversationListing(
-                conversation_id, tuple(Person(uid, name or uid, avatar, seen) for uid, name, avatar, seen in people),
-                self.unread_count(conversation_id, user_id), self.last_message(conversation_id)))
-        return result
+        """Every conversation of ``user_id``: participants, unread count, last message (four
+        queries whatever the number of conversations)."""
+        people: dict[str, list[Person]] = {}
+        for conversation_id, uid, name, avatar, seen in self.db.execute(
+                "SELECT p.conversation_id, p.user_id, u.username, u.avatar_url, u.last_seen_at "
+                "FROM participants me JOIN participants p ON p.conversation_id = me.conversation_id "
+                "LEFT JOIN users u ON u.id = p.user_id WHERE me.user_id = ? ORDER BY p.conversation_id, p.user_id",
+                (user_id,)):
+            people.setdefault(conversation_id, []).append(Person(uid, name or uid, avatar, seen))
+        counts = self._unread_by_conversation(user_id)
+        lasts = self._last_messages(user_id)
+        return [ConversationListing(c, tuple(ps), counts.get(c, 0), lasts.get(c)) for c, ps in people.items()]
 
     # --- rate-limit state (GCRA, persisted) --------------------------------------------
 
