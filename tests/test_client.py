@@ -251,7 +251,7 @@ async def test_typing_debounce_against_the_server(board: Board) -> None:
         assert seen[1][0] - last_key == pytest.approx(3.0, abs=0.1)
         # Sending ends a burst at once.
         seen.clear()
-        alice.typing(conversation)
+        await alice.typing(conversation)  # awaiting it is optional
         await alice.send_message(conversation, "sent")
         await trio.sleep(0.5)
         assert [typing for _, typing in seen] == [True, False]

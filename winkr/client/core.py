@@ -15,7 +15,7 @@ import random as _random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
@@ -127,6 +127,20 @@ class _Sync:
     syncing: bool = False
     buffer: dict[int, Envelope] = attrs.Factory(dict)
     waiters: list[_Waiter] = attrs.Factory(list)
+
+
+class _Done:
+    """What ``typing()`` returns: it has already done its work, and awaiting it is optional
+    (``client.typing(c)`` and ``await client.typing(c)`` both work)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield  # a generator that finishes at once
+
+
+DONE = _Done()
 
 
 @attrs.define(eq=False)
@@ -287,25 +301,28 @@ class Client:
                                                     "message_id": message_id},
                                    resend=True, wait=self.request_timeout)
 
-    def typing(self, conversation_id: str) -> None:
+    def typing(self, conversation_id: str) -> Awaitable[None]:
         """Call on every keystroke: ``typing:start`` once per burst (again every
         ``typing_repeat`` s during a long one), ``typing:stop`` after ``typing_stop_after`` s
-        without a call. Does nothing while disconnected."""
+        without a call. Does nothing while disconnected. Not a coroutine: it never blocks,
+        and awaiting what it returns is optional."""
         if not self._is_open() or self._session_nursery is None:
-            return
+            return DONE
         now = trio.current_time()
         burst = self._typing.get(conversation_id)
         if burst is not None:
             burst.stop_at = now + self.typing_stop_after
-            return
+            return DONE
         burst = self._typing[conversation_id] = _Burst(now + self.typing_stop_after, now + self.typing_repeat)
         self._send_frame("typing:start", conversation_id)
         self._session_nursery.start_soon(self._run_burst, conversation_id, burst)
+        return DONE
 
-    def stop_typing(self, conversation_id: str) -> None:
-        """End a typing burst now (sending a message does this too)."""
+    def stop_typing(self, conversation_id: str) -> Awaitable[None]:
+        """End a typing burst now (sending a message does this too); awaiting is optional."""
         if self._typing.pop(conversation_id, None) is not None and self._is_open():
             self._send_frame("typing:stop", conversation_id)
+        return DONE
 
     async def history(self, conversation_id: str, *, before_seq: int | None = None,
                       after_seq: int | None = None, limit: int | None = None) -> dict[str, Any]:
