@@ -681,9 +681,12 @@ export class WinkrClient {
     const info = { code: closeCode, reason: serverSaid?.reason ?? reason };
 
     if (!this._everEstablished) {
+      // The first connect() failed: reject it and retry nothing; connect() may be called again.
       const err = new WinkrError("CONNECTION_ERROR", `could not connect to ${this.url} (${closeCode || "no answer"})`,
         { code: closeCode, reason: info.reason });
-      this._finish(err, info);
+      this._connectPromise = null;
+      this._settleAll(err);
+      this._setState("closed", info);
       return;
     }
     const refusal = this._permanentRefusal(closeCode, wasEstablished);
@@ -737,6 +740,12 @@ export class WinkrClient {
       }
     }
     if (this._document?.removeEventListener) this._document.removeEventListener("visibilitychange", this._onVisibility);
+    this._settleAll(err);
+    this._setState("closed", info);
+  }
+
+  /** Reject everything that waits: requests, sends, joins, connect(). @param {WinkrError} err */
+  _settleAll(err) {
     const pending = [...this._inFlight.values(), ...this._queue];
     this._inFlight.clear();
     this._queue = [];
@@ -749,7 +758,6 @@ export class WinkrClient {
       this._connectWaiter.reject(err);
       this._connectWaiter = null;
     }
-    this._setState("closed", info);
   }
 
   // --- receiving ---------------------------------------------------------------------

@@ -78,6 +78,13 @@ describe("connecting", () => {
     assert.equal(client.state, "closed");
     assert.deepEqual(states, ["connecting", "closed"]);
     assert.equal(clock.timers.size, 0);
+    // The app may try again itself.
+    const again = client.connect();
+    await flush();
+    assert.equal(server.sockets.length, 2);
+    server.last.accept();
+    await again;
+    assert.equal(client.state, "open");
   });
 
   it("a first attempt that never answers times out and rejects", async () => {
