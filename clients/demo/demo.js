@@ -16,7 +16,13 @@ const state = {
   messages: new Map(),
 };
 // For the end-to-end tests: how many times message:new fired for each message id.
-const demo = { client: /** @type {WinkrClient | null} */ (null), state, newMessageCount: /** @type {Record<string, number>} */ ({}) };
+const demo = {
+  client: /** @type {WinkrClient | null} */ (null),
+  state,
+  newMessageCount: /** @type {Record<string, number>} */ ({}),
+  stateLog: /** @type {[string, number][]} */ ([]), // [state, Date.now()]
+  lastRender: 0, // Date.now() of the last message added or updated
+};
 /** @type {any} */ (window).demo = demo;
 
 if (!me || !USERS.includes(me)) {
@@ -66,6 +72,7 @@ async function tokenSource(config) {
 /** @param {WinkrClient} client */
 function wire(client) {
   client.on("state", (s) => {
+    demo.stateLog.push([s, Date.now()]);
     $("status").textContent = s;
     $("status").dataset.state = s;
   });
@@ -172,6 +179,7 @@ function send(client, conversationId, text) {
 
 /** Add or update a message in the open conversation, in seq order, once. */
 function upsert(/** @type {any} */ message) {
+  demo.lastRender = Date.now();
   const known = state.messages.get(message.id);
   state.messages.set(message.id, { ...known, ...message });
   let li = /** @type {HTMLElement | null} */ (document.querySelector(`#messages li[data-id="${CSS.escape(message.id)}"]`));
