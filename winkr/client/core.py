@@ -85,8 +85,22 @@ def default_connector(url: str, headers: list[tuple[str, str]],
                               connect_timeout=connect_timeout, disconnect_timeout=CLOSE_SECONDS)
 
 
+@attrs.define(eq=False, kw_only=True)
+class _Waiter:
+    """A reply someone waits for: settled once, with the reply or the error."""
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    reply: Envelope | None = None
+    error: WinkrError | None = None
+
+    def settle(self, reply: Envelope | None, error: WinkrError | None) -> None:
+        if not self.done.is_set():
+            self.reply, self.error = reply, error
+            self.done.set()
+
+
 @attrs.define(eq=False)
-class _Pending:
+class _Pending(_Waiter):
     event: str
     data: dict[str, Any]
     order: int
@@ -97,26 +111,6 @@ class _Pending:
     bound: int | None = None  # the client's own catch-up: valid on this connection only
     ref: str | None = None
     generation: int = -1
-    done: trio.Event = attrs.Factory(trio.Event)
-    reply: Envelope | None = None
-    error: WinkrError | None = None
-
-    def settle(self, reply: Envelope | None, error: WinkrError | None) -> None:
-        if not self.done.is_set():
-            self.reply, self.error = reply, error
-            self.done.set()
-
-
-@attrs.define(eq=False)
-class _Waiter:
-    done: trio.Event = attrs.Factory(trio.Event)
-    reply: Envelope | None = None
-    error: WinkrError | None = None
-
-    def settle(self, reply: Envelope | None, error: WinkrError | None) -> None:
-        if not self.done.is_set():
-            self.reply, self.error = reply, error
-            self.done.set()
 
 
 @attrs.define(eq=False)

@@ -37,28 +37,19 @@ _MESSAGE_COLUMNS = ("conversation_id, seq, sender_id, type, content, metadata, c
 
 # Unread = what the others sent after my read position, minus what they deleted. `seq` has no
 # gaps by construction (the counter moves in the insert's own transaction), so the count of
-# messages after my position is `last_seq - last_read_seq`.
+# messages after my position is `last_seq - last_read_seq`. One row per participant row that
+# the WHERE clause picks: (key column, count).
 _UNREAD_SQL = """
-SELECT p.user_id,
+SELECT p.{key},
        (c.last_seq - p.last_read_seq)
        - (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id
             AND m.sender_id = p.user_id AND m.seq > p.last_read_seq)
        - (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id
             AND m.deleted_at IS NOT NULL AND m.sender_id != p.user_id AND m.seq > p.last_read_seq)
 FROM participants p JOIN conversations c ON c.id = p.conversation_id
-WHERE p.conversation_id = ?"""
-
-
-# The same, for every conversation of one user at once.
-_UNREAD_ALL_SQL = """
-SELECT p.conversation_id,
-       (c.last_seq - p.last_read_seq)
-       - (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id
-            AND m.sender_id = p.user_id AND m.seq > p.last_read_seq)
-       - (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id
-            AND m.deleted_at IS NOT NULL AND m.sender_id != p.user_id AND m.seq > p.last_read_seq)
-FROM participants p JOIN conversations c ON c.id = p.conversation_id
-WHERE p.user_id = ?"""
+WHERE {where}"""
+_UNREAD_IN_CONVERSATION_SQL = _UNREAD_SQL.format(key="user_id", where="p.conversation_id = ? AND p.user_id = ?")
+_UNREAD_OF_USER_SQL = _UNREAD_SQL.format(key="conversation_id", where="p.user_id = ?")
 
 _MESSAGE_COLUMNS_M = ", ".join(f"m.{column.strip()}" for column in _MESSAGE_COLUMNS.split(","))
 
@@ -198,7 +189,7 @@ class Store:
         return results
 
     def unread_count(self, conversation_id: str, user_id: str) -> int:
-        row = self.db.execute(_UNREAD_SQL + " AND p.user_id = ?", (conversation_id, user_id)).fetchone()
+        row = self.db.execute(_UNREAD_IN_CONVERSATION_SQL, (conversation_id, user_id)).fetchone()
         return int(row[1]) if row else 0
 
     def unread_counts(self, conversation_id: str, user_ids: Iterable[str]) -> dict[str, int]:
@@ -316,7 +307,7 @@ class Store:
 
     def _unread_by_conversation(self, user_id: str) -> dict[str, int]:
         """The unread count of every conversation of ``user_id``, in one query."""
-        rows = self.db.execute(_UNREAD_ALL_SQL, (user_id,)).fetchall()
+        rows = self.db.execute(_UNREAD_OF_USER_SQL, (user_id,)).fetchall()
         return {conversation_id: int(count) for conversation_id, count in rows}
 
     def _last_messages(self, user_id: str) -> dict[str, StoredMessage]:
