@@ -1,7 +1,7 @@
 """Small pieces every actor uses: a one-shot reply and a frame factory."""
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import trio
 
@@ -9,7 +9,11 @@ from winkr.clock import WallClock, iso
 from winkr.errors import ProtocolError
 from winkr.protocol.codec import encode, error_data
 
+if TYPE_CHECKING:
+    from winkr.metrics import Metrics
+
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
 class Reply(Generic[T]):
@@ -42,7 +46,11 @@ class Reply(Generic[T]):
         return self._value  # type: ignore[return-value]  # set() ran before _done
 
 
-def drain(inbox: Any, first: T, limit: int) -> list[T]:
+class _Inbox(Protocol[T_co]):
+    def receive_nowait(self) -> T_co: ...
+
+
+def drain(inbox: _Inbox[T], first: T, limit: int) -> list[T]:
     """``first`` and whatever else is already waiting in ``inbox``, up to ``limit`` items:
     how actors batch work without waiting for more."""
     batch = [first]
@@ -57,7 +65,7 @@ def drain(inbox: Any, first: T, limit: int) -> list[T]:
 class Frames:
     """Builds server frames with the shared wall clock; each frame encoded once."""
 
-    def __init__(self, clock: WallClock, metrics: Any = None) -> None:
+    def __init__(self, clock: WallClock, metrics: Metrics | None = None) -> None:
         self.clock = clock
         self.metrics = metrics
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
@@ -17,6 +17,9 @@ import trio
 from winkr.actor import Reply, drain
 from winkr.errors import INTERNAL_ERROR, ProtocolError
 from winkr.store.store import Store
+
+if TYPE_CHECKING:
+    from winkr.metrics import Metrics
 
 log = logging.getLogger("winkr.store")
 
@@ -83,7 +86,7 @@ def _run_batch(store: Store, batch: list[_Request]) -> list[tuple[Any, BaseExcep
 
 
 async def run_store_writer(store: Store, run_sync: RunSync, *, inbox_size: int = 4096,
-                           max_batch: int = 512, metrics: Any = None,
+                           max_batch: int = 512, metrics: Metrics | None = None,
                            task_status: trio.TaskStatus[StoreHandle] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve requests until the inbox is closed and drained (then returns) or cancelled."""
     send, receive = trio.open_memory_channel[_Request](inbox_size)
