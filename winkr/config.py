@@ -14,9 +14,6 @@ from typing import Any
 import attrs
 import cattrs
 
-UNBOUNDED_QUEUE = 1_000_000
-"""Outbound queue size when the limit is switched off: bounded, but never reached."""
-
 
 @attrs.frozen
 class Limits:
@@ -39,10 +36,6 @@ class Limits:
     inbound_events_per_second: int = 50
     inbound_burst: int = 500
     joined_per_connection: int = 200
-
-    @property
-    def outbound_queue_size(self) -> int:
-        return self.outbound_queue or UNBOUNDED_QUEUE
 
 
 @attrs.frozen

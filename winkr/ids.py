@@ -37,10 +37,6 @@ def user_id_problem(value: object) -> str | None:
     return None
 
 
-def is_user_id(value: object) -> bool:
-    return user_id_problem(value) is None
-
-
 def message_id(conversation_id: str, seq: int) -> str:
     """The id of message ``seq`` of a conversation."""
     return f"{conversation_id}.{seq}"

@@ -168,7 +168,3 @@ class Outbox:
 
     def __len__(self) -> int:
         return len(self._queue)
-
-    @property
-    def queued_chars(self) -> int:
-        return self._chars

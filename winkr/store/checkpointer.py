@@ -17,7 +17,6 @@ from winkr.store.writer import RunSync
 
 log = logging.getLogger("winkr.store")
 
-WRITER_AUTOCHECKPOINT_PAGES = 20_000  # backstop only: ~80 MiB of WAL
 
 
 def _open(path: str) -> sqlite3.Connection:

@@ -301,10 +301,6 @@ class Store:
             fresh += self.record_delivered((message,), recipient, now)
         return fresh
 
-    def conversation_ids(self, user_id: str) -> list[str]:
-        return [row[0] for row in self.db.execute(
-            "SELECT conversation_id FROM participants WHERE user_id = ?", (user_id,))]
-
     def _unread_by_conversation(self, user_id: str) -> dict[str, int]:
         """The unread count of every conversation of ``user_id``, in one query."""
         rows = self.db.execute(_UNREAD_OF_USER_SQL, (user_id,)).fetchall()
