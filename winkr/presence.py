@@ -98,6 +98,12 @@ class _Online:
 
 
 @attrs.frozen
+class _Connected:  # webhooks: who gets message.created (contract §14)
+    user_ids: tuple[str, ...]
+    reply: Reply[frozenset[str]]
+
+
+@attrs.frozen
 class _AddContacts:
     user_ids: tuple[str, ...]
 
@@ -146,6 +152,13 @@ class PresenceHandle:
     async def online(self, user_ids: Iterable[str]) -> dict[str, bool]:
         reply: Reply[dict[str, bool]] = Reply()
         await self._inbox.send(_Online(tuple(user_ids), reply))
+        return await reply.wait()
+
+    async def connected(self, user_ids: Iterable[str]) -> frozenset[str]:
+        """Which of ``user_ids`` have at least one open connection, whatever their status
+        or privacy settings (``online`` answers what contacts may see instead)."""
+        reply: Reply[frozenset[str]] = Reply()
+        await self._inbox.send(_Connected(tuple(user_ids), reply))
         return await reply.wait()
 
     async def add_contacts(self, user_ids: Iterable[str]) -> None:
@@ -232,6 +245,9 @@ class _Presence:
             self._set_status(request)
         elif isinstance(request, _Online):
             request.reply.set({user: self._is_online(user) for user in request.user_ids})
+        elif isinstance(request, _Connected):
+            request.reply.set(frozenset(user for user in request.user_ids
+                                        if (known := self.users.get(user)) is not None and known.peers))
         elif isinstance(request, _AddContacts):
             for user in request.user_ids:
                 if (known := self.users.get(user)) is not None:

@@ -24,7 +24,9 @@ from winkr.policy import CheckedMessage
 from winkr.presence import PresenceHandle, Published
 from winkr.ratelimit import Rate
 from winkr.store.store import SendResult, Store, last_message_summary
+from winkr.store.webhook_events import MESSAGE_CREATED, insert_messages_with_webhooks
 from winkr.store.writer import StoreHandle
+from winkr.webhooks import WEBHOOKS_OFF, WebhookHandle
 
 log = logging.getLogger("winkr.room")
 
@@ -127,6 +129,7 @@ class RoomServices:
     max_room_connections: int
     idle_timeout: float
     message_rates: tuple[Rate, ...] = ()
+    webhooks: WebhookHandle = WEBHOOKS_OFF
 
 
 class Room:
@@ -285,8 +288,19 @@ class Room:
         joined_users = {member.user_id for member in self.members.values()}
         items = [(request.peer.user_id, request.message, request.client_message_id,
                   sorted(joined_users - {request.peer.user_id})) for request in allowed]
-        results = await self.s.store.call(partial(Store.insert_messages, conversation_id=self.id,
-                                                  items=items, now=now, rates=rates))
+        # Webhooks (contract §14): message.created, in the same transaction, for each recipient
+        # with no open connection. Presence is asked once per run, only about participants
+        # who are neither joined here nor sending (those are connected by definition).
+        unconnected = await self._unconnected(joined_users, allowed)
+        if unconnected:
+            work: Any = partial(insert_messages_with_webhooks, conversation_id=self.id, items=items, now=now,
+                                rates=rates, senders=[_sender(request.peer) for request in allowed],
+                                unconnected=unconnected, enabled=self.s.webhooks.events)
+        else:
+            work = partial(Store.insert_messages, conversation_id=self.id, items=items, now=now, rates=rates)
+        results = await self.s.store.call(work)
+        if unconnected:
+            self.s.webhooks.nudge()
         published = []
         for request, result in zip(allowed, results):
             if isinstance(result, ProtocolError):
@@ -298,12 +312,20 @@ class Room:
         if published:  # one hand-off for the whole run
             await self.s.presence.published(published)
 
+    async def _unconnected(self, joined_users: set[str], sends: list[Send]) -> frozenset[str]:
+        """The participants with no open connection right now, if ``message.created`` is on."""
+        if not self.s.webhooks.wants(MESSAGE_CREATED) or not self.participants:
+            return frozenset()
+        candidates = set(self.participants) - joined_users - {request.peer.user_id for request in sends}
+        if not candidates:
+            return frozenset()
+        return frozenset(candidates - await self.s.presence.connected(candidates))
+
     def _fan_out(self, request: Send, result: SendResult) -> Published | None:
         """Acknowledge to the sender, broadcast to the joined connections; what presence must
         still do (unread for the others, receipts) is returned."""
         peer = request.peer
-        data = {"message": result.message,
-                "sender": {"id": peer.user_id, "username": peer.username, "avatar_url": peer.avatar_url}}
+        data = {"message": result.message, "sender": _sender(peer)}
         peer.deliver(self.s.frames.event("message:new", data, request.ref))
         if result.duplicate:  # answered to the sender only (contract §11.15)
             return None
@@ -350,6 +372,10 @@ class Room:
         if requester is not None:
             requester.deliver(self.s.frames.event("message:deleted", data, ref))
         self._broadcast(self.s.frames.event("message:deleted", data), skip=requester)
+
+
+def _sender(peer: Any) -> dict[str, Any]:
+    return {"id": peer.user_id, "username": peer.username, "avatar_url": peer.avatar_url}
 
 
 def _summary(message: Any) -> Any:

@@ -12,6 +12,7 @@ from winkr.presence import PresenceHandle
 from winkr.ratelimit import RateLimiterHandle
 from winkr.reaper import ReaperHandle
 from winkr.store.writer import StoreHandle
+from winkr.webhooks import WEBHOOKS_OFF, WebhookHandle
 
 
 @attrs.frozen
@@ -25,3 +26,4 @@ class Services:
     hub: HubHandle
     reaper: ReaperHandle
     limiter: RateLimiterHandle
+    webhooks: WebhookHandle = WEBHOOKS_OFF  # enabled event types for enqueue; nudge after commit

@@ -1,0 +1,272 @@
+"""The webhook sender actor (contract §14): POSTs the outbox's events, signed, at least once.
+
+Events wait in the database (``winkr.store.webhook_outbox``), written in the transaction of
+the change that causes them. This actor claims due events in small batches, POSTs each one
+(at most ``concurrency`` in flight, each bounded by ``webhook_timeout_seconds``), deletes it
+on a 2xx, and otherwise reschedules it with exponential backoff and full jitter until it is
+``webhook_max_age_hours`` old, when it is dropped and counted.
+
+The chat path never waits on it: it holds a ``WebhookHandle`` whose ``nudge`` never blocks
+(one pending wake-up is as good as many); without a nudge the sender sleeps until the next
+``next_attempt_at``. Its store work is a few small requests per batch.
+
+Signing follows Standard Webhooks: ``webhook-signature: v1,<base64 HMAC-SHA256>`` keyed with
+the secret's decoded bytes, over ``"{webhook-id}.{webhook-timestamp}.{body}"``.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import math
+import random
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import httpx
+import trio
+
+from winkr.clock import WallClock
+from winkr.config import Settings, webhook_key
+from winkr.store import webhook_outbox as outbox
+from winkr.store.webhook_outbox import DueEvent
+from winkr.store.writer import StoreHandle
+
+log = logging.getLogger("winkr.webhooks")
+
+USER_AGENT = "winkr-webhooks/1"
+LEASE_MARGIN_SECONDS = 15.0  # an attempt is bounded by the timeout; the lease outlasts it
+STATS_BUSY_SECONDS = 1.0  # the waiting-events gauge is recounted at most this often...
+STATS_IDLE_SECONDS = 15.0  # ...and at least this often (count(*) is 3.7 ms at a million waiting)
+ERROR_PAUSE_SECONDS = 1.0  # after an unexpected failure of the loop itself
+
+
+def sign(key: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value: ``v1,`` + base64 HMAC-SHA256 of
+    ``"{webhook_id}.{timestamp}.{body}"`` with ``key`` (the secret's decoded bytes)."""
+    signed = f"{webhook_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+@attrs.frozen
+class Backoff:
+    """Full-jitter exponential backoff: retry ``n`` (1 = the first retry) waits a uniform
+    random time in ``[0, min(cap, first * 2**(n-1))]`` seconds."""
+
+    first: float = 5.0  # the first retry comes within this
+    cap: float = 600.0  # never more than this between attempts
+
+    def delay(self, retry: int, rng: random.Random) -> float:
+        ceiling = min(self.cap, self.first * 2 ** min(retry - 1, 62))
+        return rng.uniform(0.0, ceiling)
+
+
+DEFAULT_BACKOFF = Backoff()
+
+
+class WebhookHandle:
+    """What the chat path holds: the enabled event types (to pass to ``enqueue``) and a
+    wake-up for the sender. Never blocks."""
+
+    def __init__(self, events: frozenset[str], nudges: trio.MemorySendChannel[None] | None) -> None:
+        self.events = events  # empty when webhooks are off: enqueue writes nothing
+        self._nudges = nudges
+
+    def wants(self, event_type: str) -> bool:
+        return event_type in self.events
+
+    def nudge(self) -> None:
+        """Tell the sender that a commit enqueued events."""
+        if self._nudges is None:
+            return
+        try:
+            self._nudges.send_nowait(None)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass  # a wake-up is already pending, or we are shutting down
+
+
+WEBHOOKS_OFF = WebhookHandle(frozenset(), None)
+
+
+def open_webhook_channel(settings: Settings) -> tuple[WebhookHandle, trio.MemoryReceiveChannel[None] | None]:
+    """The handle, and the sender's wake-up inbox (``None`` when ``webhook_url`` is empty)."""
+    if not settings.webhook_url:
+        return WEBHOOKS_OFF, None
+    send, receive = trio.open_memory_channel[None](1)
+    return WebhookHandle(frozenset(settings.webhook_events), send), receive
+
+
+@attrs.frozen
+class SenderConfig:
+    url: str
+    key: bytes = attrs.field(repr=False)
+    timeout: float
+    max_age: float  # seconds
+    backoff: Backoff = DEFAULT_BACKOFF
+    concurrency: int = 8
+
+    @classmethod
+    def from_settings(cls, settings: Settings, backoff: Backoff = DEFAULT_BACKOFF) -> SenderConfig:
+        assert settings.webhook_url and settings.webhook_secret  # config._check_webhooks
+        return cls(settings.webhook_url, webhook_key(settings.webhook_secret),
+                   settings.webhook_timeout_seconds, settings.webhook_max_age_hours * 3600.0, backoff)
+
+
+def _endpoint(url: str) -> str:
+    """The URL without path or query, for logs (a query may carry a token)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+class _Sender:
+    def __init__(self, store: StoreHandle, config: SenderConfig, client: httpx.AsyncClient,
+                 clock: WallClock, wake: Callable[[], None], metrics: Any,
+                 rng: random.Random) -> None:
+        self.store, self.config, self.client, self.clock = store, config, client, clock
+        self.wake, self.metrics, self.rng = wake, metrics, rng
+        self.in_flight = 0
+        self.oldest_created_at: float | None = None  # for the age gauge, read at scrape time
+        self.stats_at = -math.inf  # trio time of the last recount
+        self.stats_dirty = True  # something may have changed since
+
+    # --- one attempt -----------------------------------------------------------------
+
+    async def attempt(self, event: DueEvent) -> None:
+        """POST ``event`` once and record the outcome; never raises (but for cancellation)."""
+        try:
+            if self.clock() - event.created_at >= self.config.max_age:
+                await self._drop(event)  # e.g. the service was down longer than the max age
+                return
+            failure = await self._post(event)
+            if failure is None:
+                await self.store.call(partial(outbox.delivered, event_id=event.id))
+                self._count("delivered")
+                if self.metrics is not None:
+                    self.metrics.webhook_delivery_seconds.observe(max(0.0, self.clock() - event.created_at))
+                return
+            next_at = self.clock() + self.config.backoff.delay(event.attempts, self.rng)
+            if next_at - event.created_at >= self.config.max_age:
+                await self._drop(event, failure)
+                return
+            await self.store.call(partial(outbox.reschedule, event_id=event.id, next_at=next_at))
+            self._count("retry")
+            log.info("webhook attempt failed; retrying", extra={
+                "webhook_id": event.id, "type": event.type, "attempt": event.attempts, "outcome": failure,
+                "retry_in_s": round(next_at - self.clock(), 3)})
+        except Exception:  # noqa: BLE001 - the event stays leased and is retried after the lease
+            log.exception("webhook %s: recording the attempt failed", event.id)
+        finally:
+            self.in_flight -= 1
+            self.wake()  # a slot is free, and a retry may be due sooner than the sender thought
+
+    async def _post(self, event: DueEvent) -> str | None:
+        """``None`` on a 2xx answer, else a short reason (``status 500``, ``timeout``, ...)."""
+        timestamp = int(self.clock())
+        headers = {"content-type": "application/json", "user-agent": USER_AGENT,
+                   "webhook-id": event.id, "webhook-timestamp": str(timestamp),
+                   "webhook-signature": sign(self.config.key, event.id, timestamp, event.payload)}
+        with trio.move_on_after(self.config.timeout) as scope:
+            try:
+                # Streamed and never read: a receiver's answer body is not our business.
+                async with self.client.stream("POST", self.config.url, content=event.payload,
+                                              headers=headers) as response:
+                    status = response.status_code
+            except httpx.TimeoutException:
+                return "timeout"
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+        if scope.cancelled_caught:
+            return "timeout"
+        return None if 200 <= status < 300 else f"status {status}"
+
+    async def _drop(self, event: DueEvent, failure: str | None = None) -> None:
+        await self.store.call(partial(outbox.drop, event_id=event.id))
+        self._count("dropped")
+        log.warning("webhook dropped: older than webhook_max_age_hours", extra={
+            "webhook_id": event.id, "type": event.type, "attempt": event.attempts, "outcome": failure,
+            "age_s": round(self.clock() - event.created_at, 3)})
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.webhook_deliveries.labels(outcome).inc()
+
+    # --- the loop --------------------------------------------------------------------
+
+    async def claim(self, nursery: trio.Nursery) -> int:
+        """Start attempts for due events, up to the free slots; returns how many."""
+        free = self.config.concurrency - self.in_flight
+        if free <= 0:
+            return 0
+        events = await self.store.call(partial(
+            outbox.due, now=self.clock(), limit=free, lease=self.config.timeout + LEASE_MARGIN_SECONDS))
+        for event in events:
+            self.in_flight += 1
+            nursery.start_soon(self.attempt, event)
+        return len(events)
+
+    def stats_due_in(self) -> float:
+        if self.metrics is None:
+            return math.inf
+        period = STATS_BUSY_SECONDS if self.stats_dirty else STATS_IDLE_SECONDS
+        return self.stats_at + period - trio.current_time()
+
+    async def refresh_stats(self) -> None:
+        """Recount the waiting events (for the gauges) when it is time."""
+        if self.stats_due_in() > 0:
+            return
+        self.stats_at, self.stats_dirty = trio.current_time(), False
+        now = self.clock()
+        waiting, oldest_age = await self.store.call(partial(outbox.stats, now=now))
+        self.metrics.webhook_waiting.set(waiting)
+        self.oldest_created_at = now - oldest_age if waiting else None
+
+    def oldest_age(self) -> float:
+        """The age gauge's value, computed at scrape time (on the scrape thread)."""
+        oldest = self.oldest_created_at
+        return 0.0 if oldest is None else max(0.0, self.clock() - oldest)
+
+    async def wait_time(self) -> float:
+        """Trio seconds until there may be work: the next due event, or the next recount."""
+        if self.in_flight >= self.config.concurrency:
+            return max(0.0, self.stats_due_in())  # a finishing attempt wakes us
+        next_at = await self.store.call(outbox.next_attempt_at)
+        until_due = math.inf if next_at is None else next_at - self.clock()
+        return max(0.0, min(until_due, self.stats_due_in()))
+
+
+async def run_webhook_sender(store: StoreHandle, config: SenderConfig, handle: WebhookHandle,
+                             wake: trio.MemoryReceiveChannel[None], *, clock: WallClock, metrics: Any = None,
+                             transport: httpx.AsyncBaseTransport | None = None,
+                             rng: random.Random | None = None,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Deliver the outbox's events until cancelled. ``handle`` and ``wake`` come from
+    ``open_webhook_channel``: the chat path's nudges, and the sender's own wake-up when an
+    attempt ends, arrive on ``wake``. ``transport`` replaces httpx's network transport (tests).
+    Cancellation abandons attempts in flight: their events stay leased and are attempted
+    again after the lease (``webhook_timeout_seconds`` + 15 s), at least once as promised."""
+    limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
+    async with httpx.AsyncClient(transport=transport, timeout=config.timeout, limits=limits,
+                                 follow_redirects=False, trust_env=False) as client, \
+            trio.open_nursery() as attempts:
+        sender = _Sender(store, config, client, clock, handle.nudge, metrics, rng or random.Random())
+        if metrics is not None:
+            metrics.webhook_oldest_age.set_function(sender.oldest_age)
+        log.info("webhooks on: delivering to %s", _endpoint(config.url))
+        task_status.started()
+        while True:
+            try:
+                if await sender.claim(attempts):
+                    sender.stats_dirty = True
+                    continue  # more may be due: claim until the slots are full or none is due
+                await sender.refresh_stats()
+                wait = await sender.wait_time()
+            except Exception:  # noqa: BLE001 - a store failure must not end the deliveries
+                log.exception("webhook sender failed; retrying")
+                wait = ERROR_PAUSE_SECONDS
+            with trio.move_on_after(wait):
+                await wake.receive()
+                sender.stats_dirty = True  # an enqueue or a finished attempt
