@@ -59,10 +59,11 @@ class Backoff:
 
     first: float = 5.0  # the first retry comes within this
     cap: float = 600.0  # never more than this between attempts
+    rng: random.Random = attrs.field(factory=random.Random, eq=False, repr=False)
 
-    def delay(self, retry: int, rng: random.Random) -> float:
+    def delay(self, retry: int) -> float:
         ceiling = min(self.cap, self.first * 2 ** min(retry - 1, 62))
-        return rng.uniform(0.0, ceiling)
+        return self.rng.uniform(0.0, ceiling)
 
 
 DEFAULT_BACKOFF = Backoff()
@@ -124,10 +125,9 @@ def _endpoint(url: str) -> str:
 
 class _Sender:
     def __init__(self, store: StoreHandle, config: SenderConfig, client: httpx.AsyncClient,
-                 clock: WallClock, wake: Callable[[], None], metrics: Any,
-                 rng: random.Random) -> None:
+                 clock: WallClock, wake: Callable[[], None], metrics: Any) -> None:
         self.store, self.config, self.client, self.clock = store, config, client, clock
-        self.wake, self.metrics, self.rng = wake, metrics, rng
+        self.wake, self.metrics = wake, metrics
         self.in_flight = 0
         self.oldest_created_at: float | None = None  # for the age gauge, read at scrape time
         self.stats_at = -math.inf  # trio time of the last recount
@@ -148,7 +148,7 @@ class _Sender:
                 if self.metrics is not None:
                     self.metrics.webhook_delivery_seconds.observe(max(0.0, self.clock() - event.created_at))
                 return
-            next_at = self.clock() + self.config.backoff.delay(event.attempts, self.rng)
+            next_at = self.clock() + self.config.backoff.delay(event.attempts)
             if next_at - event.created_at >= self.config.max_age:
                 await self._drop(event, failure)
                 return
@@ -241,7 +241,6 @@ class _Sender:
 async def run_webhook_sender(store: StoreHandle, config: SenderConfig, handle: WebhookHandle,
                              wake: trio.MemoryReceiveChannel[None], *, clock: WallClock, metrics: Any = None,
                              transport: httpx.AsyncBaseTransport | None = None,
-                             rng: random.Random | None = None,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Deliver the outbox's events until cancelled. ``handle`` and ``wake`` come from
     ``open_webhook_channel``: the chat path's nudges, and the sender's own wake-up when an
@@ -252,7 +251,7 @@ async def run_webhook_sender(store: StoreHandle, config: SenderConfig, handle: W
     async with httpx.AsyncClient(transport=transport, timeout=config.timeout, limits=limits,
                                  follow_redirects=False, trust_env=False) as client, \
             trio.open_nursery() as attempts:
-        sender = _Sender(store, config, client, clock, handle.nudge, metrics, rng or random.Random())
+        sender = _Sender(store, config, client, clock, handle.nudge, metrics)
         if metrics is not None:
             metrics.webhook_oldest_age.set_function(sender.oldest_age)
         log.info("webhooks on: delivering to %s", _endpoint(config.url))
