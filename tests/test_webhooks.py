@@ -386,6 +386,33 @@ async def test_an_event_older_than_the_max_age_is_dropped_unsent(tmp_path: Path)
         assert [a.headers["webhook-id"] for a in endpoint.attempts] == [fresh]
 
 
+async def test_a_failing_endpoint_is_probed_not_stormed_and_recovery_sends_everything(tmp_path: Path) -> None:
+    endpoint = Endpoint(mode="refuse")
+    async with sender_rig(tmp_path, endpoint) as rig:
+        for n in range(50):
+            await rig.enqueue({"n": n})
+        await trio.sleep(120)
+        # Each event retried on its own schedule would be ~8 attempts in 2 minutes: 400.
+        # One probe at a time, at most 5 s apart: about 24 (plus the first eight at once).
+        assert len(endpoint.attempts) <= 8 + 120 / 5 + 6
+        assert max(b.at - a.at for a, b in zip(endpoint.attempts[8:], endpoint.attempts[9:])) <= 5.001
+        recovered = trio.current_time()
+        endpoint.mode = "answer"
+        await until(lambda: rig.count("delivered") == 50, timeout=60)
+        assert trio.current_time() - recovered <= 5 + 1  # the next probe, then all of them
+        assert await rig.waiting() == 0
+
+
+async def test_events_too_old_are_dropped_while_the_endpoint_is_down(tmp_path: Path) -> None:
+    endpoint = Endpoint(mode="refuse")
+    async with sender_rig(tmp_path, endpoint, webhook_max_age_hours=0.01) as rig:  # 36 s
+        for n in range(30):
+            await rig.enqueue({"n": n})
+        await eventually(lambda: rig.count("dropped") == 30, timeout=36 + 20)
+        assert len(endpoint.attempts) < 30  # most were never attempted
+        assert await rig.waiting() == 0
+
+
 async def test_metrics_count_outcomes_waiting_events_and_the_oldest_age(tmp_path: Path) -> None:
     endpoint = Endpoint(mode="hang")
     async with sender_rig(tmp_path, endpoint, webhook_timeout_seconds=30.0) as rig:
@@ -437,7 +464,7 @@ async def test_a_dead_endpoint_never_slows_the_chat(tmp_path: Path, watchdog: di
             await send(alice, conv, f"message {n}")
             # Under autojump, waiting on a hanging attempt would move the clock by its timeout.
             assert trio.current_time() - before < 0.001
-        await until(lambda: len(endpoint.attempts) >= 8)
+        await until(lambda: len(endpoint.attempts) >= (8 if mode == "hang" else 2), timeout=30)
         await trio.sleep(60)
         assert endpoint.max_in_flight <= 8  # bounded concurrency
         assert len(outbox_rows(settings)) == 40

@@ -81,6 +81,15 @@ def drop(store: Store, event_id: str) -> None:
     store.db.execute("DELETE FROM webhook_events WHERE id = ?", (event_id,))
 
 
+def drop_expired(store: Store, created_before: float, now: float) -> int:
+    """Drop every event that happened before ``created_before`` and is not in flight (its
+    lease is over); returns how many. While the endpoint is down most events are not
+    attempted, so age alone must end them."""
+    cursor = store.db.execute("DELETE FROM webhook_events WHERE created_at < ? AND next_attempt_at <= ?",
+                              (created_before, now))
+    return cursor.rowcount
+
+
 def next_attempt_at(store: Store) -> float | None:
     """When the earliest waiting event is due (or its lease ends); ``None`` when none waits."""
     value: float | None = store.db.execute("SELECT min(next_attempt_at) FROM webhook_events").fetchone()[0]

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Webhook costs on loopback, against real ``winkr serve`` processes (contract §14).
+
+For each scenario a fresh server is started; alice sends ``--messages`` messages one after
+the other to bob, who never connects, so every message makes a ``message.created`` event.
+Measured: send→ack latency as alice sees it, and (scenario ``up``) delivery latency from the
+acknowledgement (just after the commit) to the receiver reading the POST.
+
+Scenarios: ``off`` (no webhook_url), ``up`` (a receiver answering 204), ``down`` (nothing
+listens: connection refused), ``hang`` (a listener that never answers: every attempt waits
+for its timeout). Prints one JSON object. Talks only to 127.0.0.1; stops by itself.
+
+    python scripts/bench_webhooks.py --messages 500
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import connect
+
+JWT_SECRET = "bench-webhooks-secret-0123456789abcdef012345"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+START_TIMEOUT = 20.0
+
+
+class Receiver:
+    """Records the arrival time of each POST by the message id in its body."""
+
+    def __init__(self) -> None:
+        self.arrivals: dict[str, float] = {}
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a real receiver would
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                arrived = time.time()
+                self.send_response(204)
+                self.send_header("content-length", "0")
+                self.end_headers()
+                receiver.arrivals[json.loads(body)["data"]["message"]["id"]] = arrived
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+
+    return {"n": len(ordered), "p50_ms": at(0.50), "p90_ms": at(0.90), "p99_ms": at(0.99),
+            "max_ms": round(ordered[-1] * 1000, 3), "mean_ms": round(statistics.fmean(ordered) * 1000, 3)}
+
+
+def run_scenario(name: str, url: str, messages: int, warmup: int, workdir: Path) -> dict[str, Any]:
+    db = workdir / f"{name}.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WINKR_")}
+    env.update(WINKR_JWT_SECRET=JWT_SECRET, WINKR_DB=str(db), WINKR_MESSAGES_PER_MINUTE="0",
+               WINKR_MESSAGES_PER_HOUR="0", WINKR_MESSAGES_PER_DAY="0", WINKR_LOG_LEVEL="WARNING",
+               WINKR_WEBHOOK_TIMEOUT_SECONDS="2")
+    if url:
+        env.update(WINKR_WEBHOOK_URL=url, WINKR_WEBHOOK_SECRET=WEBHOOK_SECRET)
+
+    def cli(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "winkr", *args], env=env, capture_output=True,
+                              text=True, timeout=30, check=True).stdout
+
+    conv = json.loads(cli("conversation", "create", "alice", "bob"))["id"]
+    token = cli("token", "alice").strip()
+    stderr = open(workdir / f"{name}.stderr", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "winkr", "serve", "--port", "0"], env=env,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        port = _wait_for_port(proc)
+        acks: dict[str, float] = {}
+        latencies: list[float] = []
+
+        async def client() -> None:
+            async with connect(f"ws://127.0.0.1:{port}/ws",
+                               additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+                await ws.recv()  # connection:established
+                for n in range(warmup + messages):
+                    ref = f"m{n}"
+                    started = time.perf_counter()
+                    await ws.send(json.dumps({"event": "message:send", "ref": ref, "data": {
+                        "conversation_id": conv, "type": "text", "content": f"message {n}", "metadata": {}}}))
+                    while True:
+                        event = json.loads(await ws.recv())
+                        if event.get("ref") == ref:
+                            break
+                    elapsed = time.perf_counter() - started
+                    if n >= warmup:
+                        latencies.append(elapsed)
+                        acks[event["data"]["message"]["id"]] = time.time()
+
+        asyncio.run(asyncio.wait_for(client(), timeout=300))
+        return {"send_to_ack": percentiles(latencies), "acks": acks}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        stderr.close()
+
+
+def _wait_for_port(proc: subprocess.Popen[str]) -> int:
+    deadline = time.monotonic() + START_TIMEOUT
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "listening on ws://127.0.0.1:" in line:
+            return int(line.rsplit(":", 1)[1].split("/")[0])
+        if not line and proc.poll() is not None:
+            break
+    raise SystemExit("winkr serve did not start")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=500)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--scenarios", default="off,down,hang,up")
+    args = parser.parse_args()
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+    hanging = socket.socket()
+    hanging.bind(("127.0.0.1", 0))
+    hanging.listen(1)  # never accepts: requests wait for webhook_timeout_seconds
+    receiver = Receiver()
+    urls = {"off": "", "down": f"http://127.0.0.1:{closed.getsockname()[1]}/hook",
+            "hang": f"http://127.0.0.1:{hanging.getsockname()[1]}/hook", "up": receiver.url}
+    results: dict[str, Any] = {"messages": args.messages}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.scenarios.split(","):
+                outcome = run_scenario(name, urls[name], args.messages, args.warmup, Path(tmp))
+                results[name] = {"send_to_ack": outcome["send_to_ack"]}
+                if name == "up":
+                    deadline = time.monotonic() + 30
+                    while len(receiver.arrivals) < args.messages + args.warmup and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    delays = [receiver.arrivals[mid] - at for mid, at in outcome["acks"].items()
+                              if mid in receiver.arrivals]
+                    results[name]["ack_to_receiver"] = percentiles(delays)
+                    results[name]["delivered"] = len(delays)
+    finally:
+        receiver.close()
+        closed.close()
+        hanging.close()
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
