@@ -37,35 +37,58 @@ WEBHOOK_SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 START_TIMEOUT = 20.0
 
 
+PRINTING = threading.Lock()
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Answers 204 and prints ``<message id> <arrival time>`` for each POST."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as a real receiver would
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        arrived = time.time()
+        self.send_response(204)
+        self.send_header("content-length", "0")
+        self.end_headers()
+        line = f"{json.loads(body)['data']['message']['id']} {arrived}\n"
+        with PRINTING:  # one whole line at a time: requests are served on several threads
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+def serve_receiver() -> int:
+    """``--receiver``: the webhook receiver, in a process of its own (not competing with the
+    client for a GIL); prints its port first."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+    return 0
+
+
 class Receiver:
-    """Records the arrival time of each POST by the message id in its body."""
+    """The receiver process, and the arrival times it reports, by message id."""
 
     def __init__(self) -> None:
         self.arrivals: dict[str, float] = {}
-        receiver = self
+        self.proc = subprocess.Popen([sys.executable, __file__, "--receiver"], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.url = f"http://127.0.0.1:{int(self.proc.stdout.readline())}/hook"
+        threading.Thread(target=self._read, daemon=True).start()
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as a real receiver would
-
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                arrived = time.time()
-                self.send_response(204)
-                self.send_header("content-length", "0")
-                self.end_headers()
-                receiver.arrivals[json.loads(body)["data"]["message"]["id"]] = arrived
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            message_id, arrived = line.split()
+            self.arrivals[message_id] = float(arrived)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -80,7 +103,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "max_ms": round(ordered[-1] * 1000, 3), "mean_ms": round(statistics.fmean(ordered) * 1000, 3)}
 
 
-def run_scenario(name: str, url: str, messages: int, warmup: int, workdir: Path) -> dict[str, Any]:
+def run_scenario(name: str, url: str, messages: int, warmup: int, workdir: Path,
+                 receiver: Receiver | None = None) -> dict[str, Any]:
     db = workdir / f"{name}.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WINKR_")}
     env.update(WINKR_JWT_SECRET=JWT_SECRET, WINKR_DB=str(db), WINKR_MESSAGES_PER_MINUTE="0",
@@ -122,7 +146,12 @@ def run_scenario(name: str, url: str, messages: int, warmup: int, workdir: Path)
                         acks[event["data"]["message"]["id"]] = time.time()
 
         asyncio.run(asyncio.wait_for(client(), timeout=300))
-        return {"send_to_ack": percentiles(latencies), "acks": acks}
+        if receiver is not None:  # the server must live until the last event is delivered
+            deadline = time.monotonic() + 30
+            while len(receiver.arrivals) < warmup + messages and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return {"send_to_ack": percentiles(latencies), "acks": acks,
+                "server_cpu_ms_per_message": round(_cpu_seconds(proc.pid) * 1000 / (warmup + messages), 3)}
     finally:
         proc.terminate()
         try:
@@ -130,6 +159,12 @@ def run_scenario(name: str, url: str, messages: int, warmup: int, workdir: Path)
         except subprocess.TimeoutExpired:
             proc.kill()
         stderr.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux), all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_for_port(proc: subprocess.Popen[str]) -> int:
@@ -149,7 +184,10 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--scenarios", default="off,down,hang,up")
+    parser.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.receiver:
+        return serve_receiver()
 
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
@@ -163,12 +201,11 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.scenarios.split(","):
-                outcome = run_scenario(name, urls[name], args.messages, args.warmup, Path(tmp))
-                results[name] = {"send_to_ack": outcome["send_to_ack"]}
+                outcome = run_scenario(name, urls[name], args.messages, args.warmup, Path(tmp),
+                                       receiver if name == "up" else None)
+                results[name] = {"send_to_ack": outcome["send_to_ack"],
+                                 "server_cpu_ms_per_message": outcome["server_cpu_ms_per_message"]}
                 if name == "up":
-                    deadline = time.monotonic() + 30
-                    while len(receiver.arrivals) < args.messages + args.warmup and time.monotonic() < deadline:
-                        time.sleep(0.05)
                     delays = [receiver.arrivals[mid] - at for mid, at in outcome["acks"].items()
                               if mid in receiver.arrivals]
                     results[name]["ack_to_receiver"] = percentiles(delays)
