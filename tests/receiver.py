@@ -19,6 +19,7 @@ class Received:
     body: bytes
     at: float  # time.time() when the request was read
     status: int  # what the receiver answered
+    client_port: int  # the sender's side of the TCP connection: the same one when kept alive
 
 
 class Receiver:
@@ -32,6 +33,8 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, like most receivers
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 try:
@@ -42,7 +45,7 @@ class Receiver:
                 self.send_header("content-length", "0")
                 self.end_headers()
                 receiver.received.put(Received(self.path, {k.lower(): v for k, v in self.headers.items()},
-                                               body, time.time(), status))
+                                               body, time.time(), status, self.client_address[1]))
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
                 pass

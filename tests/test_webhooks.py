@@ -583,6 +583,7 @@ async def test_a_real_receiver_answering_500_then_200_gets_the_same_id_twice(
         assert abs(int(attempt.headers["webhook-timestamp"]) - attempt.at) <= 1
     assert first.at - acked_at < 1.0  # delivered at once (nudged), not at some later poll
     assert 1.1 <= second.at - first.at < 3.0
+    assert first.client_port == second.client_port  # one kept-alive connection
 
 
 # --- kill -9 (a real process) -----------------------------------------------------------------
