@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -275,6 +276,52 @@ def test_the_signature_verifies_with_standardwebhooks() -> None:
             Webhook(WEBHOOK_SECRET).verify(body, tampered)
     with pytest.raises(WebhookVerificationError):
         Webhook(WEBHOOK_SECRET).verify(body.replace(b"12:00", b"12:01"), headers)
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "webhooks.md"
+
+
+def documented(heading: str, language: str) -> str:
+    """The first code block under ``heading`` in docs/webhooks.md."""
+    match = re.search(re.escape(heading) + r"\n\n```" + language + r"\n(.*?)```", DOCS.read_text(), re.S)
+    assert match, heading
+    return match.group(1)
+
+
+SAMPLE_DATA = {"content": "caf\u00e9 \u2713"}
+
+
+def signed_sample() -> tuple[dict[str, str], bytes]:
+    body = json.dumps({"type": "message.created", "timestamp": "2026-11-30T12:00:00.000Z",
+                       "data": SAMPLE_DATA}, ensure_ascii=False).encode()  # raw UTF-8, as winkr sends
+    now = int(time.time())
+    return {"webhook-id": "msg_doc", "webhook-timestamp": str(now),
+            "webhook-signature": sign(base64.b64decode(WEBHOOK_SECRET[6:]), "msg_doc", now, body)}, body
+
+
+def test_the_documented_python_verification_accepts_our_signatures() -> None:
+    namespace: dict[str, Any] = {}
+    exec(documented("### Python, by hand", "python"), namespace)  # noqa: S102 - our own docs
+    headers, body = signed_sample()
+    assert namespace["verify"](WEBHOOK_SECRET, headers, body) is True
+    assert namespace["verify"](WEBHOOK_SECRET, headers, body + b" ") is False
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_the_documented_node_verification_accepts_our_signatures(tmp_path: Path) -> None:
+    headers, body = signed_sample()
+    script = tmp_path / "verify.mjs"
+    script.write_text(documented("### JavaScript, with Node's `crypto`", "js") + f"""
+const headers = {json.dumps(headers)};
+const body = Buffer.from({json.dumps(body.decode())}, "utf8");
+console.log(JSON.stringify(verifyWinkrWebhook({json.dumps(WEBHOOK_SECRET)}, headers, body).data));
+try {{ verifyWinkrWebhook({json.dumps(WEBHOOK_SECRET)}, headers, Buffer.concat([body, Buffer.from(" ")])); }}
+catch (error) {{ console.log(error.message); }}
+""")
+    done = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [json.dumps(SAMPLE_DATA, ensure_ascii=False, separators=(",", ":")),
+                                        "no matching signature"]
 
 
 # --- the outbox ------------------------------------------------------------------------------
