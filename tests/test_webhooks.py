@@ -361,6 +361,21 @@ async def test_an_event_commits_and_rolls_back_with_the_change_that_causes_it(tm
         db.close()
 
 
+def test_an_unread_count_reads_the_deleted_messages_not_every_unread_one(tmp_path: Path) -> None:
+    """message.created counts each offline recipient's unread messages in the send's
+    transaction: it must not cost a scan of everything they have not read."""
+    from winkr.store.store import _UNREAD_SQL
+
+    db = open_database(str(tmp_path / "w.db"))
+    try:
+        plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + _UNREAD_SQL + " AND p.user_id = ?",
+                                                       ("c", "bob")))
+        assert "INDEX messages_deleted" in plan, plan
+        assert "PRIMARY KEY (conversation_id=? AND seq>?)" not in plan, plan
+    finally:
+        db.close()
+
+
 async def test_due_claims_events_for_one_attempt_with_a_lease(tmp_path: Path) -> None:
     db = open_database(str(tmp_path / "w.db"))
     store, enabled = Store(db), frozenset(ALL_EVENTS)
