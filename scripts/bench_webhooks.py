@@ -6,11 +6,12 @@ the other to bob, who never connects, so every message makes a ``message.created
 Measured: send→ack latency as alice sees it, and (scenario ``up``) delivery latency from the
 acknowledgement (just after the commit) to the receiver reading the POST.
 
-Scenarios: ``off`` (no webhook_url), ``up`` (a receiver answering 204), ``down`` (nothing
+Server CPU per message is user + system time of the server process (startup included)
+divided by the messages sent. Scenarios: ``off`` (no webhook_url), ``up`` (a receiver answering 204), ``down`` (nothing
 listens: connection refused), ``hang`` (a listener that never answers: every attempt waits
 for its timeout). Prints one JSON object. Talks only to 127.0.0.1; stops by itself.
 
-    python scripts/bench_webhooks.py --messages 500
+    python scripts/bench_webhooks.py --messages 1000 --rounds 3
 """
 from __future__ import annotations
 
@@ -150,8 +151,8 @@ def run_scenario(name: str, url: str, messages: int, warmup: int, workdir: Path,
             deadline = time.monotonic() + 30
             while len(receiver.arrivals) < warmup + messages and time.monotonic() < deadline:
                 time.sleep(0.05)
-        return {"send_to_ack": percentiles(latencies), "acks": acks,
-                "server_cpu_ms_per_message": round(_cpu_seconds(proc.pid) * 1000 / (warmup + messages), 3)}
+        return {"latencies": latencies, "acks": acks,
+                "server_cpu_ms": _cpu_seconds(proc.pid) * 1000 / (warmup + messages)}
     finally:
         proc.terminate()
         try:
@@ -184,6 +185,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--scenarios", default="off,down,hang,up")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the scenarios, interleaved; pooled")
     parser.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
@@ -197,23 +199,31 @@ def main() -> int:
     receiver = Receiver()
     urls = {"off": "", "down": f"http://127.0.0.1:{closed.getsockname()[1]}/hook",
             "hang": f"http://127.0.0.1:{hanging.getsockname()[1]}/hook", "up": receiver.url}
-    results: dict[str, Any] = {"messages": args.messages}
+    results: dict[str, Any] = {"messages": args.messages, "rounds": args.rounds}
+    names = args.scenarios.split(",")
+    pooled: dict[str, dict[str, list[float]]] = {name: {"send": [], "deliver": [], "cpu": []} for name in names}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for name in args.scenarios.split(","):
-                outcome = run_scenario(name, urls[name], args.messages, args.warmup, Path(tmp),
-                                       receiver if name == "up" else None)
-                results[name] = {"send_to_ack": outcome["send_to_ack"],
-                                 "server_cpu_ms_per_message": outcome["server_cpu_ms_per_message"]}
-                if name == "up":
-                    delays = [receiver.arrivals[mid] - at for mid, at in outcome["acks"].items()
-                              if mid in receiver.arrivals]
-                    results[name]["ack_to_receiver"] = percentiles(delays)
-                    results[name]["delivered"] = len(delays)
+            # Rounds interleave the scenarios, so a change in the machine's load touches all.
+            for round_ in range(args.rounds):
+                for name in names:
+                    receiver.arrivals.clear()
+                    outcome = run_scenario(f"{name}-{round_}", urls[name], args.messages, args.warmup, Path(tmp),
+                                           receiver if name == "up" else None)
+                    pooled[name]["send"] += outcome["latencies"]
+                    pooled[name]["cpu"].append(outcome["server_cpu_ms"])
+                    if name == "up":
+                        pooled[name]["deliver"] += [receiver.arrivals[mid] - at for mid, at in outcome["acks"].items()
+                                                    if mid in receiver.arrivals]
     finally:
         receiver.close()
         closed.close()
         hanging.close()
+    for name in names:
+        results[name] = {"send_to_ack": percentiles(pooled[name]["send"]),
+                         "server_cpu_ms_per_message": round(statistics.median(pooled[name]["cpu"]), 3)}
+        if name == "up":
+            results[name]["ack_to_receiver"] = percentiles(pooled[name]["deliver"])
     print(json.dumps(results))
     return 0
 
