@@ -5,14 +5,22 @@ in the ``[limits]`` table of the TOML file; ``0`` switches a limit off.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import cattrs
+
+WEBHOOK_EVENTS = ("message.created", "message.reported", "user.blocked", "conversation.closed")
+"""Every webhook event type (contract §14); ``webhook_events`` defaults to all of them."""
+WEBHOOK_SECRET_PREFIX = "whsec_"
+WEBHOOK_SECRET_MIN_BYTES = 24
 
 
 @attrs.frozen
@@ -69,6 +77,11 @@ class Settings:
     log_level: str = "INFO"
     metrics_port: int | None = None  # off unless set
     metrics_host: str = "127.0.0.1"  # the scrape endpoint stays private unless asked otherwise
+    webhook_url: str = ""  # off when empty (contract §14)
+    webhook_secret: str | None = None  # whsec_ + base64 of >= 24 random bytes
+    webhook_events: tuple[str, ...] = WEBHOOK_EVENTS
+    webhook_timeout_seconds: float = 10.0
+    webhook_max_age_hours: float = 24.0
     limits: Limits = Limits()
 
     @property
@@ -102,6 +115,21 @@ its name as written there and where that was (``("port", " (in FILE)")``, ``("WI
 
 def env_name(key: str) -> str:
     return f"WINKR_{key.upper()}"
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret (``whsec_`` + base64, padding optional).
+    Raises ``ValueError`` for anything else, or for fewer than 24 bytes."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError(f"must start with {WEBHOOK_SECRET_PREFIX}")
+    encoded = secret[len(WEBHOOK_SECRET_PREFIX):]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"must be {WEBHOOK_SECRET_PREFIX} followed by base64") from None
+    if len(key) < WEBHOOK_SECRET_MIN_BYTES:
+        raise ValueError(f"must encode at least {WEBHOOK_SECRET_MIN_BYTES} random bytes")
+    return key
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -212,3 +240,28 @@ def _check(settings: Settings, name: Any) -> None:
     for field in attrs.fields(Limits):
         if getattr(settings.limits, field.name) < 0:
             raise ConfigError(f"{name('limits', field.name)} must be >= 0 (0 switches the limit off)")
+    _check_webhooks(settings)
+
+
+def _check_webhooks(settings: Settings) -> None:
+    # Messages name the setting, never echo the secret.
+    if settings.webhook_secret is not None:
+        try:
+            webhook_key(settings.webhook_secret)
+        except ValueError as exc:
+            raise ConfigError(f"webhook_secret {exc} (Standard Webhooks form, e.g. whsec_ + "
+                              "base64 of 32 random bytes)") from None
+    if unknown := sorted(set(settings.webhook_events) - set(WEBHOOK_EVENTS)):
+        raise ConfigError(f"webhook_events: unknown {', '.join(unknown)}; known: {', '.join(WEBHOOK_EVENTS)}")
+    if not settings.webhook_timeout_seconds > 0:
+        raise ConfigError("webhook_timeout_seconds must be > 0")
+    if not settings.webhook_max_age_hours > 0:
+        raise ConfigError("webhook_max_age_hours must be > 0")
+    if not settings.webhook_url:
+        return
+    url = urlsplit(settings.webhook_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError("webhook_url must be an http:// or https:// URL with a host")
+    if settings.webhook_secret is None:
+        raise ConfigError("webhook_url is set but webhook_secret is not: set webhook_secret "
+                          "(or WINKR_WEBHOOK_SECRET) to whsec_ + base64 of at least 24 random bytes")

@@ -79,6 +79,21 @@ class Metrics:
                                         "broadcast to the joined connections (both happen after the "
                                         "commit, in the same step): send->ack and send->peer.",
                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.webhook_deliveries = Counter(
+            "winkr_webhook_deliveries_total",
+            "Webhook delivery attempts by outcome: delivered (2xx), retry (failed, rescheduled), "
+            "dropped (older than webhook_max_age_hours).", ["outcome"], registry=r)
+        for outcome in ("delivered", "retry", "dropped"):
+            self.webhook_deliveries.labels(outcome)
+        self.webhook_waiting = Gauge("winkr_webhook_events_waiting",
+                                     "Webhook events in the outbox, not yet delivered or dropped.", registry=r)
+        self.webhook_oldest_age = Gauge("winkr_webhook_oldest_event_age_seconds",
+                                        "Age of the oldest webhook event waiting (0 when none).", registry=r)
+        self.webhook_delivery_seconds = Histogram(
+            "winkr_webhook_delivery_seconds",
+            "From the event (its commit) to the receiver's 2xx, retries included.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0,
+                     3600.0, 6 * 3600.0, 24 * 3600.0), registry=r)
         # Label children resolved once: the hot path only calls inc().
         self._in = {event: self.events_in.labels(event) for event in events}
         self._unknown_in = self.events_in.labels("unknown")

@@ -114,6 +114,12 @@ class _Online:
 
 
 @attrs.frozen
+class _Connected:
+    user_ids: tuple[str, ...]
+    reply: Reply[frozenset[str]]
+
+
+@attrs.frozen
 class _AddContacts:
     user_ids: tuple[str, ...]
 
@@ -124,7 +130,7 @@ class _CloseAll:
 
 
 PresenceRequest = (_Admit | _Release | _Connect | _Disconnect | _SetStatus | _Published | _SendToUsers
-                   | _SendEach | _Online | _AddContacts | _CloseAll)
+                   | _SendEach | _Online | _Connected | _AddContacts | _CloseAll)
 
 
 class PresenceHandle:
@@ -174,6 +180,13 @@ class PresenceHandle:
         """Who of ``user_ids`` is visibly online (as their contacts see them)."""
         reply: Reply[dict[str, bool]] = Reply()
         await self._inbox.send(_Online(tuple(user_ids), reply))
+        return await reply.wait()
+
+    async def connected(self, user_ids: Iterable[str]) -> frozenset[str]:
+        """Which of ``user_ids`` have at least one open connection, whatever their status or
+        privacy settings (``online`` answers what contacts may see instead)."""
+        reply: Reply[frozenset[str]] = Reply()
+        await self._inbox.send(_Connected(tuple(user_ids), reply))
         return await reply.wait()
 
     async def add_contacts(self, user_ids: Iterable[str]) -> None:
@@ -269,6 +282,9 @@ class _Presence:
                 await self._set_status(request)
             case _Online(user_ids=user_ids, reply=reply):
                 reply.set({user: self._is_online(user) for user in user_ids})
+            case _Connected(user_ids=user_ids, reply=reply):
+                reply.set(frozenset(user for user in user_ids
+                                    if (known := self.users.get(user)) is not None and known.peers))
             case _AddContacts(user_ids=user_ids):
                 for user in user_ids:
                     if (known := self.users.get(user)) is not None:

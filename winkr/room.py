@@ -29,6 +29,7 @@ from winkr.presence import PresenceHandle
 from winkr.ratelimit import Rate
 from winkr.records import authorize
 from winkr.store.writer import StoreHandle
+from winkr.webhooks import WEBHOOKS_OFF, WebhookHandle
 
 log = logging.getLogger("winkr.room")
 _failures = ThrottledLog(log)
@@ -102,6 +103,7 @@ class RoomServices:
     max_room_connections: int
     idle_timeout: float
     message_rates: tuple[Rate, ...] = ()
+    webhooks: WebhookHandle = WEBHOOKS_OFF
 
 
 class Room:
@@ -131,6 +133,14 @@ class Room:
     @property
     def presence(self) -> PresenceHandle:
         return self.s.presence
+
+    @property
+    def webhooks(self) -> WebhookHandle:
+        return self.s.webhooks
+
+    @property
+    def participant_ids(self) -> tuple[str, ...]:
+        return self.participants or ()
 
     def authorize(self, peer: Peer) -> tuple[str, ...]:
         return authorize(self.participants, peer.user_id, peer.is_service)

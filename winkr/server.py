@@ -14,6 +14,7 @@ from collections.abc import Callable
 from functools import partial
 from urllib.parse import urlsplit
 
+import httpx
 import trio
 from trio_websocket import WebSocketRequest
 
@@ -47,6 +48,7 @@ from winkr.store.schema import open_database
 from winkr.store.store import Store
 from winkr.store.writer import RunSync, run_store_writer
 from winkr.transport import WinkrWebSocket, wrap_server_stream
+from winkr.webhooks import DEFAULT_BACKOFF, Backoff, SenderConfig, open_webhook_channel, run_webhook_sender
 
 log = logging.getLogger("winkr.server")
 
@@ -203,10 +205,13 @@ class Server:
     """One winkr server. ``serve`` runs it; ``accept_stream`` serves an in-memory stream in tests."""
 
     def __init__(self, settings: Settings, secret: str | None, *, clock: WallClock = system_wall_clock,
-                 run_sync: RunSync = trio.to_thread.run_sync) -> None:
+                 run_sync: RunSync = trio.to_thread.run_sync, webhook_transport: httpx.AsyncBaseTransport | None = None,
+                 webhook_backoff: Backoff = DEFAULT_BACKOFF) -> None:
         self.settings = settings
         self.clock = clock
         self.run_sync = run_sync
+        self.webhook_transport = webhook_transport  # tests: an httpx transport instead of the network
+        self.webhook_backoff = webhook_backoff
         self.metrics = Metrics(EVENTS)
         self.frames = Frames(clock, self.metrics)
         self.verifier = TokenVerifier(settings, secret)
@@ -269,18 +274,23 @@ class Server:
         presence = await nursery.start(partial(run_presence, frames, store_handle, grace=settings.presence_grace,
                                                online_gauge=self.metrics.online_users))
         reaper, reaper_inbox = open_reaper_channel()
+        webhooks, webhook_inbox = open_webhook_channel(settings)
+        if webhook_inbox is not None:
+            await nursery.start(partial(
+                run_webhook_sender, store_handle, SenderConfig.from_settings(settings, self.webhook_backoff),
+                webhooks, webhook_inbox, clock=self.clock, metrics=self.metrics, transport=self.webhook_transport))
         rates = message_rates(settings.limits)
 
         def room_services(hub: HubHandle) -> RoomServices:
             return RoomServices(frames, store_handle, presence, hub.room, hub.retire, reaper.nudge,
                                 settings.typing_timeout, settings.max_room_connections,
-                                ROOM_IDLE_SECONDS, rates)
+                                ROOM_IDLE_SECONDS, rates, webhooks)
 
         hub = await nursery.start(partial(run_hub, room_services, rooms_gauge=self.metrics.rooms))
         nursery.start_soon(run_reaper, store_handle, hub.room, self.clock, reaper_inbox)
         nursery.start_soon(self._sample_runtime)
         return Services(settings, frames, self.verifier, self.policy, store_handle, presence, hub, reaper, limiter,
-                        rates)
+                        rates, webhooks)
 
     async def _sample_runtime(self) -> None:
         """Keep the task-count gauge fresh (the scrape runs on another thread, so it cannot ask

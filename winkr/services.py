@@ -12,6 +12,7 @@ from winkr.presence import PresenceHandle
 from winkr.ratelimit import Rate, RateLimiterHandle
 from winkr.reaper import ReaperHandle
 from winkr.store.writer import StoreHandle
+from winkr.webhooks import WebhookHandle
 
 
 @attrs.frozen
@@ -26,3 +27,4 @@ class Services:
     reaper: ReaperHandle
     limiter: RateLimiterHandle
     message_rates: tuple[Rate, ...]  # the message windows switched on (counted by the store)
+    webhooks: WebhookHandle  # enabled event types for enqueue; nudge after a commit that enqueued

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from winkr.presence import PresenceHandle
     from winkr.services import Services
     from winkr.store.writer import StoreHandle
+    from winkr.webhooks import WebhookHandle
 
 Json = dict[str, Any]
 
@@ -81,6 +82,13 @@ class RoomContext(Protocol):
 
     @property
     def presence(self) -> PresenceHandle: ...
+
+    @property
+    def webhooks(self) -> WebhookHandle: ...
+
+    @property
+    def participant_ids(self) -> tuple[str, ...]:
+        """The participants (empty for a conversation that does not exist)."""
 
     def authorize(self, peer: Peer) -> tuple[str, ...]:
         """The participants, if ``peer`` may act here; ``NOT_FOUND`` / ``FORBIDDEN`` otherwise."""

@@ -9,6 +9,7 @@ to presence.
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from functools import partial
 
 import trio
@@ -21,9 +22,12 @@ from winkr.peer import Peer
 from winkr.policy import CheckedMessage, check_message
 from winkr.presence import Published
 from winkr.protocol.requests import MessageHistory, MessageRef, MessageSend
-from winkr.protocol.wire import message_object, sender_object, unread_data
+from winkr.protocol.webhook_data import MESSAGE_CREATED, message_created_data
+from winkr.protocol.wire import Json, message_object, sender_object, unread_data
+from winkr.ratelimit import Rate
 from winkr.records import Delivery, SendItem, SendResult, StoredMessage
 from winkr.store.store import Store
+from winkr.store.webhook_outbox import enqueue
 
 
 async def prepare_send(conn: ConnectionContext, request: MessageSend) -> CheckedMessage:
@@ -56,8 +60,13 @@ async def send_run(room: RoomContext, calls: list[RoomCall]) -> None:
         checked = call.prepared
         items.append(SendItem(call.peer.user_id, checked.type, checked.content, checked.metadata,
                               call.request.client_message_id, tuple(sorted(joined_users - {call.peer.user_id}))))
-    results = await room.store.call(partial(Store.insert_messages, conversation_id=room.id, items=items,
-                                            now=room.frames.now(), rates=room.message_limits()))
+    unconnected = await _unconnected(room, joined_users, allowed)
+    senders = [sender_object(call.peer.user_id, call.peer.username, call.peer.avatar_url) for call in allowed]
+    results = await room.store.call(partial(
+        _insert_and_notify, conversation_id=room.id, items=items, now=room.frames.now(), rates=room.message_limits(),
+        senders=senders, unconnected=unconnected, enabled=room.webhooks.events))
+    if unconnected:
+        room.webhooks.nudge()
     published = []
     for call, result in zip(allowed, results):
         if isinstance(result, ProtocolError):
@@ -70,12 +79,41 @@ async def send_run(room: RoomContext, calls: list[RoomCall]) -> None:
         await room.presence.published(published)
 
 
+async def _unconnected(room: RoomContext, joined_users: set[str], calls: list[RoomCall]) -> frozenset[str]:
+    """The participants with no open connection right now, when ``message.created`` is on: the
+    ones a push notification is for (contract §14). Presence is asked once per run, only about
+    participants neither joined here nor sending (those are connected by definition). Asked just
+    before the commit: someone connecting within that millisecond gets one push too many."""
+    if not room.webhooks.wants(MESSAGE_CREATED):
+        return frozenset()
+    candidates = set(room.participant_ids) - joined_users - {call.peer.user_id for call in calls}
+    if not candidates:
+        return frozenset()
+    return frozenset(candidates - await room.presence.connected(candidates))
+
+
+def _insert_and_notify(store: Store, conversation_id: str, items: Sequence[SendItem], now: float,
+                       rates: tuple[Rate, ...], senders: Sequence[Json], unconnected: frozenset[str],
+                       enabled: Collection[str]) -> list[SendResult | ProtocolError]:
+    """In the writer's transaction: the run's inserts, and one ``message.created`` per new
+    message for each participant in ``unconnected`` other than its sender, so an event exists
+    exactly when its message does."""
+    results = store.insert_messages(conversation_id, items, now, rates)
+    for item, sender, result in zip(items, senders, results):
+        if isinstance(result, ProtocolError) or result.duplicate:
+            continue
+        for recipient in sorted(unconnected - {item.sender_id}):
+            enqueue(store, MESSAGE_CREATED, message_created_data(
+                recipient, result.message, sender, store.unread_count(conversation_id, recipient)), now, enabled)
+    return results
+
+
 def _fan_out(room: RoomContext, call: RoomCall, result: SendResult) -> Published | None:
     """Acknowledge to the sender, broadcast to the joined connections; return what presence
     must still do (unread counts for the others, receipts)."""
     peer = call.peer
-    data = {"message": message_object(result.message),
-            "sender": sender_object(peer.user_id, peer.username, peer.avatar_url)}
+    data = {"message": message_object(result.message), "sender": sender_object(peer.user_id, peer.username,
+                                                                                peer.avatar_url)}
     frames = room.frames
     peer.deliver(frames.event("message:new", data, call.ref))
     if result.duplicate:  # answered to the sender only (contract §11.15)

@@ -71,6 +71,19 @@ MIGRATIONS: list[str] = [
         substr(pair_key, 1, instr(pair_key, char(31)) - 1),
         substr(pair_key, instr(pair_key, char(31)) + 1)) WHERE pair_key IS NOT NULL;
     """,
+    # 3: the webhook outbox (contract §14), written in the transaction of the change it reports
+    """
+    CREATE TABLE webhook_events (
+        id TEXT PRIMARY KEY,             -- the webhook-id header: the same on every attempt
+        type TEXT NOT NULL,
+        payload TEXT NOT NULL,           -- the exact JSON body sent: {"type", "timestamp", "data"}
+        created_at REAL NOT NULL,        -- when the event happened (wall clock): max age counts from it
+        next_attempt_at REAL NOT NULL,   -- wall clock; pushed ahead while an attempt is in flight
+        attempts INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at);
+    CREATE INDEX webhook_events_age ON webhook_events (created_at);  -- the oldest, for the age gauge
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -44,7 +44,8 @@ SELECT p.{key},
        (c.last_seq - p.last_read_seq)
        - (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id
             AND m.sender_id = p.user_id AND m.seq > p.last_read_seq)
-       - (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id
+       - (SELECT count(*) FROM messages m INDEXED BY messages_deleted  -- else it scans every unread
+            WHERE m.conversation_id = p.conversation_id  -- message (327 us at 5000 unread, 4 us so)
             AND m.deleted_at IS NOT NULL AND m.sender_id != p.user_id AND m.seq > p.last_read_seq)
 FROM participants p JOIN conversations c ON c.id = p.conversation_id
 WHERE {where}"""
