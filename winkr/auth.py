@@ -30,6 +30,7 @@ class Principal:
     avatar_url: str | None
     is_service: bool
     expires_at: float  # wall-clock seconds
+    issued_at: float | None = None  # the token's ``iat`` (wall-clock seconds), if it has one
 
 
 def _read_key(value: str) -> str:
@@ -77,12 +78,14 @@ class TokenVerifier:
             raise ProtocolError(UNAUTHORIZED, "token has expired")
         username = claims.get("username")
         avatar = claims.get("avatar_url")
+        iat = claims.get("iat")
         return Principal(
             user_id=sub,
             username=username if isinstance(username, str) else sub,
             avatar_url=avatar if isinstance(avatar, str) else None,
             is_service=claims.get("role") == "service",
             expires_at=float(exp),
+            issued_at=float(iat) if isinstance(iat, (int, float)) and not isinstance(iat, bool) else None,
         )
 
 
