@@ -75,6 +75,18 @@ async def test_block_closes_the_pair_conversation_for_every_connection_of_both(
         assert named(await client.nothing_more(), "conversation:closed") == []  # once each
 
 
+async def test_a_block_closing_a_conversation_whose_room_sleeps_still_tells_both(
+        autojump_clock: Any, harness: Harness) -> None:
+    alice = await harness.connect("alice")
+    bob = await harness.connect("bob")
+    never_woken = await harness.conversation(alice, "bob")
+    await send(alice, await harness.conversation(alice, "bob", "carol"), "keeps the connections busy")
+    await settle(alice, bob)
+    await block(bob, "alice")
+    for client in (alice, bob):
+        assert (await client.expect("conversation:closed"))["data"]["conversation_id"] == never_woken
+
+
 async def test_after_a_block_every_event_naming_the_conversation_is_not_found_for_both(
         autojump_clock: Any, harness: Harness) -> None:
     alice = await harness.connect("alice")

@@ -253,8 +253,8 @@ class Room:
                 case SystemDeleted(message_id=message_id, deleted_at=deleted_at):
                     announce_deleted(self, message_id, "system", deleted_at, None, None)
                 case Closed(closed_at=closed_at):
-                    if not self.closed:
-                        await announce_closed(self, closed_at, None, None)
+                    # Sent once per close that a block made (the room may have woken up closed).
+                    await announce_closed(self, closed_at, None, None)
         except ProtocolError as exc:
             if isinstance(first, RoomCall):
                 if first.outcome is not None and not first.outcome.is_set():
