@@ -16,7 +16,6 @@ from conftest import SECRET, Client, Harness, assert_error, error_body, make_set
 from test_conversations import TS
 from trio_websocket import ConnectionClosed
 
-
 KEY = "test-api-key-0123456789"
 AUTH = {"authorization": f"Bearer {KEY}"}
 
