@@ -33,6 +33,11 @@ def _config() -> Config:
     config.graceful_timeout = GRACEFUL_SECONDS
     config.include_server_header = False
     config.keep_alive_timeout = 30
+    # hypercorn closes a keep-alive connection after this many requests (default 1000), and its
+    # trio worker then races its own close against the last response's send (a spurious
+    # BusyResourceError traceback in the log, the response itself intact). One process has no
+    # workers to rebalance connections between, so recycling buys nothing here.
+    config.keep_alive_max_requests = 2**31
     return config
 
 
