@@ -117,6 +117,7 @@ async def test_unknown_paths_wrong_methods_and_large_bodies_answer_json(
     error(wrong, 405, "VALIDATION_ERROR")
     assert set(wrong.headers["allow"].split(", ")) >= {"GET", "DELETE"}
     error(await api.get("/v1/conversations"), 405, "VALIDATION_ERROR")
+    error(await api.post("/v1/conversations/", json={"participant_ids": ["a", "b"]}), 404, "NOT_FOUND")
     huge = {"participant_ids": ["a", "b"], "padding": "x" * (64 * 1024)}
     error(await api.post("/v1/conversations", json=huge), 413, "MESSAGE_TOO_LARGE")
 

@@ -220,6 +220,8 @@ def _check(settings: Settings, name: Any) -> None:
         value = getattr(settings, port)
         if value is not None and not 0 <= value <= 65535:
             raise ConfigError(f"{name(port)} must be between 0 and 65535 (0 picks a free port)")
+    if any(not key.strip() or key != key.strip() for key in settings.api_keys):
+        raise ConfigError(f"{name('api_keys')} must not hold an empty key or one with spaces around it")
     if settings.pii_policy not in ("mask", "reject", "allow"):
         raise ConfigError(f"{name('pii_policy')} must be mask, reject or allow")
     if settings.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):

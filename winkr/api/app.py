@@ -161,6 +161,7 @@ class ServerApi:
             route("/v1/users/{user_id}/blocks/{blocked_id}", DELETE=self.unblock),
         ]
         app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
+        app.router.redirect_slashes = False  # "/v1/conversations/" is no endpoint: 404, not a redirect
         return BodyLimit(PathSegments(app), self.services.settings.api_max_body_bytes)
 
     def _guarded(self, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
