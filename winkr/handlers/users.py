@@ -18,6 +18,6 @@ async def refresh(conn: ConnectionContext, request: AuthRefresh, ref: str | None
     if principal.user_id != conn.principal.user_id:
         raise ProtocolError(FORBIDDEN, "the new token is for another user", field="token")
     if await conn.services.revocations.is_revoked(principal):
-        raise ProtocolError(UNAUTHORIZED, "this token has been revoked: get a new one", field="token")
+        raise ProtocolError(UNAUTHORIZED, "this token has been revoked: get a new one")  # as any refused token
     conn.refresh_principal(principal)
     await conn.reply("auth:refreshed", {"expires_at": iso(principal.expires_at)}, ref)
