@@ -32,7 +32,8 @@ def test_environment_overrides_file_and_flags_override_environment(tmp_path: Pat
 
 
 @pytest.mark.parametrize("text", ['pii_policy = "sometimes"', 'jwt_algorithm = "none"',
-                                  "[limits]\nmessages_per_minute = -1", 'no_such_setting = 1'])
+                                  "[limits]\nmessages_per_minute = -1", 'no_such_setting = 1',
+                                  'api_keys = ["good-key", ""]', "api_port = 70000"])
 def test_bad_settings_are_refused_with_a_clear_error(tmp_path: Path, text: str) -> None:
     config = tmp_path / "w.toml"
     config.write_text(text + "\n")

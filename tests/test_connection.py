@@ -165,7 +165,8 @@ async def test_connection_established_payload(autojump_clock: Any, harness: Harn
         assert "ref" not in hello
         assert TIMESTAMP.match(hello["timestamp"]), hello
         data = hello["data"]
-        assert set(data) == {"user_id", "connection_id", "timestamp"}
+        assert set(data) == {"user_id", "connection_id", "timestamp", "settings"}
+        assert data["settings"] == {"read_receipts": True, "online_status": True}  # the defaults (§12)
         assert data["user_id"] == "alice"
         assert isinstance(data["connection_id"], str) and data["connection_id"]
         assert TIMESTAMP.match(data["timestamp"]), data

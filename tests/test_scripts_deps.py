@@ -20,6 +20,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
     ("soak.py", ["--duration", "5"], ["websockets", "pyjwt", "winkr"]),
     ("connect_storm.py", ["--secret", "x" * 40, "--users", "2"], ["websockets", "pyjwt"]),
     ("bench_bigdb.py", ["--messages", "10"], ["websockets", "pyjwt", "winkr"]),
+    ("bench_api.py", ["--requests", "10"], ["winkr"]),
 ])
 def test_a_script_without_its_modules_names_the_extra_at_once(tmp_path: Path, script: str, args: list[str],
                                                               needs: list[str]) -> None:

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=("text", "json"))
     serve.add_argument("--log-level")
     serve.add_argument("--metrics-port", type=int)
+    serve.add_argument("--api-port", type=int, help="serve the server API (docs/server-api.md) on this port")
 
     token = commands.add_parser("token", parents=[common], help="print a signed token for a user")
     token.add_argument("user_id")
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
     db_commands.add_parser("check", parents=[common], help="integrity check and schema version")
 
+    commands.add_parser("api-key", parents=[common],
+                        help="print the server API key (the configured one, or the one serve generated)")
+
     commands.add_parser("check-config", parents=[common],
                         help="validate the settings and the files they name; exit 0 (usable) or 2")
     return parser
@@ -70,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     flags: dict[str, Any] = {"db": args.db}
-    for name in ("host", "port", "log_format", "log_level", "metrics_port"):
+    for name in ("host", "port", "log_format", "log_level", "metrics_port", "api_port"):
         flags[name] = getattr(args, name, None)
     return load_settings(args.config, flags)
 
@@ -91,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _token(settings, args)
     if args.command == "db":
         return _db(settings, args)
+    if args.command == "api-key":
+        return _api_key(settings)
     return _create_conversation(settings, args.user_ids, args.config)
 
 
@@ -116,20 +122,29 @@ def _serve(settings: Settings, config_file: str | None) -> int:
     problems = [p for p in (preflight.database_problem(settings.db), *preflight.key_problems(settings)) if p]
     if problems:
         return _fail(settings, problems[0])
+    sockets: list[socket.socket] = []
+    api_sockets: list[socket.socket] = []
     try:
         sockets = preflight.bind_tcp(settings.host, settings.port)
         if settings.metrics_port:
             preflight.check_port_free(settings.metrics_host, settings.metrics_port, flag="--metrics-port")
+        if settings.api_port is not None:
+            from winkr.api.server import bind_api
+
+            api_sockets = bind_api(settings)
     except preflight.StartupError as exc:
+        for sock in sockets:
+            sock.close()
         return _fail(settings, str(exc))
     try:
-        return _serve_on(settings, config_file, sockets)
+        return _serve_on(settings, config_file, sockets, api_sockets)
     finally:
-        for sock in sockets:
+        for sock in sockets + api_sockets:
             sock.close()
 
 
-def _serve_on(settings: Settings, config_file: str | None, sockets: list[socket.socket]) -> int:
+def _serve_on(settings: Settings, config_file: str | None, sockets: list[socket.socket],
+              api_sockets: list[socket.socket] | None = None) -> int:
     from winkr.runfile import remove_run_file, write_run_file
     from winkr.server import serve_forever
     from winkr.store.schema import SchemaTooNew
@@ -143,6 +158,13 @@ def _serve_on(settings: Settings, config_file: str | None, sockets: list[socket.
         secret, created = (found.secret, False) if found.secret else load_or_create_secret(settings)
         if created:
             log.warning("no JWT secret configured: generated one and stored it in %s", settings.secret_path)
+    if api_sockets and not settings.api_keys:
+        from winkr.api.keys import load_or_create_api_key
+
+        _, created = load_or_create_api_key(settings)
+        if created:
+            log.warning("no server API key configured: generated one in %s (print it with `winkr api-key`)",
+                        settings.api_key_path)
     if settings.jwt_public_key and "-----BEGIN" not in settings.jwt_public_key:
         # Read the key file here, before the event loop: no file I/O on the trio thread.
         settings = attrs.evolve(settings, jwt_public_key=Path(settings.jwt_public_key).read_text())
@@ -151,15 +173,23 @@ def _serve_on(settings: Settings, config_file: str | None, sockets: list[socket.
         host = settings.host if ":" not in settings.host else f"[{settings.host}]"
         url = f"ws://{host}:{ports[0]}/ws"
         write_run_file(settings, ports[0])
+        api = ""
+        if api_sockets:
+            api_host = settings.api_host if ":" not in settings.api_host else f"[{settings.api_host}]"
+            api = f"http://{api_host}:{api_sockets[0].getsockname()[1]}"
         if settings.log_format == "json":
-            print(json_line(f"listening on {url}", url=url, health=f"http://{host}:{ports[0]}/health"), flush=True)
+            health = f"http://{host}:{ports[0]}/health"
+            line = (json_line(f"listening on {url}", url=url, health=health, api=api) if api else
+                    json_line(f"listening on {url}", url=url, health=health))
+            print(line, flush=True)
         else:
-            print(f"winkr: listening on {url}", flush=True)
+            print(f"winkr: listening on {url}" + (f", server API on {api}" if api else ""), flush=True)
         sdnotify.notify(f"READY=1\nSTATUS=listening on {url}")  # one local datagram: no real blocking
 
     async def run() -> None:
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
-        await serve_forever(settings, secret, on_listening=on_listening, listeners=listeners)
+        await serve_forever(settings, secret, on_listening=on_listening, listeners=listeners,
+                            api_sockets=api_sockets or None)
 
     status = 0
     try:
@@ -212,6 +242,25 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# --- winkr api-key ---------------------------------------------------------------------------------
+
+def _api_key(settings: Settings) -> int:
+    """Print the key the server API accepts: the first configured one, else the one stored beside
+    the database. Generates it only when ``api_port`` is set here too (then ``serve`` would)."""
+    from winkr.api.keys import api_keys
+
+    try:
+        keys = api_keys(settings, create=settings.api_port is not None)
+    except OSError as exc:
+        return _fail(settings, f"cannot read or write {settings.api_key_path}: {exc.strerror or exc}")
+    if not keys:
+        return _fail(settings, f"no server API key: none configured (api_keys, WINKR_API_KEYS) and none in "
+                               f"{settings.api_key_path.absolute()}; `winkr serve --api-port PORT` generates it "
+                               "there (run `winkr api-key` with the server's --config / --db)")
+    print(keys[0])
+    return 0
+
+
 # --- winkr check-config --------------------------------------------------------------------------
 
 def _check_config(settings: Settings, config_file: str | None) -> int:
@@ -236,6 +285,13 @@ def _check_config(settings: Settings, config_file: str | None) -> int:
             lines.append(("ok", f"JWT secret from {found.source}") if found.secret else
                          ("note", f"no JWT secret configured: winkr serve will generate one in "
                                   f"{settings.secret_path.absolute()}; your API must sign with it"))
+    if settings.api_port is None:
+        lines.append(("ok", "server API off (set api_port / --api-port to serve it)"))
+    else:
+        keys = (f"{len(settings.api_keys)} configured key(s)" if settings.api_keys else
+                f"its key in {settings.api_key_path.absolute()}" + (
+                    "" if settings.api_key_path.exists() else " (generated at first start)"))
+        lines.append(("ok", f"server API on http://{settings.api_host}:{settings.api_port}, {keys}"))
     for status, text in lines:
         print(f"{status:5} {text}")
     return 2 if any(status == "error" for status, _ in lines) else 0

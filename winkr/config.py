@@ -44,6 +44,7 @@ class Limits:
     inbound_events_per_second: int = 50
     inbound_burst: int = 500
     joined_per_connection: int = 200
+    reports_per_day: int = 20  # message:report (contract §12)
 
 
 @attrs.frozen
@@ -82,12 +83,23 @@ class Settings:
     webhook_events: tuple[str, ...] = WEBHOOK_EVENTS
     webhook_timeout_seconds: float = 10.0
     webhook_max_age_hours: float = 24.0
+    # The server API for the app's backend (contract §13; docs/server-api.md).
+    api_port: int | None = None  # off unless set
+    api_host: str = "127.0.0.1"
+    api_keys: tuple[str, ...] = ()  # none: one is generated beside the database (api_key_path)
+    api_max_body_bytes: int = 64 * 1024
+    max_report_note_chars: int = 500
     limits: Limits = Limits()
 
     @property
     def secret_path(self) -> Path:
         """Where a generated secret is kept: beside the database."""
         return Path(self.db).with_suffix(Path(self.db).suffix + ".secret")
+
+    @property
+    def api_key_path(self) -> Path:
+        """Where a generated server-API key is kept: beside the database."""
+        return Path(self.db).with_suffix(Path(self.db).suffix + ".api-key")
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
@@ -105,7 +117,7 @@ class ConfigError(Exception):
 
 MIN_SECRET_BYTES = 32
 SECRET_HINT = "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
-_PRIVATE = frozenset({"jwt_secret", "jwt_private_key"})  # never echoed in an error
+_PRIVATE = frozenset({"jwt_secret", "jwt_private_key", "api_keys"})  # never echoed in an error
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "tuple": "a list of strings"}
 
 Origins = dict[tuple[str, ...], tuple[str, str]]
@@ -225,10 +237,12 @@ def _check(settings: Settings, name: Any) -> None:
         if size < MIN_SECRET_BYTES:
             raise ConfigError(f"{name('jwt_secret')} is {size} bytes: an HS256 secret needs at least "
                               f"{MIN_SECRET_BYTES} random bytes; make one with {SECRET_HINT}")
-    for port in ("port", "metrics_port"):
+    for port in ("port", "metrics_port", "api_port"):
         value = getattr(settings, port)
         if value is not None and not 0 <= value <= 65535:
             raise ConfigError(f"{name(port)} must be between 0 and 65535 (0 picks a free port)")
+    if any(not key.strip() or key != key.strip() for key in settings.api_keys):
+        raise ConfigError(f"{name('api_keys')} must not hold an empty key or one with spaces around it")
     if settings.pii_policy not in ("mask", "reject", "allow"):
         raise ConfigError(f"{name('pii_policy')} must be mask, reject or allow")
     if settings.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):

@@ -13,6 +13,7 @@ import logging
 import math
 import secrets
 from collections import OrderedDict
+from functools import partial
 
 import trio
 from trio_websocket import ConnectionClosed
@@ -23,15 +24,16 @@ from winkr.errors import CONVERSATION_FULL, INTERNAL_ERROR, MESSAGE_TOO_LARGE, V
 from winkr.handlers.catchup import send_unread_summary
 from winkr.handlers.context import Json, RoomCall
 from winkr.handlers.registry import ROUTES
+from winkr.handlers.session import open_session
 from winkr.logs import ThrottledLog
 from winkr.outbox import Outbox
 from winkr.peer import Peer
 from winkr.protocol.codec import EnvelopeError, parse_envelope
 from winkr.protocol.requests import ConversationRef, MessageHistory, MessageRef, MessageSend, structure_request
+from winkr.protocol.wire import settings_object
 from winkr.ratelimit import Limits, Rate, rate_limited
 from winkr.room import Depart, RoomHandle, RoomMessage, RoomRetired
 from winkr.services import Services
-from winkr.store.store import Store
 from winkr.transport import WinkrWebSocket, abort, send_frames, send_ping
 
 log = logging.getLogger("winkr.connection")
@@ -146,12 +148,15 @@ class Connection:
                 with trio.CancelScope() as self._scope:
                     self._outbox.interrupt_on_close(self._scope)
                     self._set_expiry(self._principal.expires_at)
+                    session = await services.store.call(partial(open_session, principal=self._principal))
                     await self.reply("connection:established", {
                         "user_id": self._principal.user_id, "connection_id": self._id,
-                        "timestamp": iso(services.frames.now())}, None)
-                    contacts = await services.store.call(self._register_user)
-                    await services.presence.connect(self._peer, contacts)
+                        "timestamp": iso(services.frames.now()), "settings": settings_object(session.settings)},
+                        None)
+                    await services.presence.connect(self._peer, session.contacts, session.settings, session.apart)
                     self._registered = True
+                    if session.revoked:
+                        self._outbox.request_close("disconnected")
                     await send_unread_summary(self)
                     await self._read_frames()
                 if self.close_reason is None:
@@ -173,11 +178,6 @@ class Connection:
                 await self._leave_everything()
                 with trio.move_on_after(CLOSE_FLUSH_SECONDS):
                     await self._close_socket()
-
-    def _register_user(self, store: Store) -> set[str]:
-        principal = self._principal
-        store.upsert_user(principal.user_id, principal.username, principal.avatar_url)
-        return store.contacts(principal.user_id)
 
     def _set_expiry(self, expires_at: float) -> None:
         """The reader's scope ends when the token does."""

@@ -25,7 +25,7 @@ from winkr.logs import ThrottledLog
 from winkr.outbox import CoalesceKey
 from winkr.peer import Peer
 from winkr.protocol.wire import delivered_data, unread_data
-from winkr.records import Delivery, StoredMessage
+from winkr.records import Delivery, StoredMessage, UserSettings
 from winkr.store.store import Store
 from winkr.store.writer import StoreHandle
 
@@ -44,6 +44,11 @@ class _User:
     contacts: set[str] = attrs.Factory(set)
     visible: bool = False  # whether contacts were told "online"
     grace_generation: int = 0
+    # Safety between users (contract §12): users blocked either way never become contacts;
+    # the privacy settings apply to every connection of the user at once.
+    apart: set[str] = attrs.Factory(set)
+    read_receipts: bool = True
+    online_status: bool = True
 
 
 # --- requests (the closed union the inbox carries) -------------------------------------------
@@ -65,6 +70,8 @@ class _Release:
 class _Connect:
     peer: Peer
     contacts: frozenset[str]
+    settings: UserSettings
+    apart: frozenset[str]
 
 
 @attrs.frozen
@@ -129,8 +136,70 @@ class _CloseAll:
     reason: str
 
 
+@attrs.frozen
+class _UpdateSettings:
+    user_id: str
+    read_receipts: bool | None
+    online_status: bool | None
+    reply: Reply[UserSettings]
+
+
+@attrs.frozen
+class _SendReceipt:
+    reader_id: str
+    sender_ids: tuple[str, ...]
+    frame: str
+    key: CoalesceKey | None
+
+
+@attrs.frozen
+class _Apart:
+    """A block between two users: no presence either way from now on."""
+
+    user_a: str
+    user_b: str
+
+
+@attrs.frozen
+class _Together:
+    """An unblock: ``apart`` unless the other still blocks; contacts again if ``contacts``."""
+
+    user_a: str
+    user_b: str
+    still_apart: bool
+    contacts: bool
+
+
+@attrs.frozen
+class _DropContacts:
+    pairs: tuple[tuple[str, str], ...]
+
+
+@attrs.frozen
+class PresenceTruth:
+    """What the server API shows of a user, whatever their settings."""
+
+    online: bool  # at least one open connection
+    status: str  # "offline" without a connection
+    connections: int
+
+
+@attrs.frozen
+class _Inspect:
+    user_id: str
+    reply: Reply[PresenceTruth]
+
+
+@attrs.frozen
+class _CloseUser:
+    user_id: str
+    reason: str
+    reply: Reply[int]
+
+
 PresenceRequest = (_Admit | _Release | _Connect | _Disconnect | _SetStatus | _Published | _SendToUsers
-                   | _SendEach | _Online | _Connected | _AddContacts | _CloseAll)
+                   | _SendEach | _Online | _Connected | _AddContacts | _CloseAll | _UpdateSettings | _SendReceipt
+                   | _Apart | _Together | _DropContacts | _Inspect | _CloseUser)
 
 
 class PresenceHandle:
@@ -150,9 +219,11 @@ class PresenceHandle:
         """Give back a slot reserved by ``admit`` whose connection never opened."""
         await self._inbox.send(_Release(user_id))
 
-    async def connect(self, peer: Peer, contacts: Iterable[str]) -> None:
-        """An admitted connection is open; its user's ``contacts`` hear of them."""
-        await self._inbox.send(_Connect(peer, frozenset(contacts)))
+    async def connect(self, peer: Peer, contacts: Iterable[str], settings: UserSettings | None = None,
+                      apart: Iterable[str] = ()) -> None:
+        """An admitted connection is open; its user's ``contacts`` hear of them. ``settings``
+        (as stored) and ``apart`` (users blocked either way) are adopted by a first connection."""
+        await self._inbox.send(_Connect(peer, frozenset(contacts), settings or UserSettings(), frozenset(apart)))
 
     async def disconnect(self, peer: Peer) -> None:
         await self._inbox.send(_Disconnect(peer))
@@ -196,6 +267,49 @@ class PresenceHandle:
     async def close_all(self, reason: str) -> None:
         """Ask every connection to close with ``reason``; later admissions are refused."""
         await self._inbox.send(_CloseAll(reason))
+
+    # --- safety between users (contract §12) and the server API (§13) -----------------------
+
+    async def update_settings(self, user_id: str, read_receipts: bool | None,
+                              online_status: bool | None) -> UserSettings:
+        """Store and apply the user's privacy settings (``None``: keep); returns them all. Every
+        connection of the user follows at once; contacts hear ``user:offline``/``user:online``
+        when ``online_status`` changes what they see. Presence does the write itself, so that
+        concurrent changes apply in the order they were stored. Raises what the store raised."""
+        reply: Reply[UserSettings] = Reply()
+        await self._inbox.send(_UpdateSettings(user_id, read_receipts, online_status, reply))
+        return await reply.wait()
+
+    async def send_receipt(self, reader_id: str, sender_ids: Iterable[str], frame: str,
+                           key: CoalesceKey | None = None) -> None:
+        """``message:viewed`` to the senders, unless the reader or a sender has switched read
+        receipts off."""
+        await self._inbox.send(_SendReceipt(reader_id, tuple(sender_ids), frame, key))
+
+    async def set_apart(self, user_a: str, user_b: str) -> None:
+        """A block: neither hears of the other's presence any more, from now on."""
+        await self._inbox.send(_Apart(user_a, user_b))
+
+    async def set_together(self, user_a: str, user_b: str, *, still_apart: bool, contacts: bool) -> None:
+        """An unblock (``still_apart``: the other still blocks; ``contacts``: they share an open
+        conversation)."""
+        await self._inbox.send(_Together(user_a, user_b, still_apart, contacts))
+
+    async def drop_contacts(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """These pairs no longer share an open conversation."""
+        await self._inbox.send(_DropContacts(tuple(pairs)))
+
+    async def inspect(self, user_id: str) -> PresenceTruth:
+        """The truth about a user's connections and status (for the server API)."""
+        reply: Reply[PresenceTruth] = Reply()
+        await self._inbox.send(_Inspect(user_id, reply))
+        return await reply.wait()
+
+    async def close_user(self, user_id: str, reason: str) -> int:
+        """Ask every open connection of ``user_id`` to close with ``reason``; returns how many."""
+        reply: Reply[int] = Reply()
+        await self._inbox.send(_CloseUser(user_id, reason, reply))
+        return await reply.wait()
 
 
 class _Presence:
@@ -274,8 +388,8 @@ class _Presence:
                 state = self.users[user_id]
                 state.admitting -= 1
                 self._forget_if_idle(user_id, state)
-            case _Connect(peer=peer, contacts=contacts):
-                self._connect(peer, contacts)
+            case _Connect():
+                self._connect(request)
             case _Disconnect(peer=peer):
                 self._disconnect(peer)
             case _SetStatus():
@@ -288,22 +402,64 @@ class _Presence:
             case _AddContacts(user_ids=user_ids):
                 for user in user_ids:
                     if (known := self.users.get(user)) is not None:
-                        known.contacts.update(u for u in user_ids if u != user)
+                        known.contacts.update(u for u in user_ids if u != user and u not in known.apart)
             case _CloseAll(reason=reason):
                 self.closing = reason
                 for state in self.users.values():
                     for peer in state.peers.values():
                         peer.request_close(reason)
+            case _UpdateSettings():
+                await self._update_settings(request)
+            case _SendReceipt(reader_id=reader_id, sender_ids=sender_ids, frame=frame, key=key):
+                reader = self.users.get(reader_id)
+                if reader is None or reader.read_receipts:
+                    self._deliver((s for s in sender_ids if (st := self.users.get(s)) is not None
+                                   and st.read_receipts), frame, key=key)
+            case _Apart(user_a=a, user_b=b):
+                for user, other in ((a, b), (b, a)):
+                    if (known := self.users.get(user)) is not None:
+                        known.apart.add(other)
+                        known.contacts.discard(other)
+            case _Together(user_a=a, user_b=b, still_apart=still_apart, contacts=contacts):
+                for user, other in ((a, b), (b, a)):
+                    if (known := self.users.get(user)) is not None:
+                        if not still_apart:
+                            known.apart.discard(other)
+                            if contacts:
+                                known.contacts.add(other)
+            case _DropContacts(pairs=pairs):
+                for a, b in pairs:
+                    for user, other in ((a, b), (b, a)):
+                        if (known := self.users.get(user)) is not None:
+                            known.contacts.discard(other)
+            case _Inspect(user_id=user_id, reply=reply):
+                reply.set(self._truth(user_id))
+            case _CloseUser(user_id=user_id, reason=reason, reply=reply):
+                closing = list(self.users[user_id].peers.values()) if user_id in self.users else []
+                for peer in closing:
+                    peer.request_close(reason)
+                reply.set(len(closing))
+
+    def _truth(self, user_id: str) -> PresenceTruth:
+        known = self.users.get(user_id)
+        if known is None or not known.peers:
+            return PresenceTruth(False, "offline", 0)
+        return PresenceTruth(True, known.status, len(known.peers))
 
     def _is_online(self, user_id: str) -> bool:
         state = self.users.get(user_id)
         return state is not None and state.visible
 
-    def _connect(self, peer: Peer, contacts: frozenset[str]) -> None:
+    def _connect(self, request: _Connect) -> None:
+        peer = request.peer
         state = self.users[peer.user_id]
         state.admitting -= 1
         state.username = peer.username
-        state.contacts = set(contacts)
+        state.contacts = set(request.contacts)
+        if not state.peers:  # with connections open, the live settings are the newest
+            state.read_receipts = request.settings.read_receipts
+            state.online_status = request.settings.online_status
+            state.apart = set(request.apart)
         state.peers[peer.id] = peer
         if len(state.peers) == 1:
             self._gauge(1)
@@ -312,7 +468,8 @@ class _Presence:
             peer.request_close(self.closing)
         elif len(state.peers) == 1 and not state.visible:
             state.status = "online"  # appearing offline lasts for a session (contract §7)
-            self._announce(peer.user_id, state, online=True)
+            if state.online_status:
+                self._announce(peer.user_id, state, online=True)
 
     def _disconnect(self, peer: Peer) -> None:
         state = self.users.get(peer.user_id)
@@ -349,11 +506,29 @@ class _Presence:
         state.status = request.status
         if request.status == "offline" and state.visible:
             self._announce(user_id, state, online=False)
-        elif request.status != "offline" and not state.visible:
+        elif request.status != "offline" and not state.visible and state.online_status:
             self._announce(user_id, state, online=True)
         if went_invisible:  # to others, this is when they were last seen
             await self.store.fire(partial(Store.touch_last_seen, user_id=user_id, now=now))
         request.reply.set(now)
+
+    async def _update_settings(self, request: _UpdateSettings) -> None:
+        user_id = request.user_id
+        try:
+            settings = await self.store.call(partial(
+                Store.update_settings, user_id=user_id, read_receipts=request.read_receipts,
+                online_status=request.online_status, now=self.frames.now()))
+        except Exception as exc:  # noqa: BLE001 - the asker learns it
+            request.reply.fail(exc)
+            return
+        state = self.users.get(user_id)
+        if state is not None:
+            state.read_receipts, state.online_status = settings.read_receipts, settings.online_status
+            if not state.online_status and state.visible:
+                self._announce(user_id, state, online=False)
+            elif state.online_status and not state.visible and state.peers and state.status != "offline":
+                self._announce(user_id, state, online=True)
+        request.reply.set(settings)
 
     async def _published(self, events: list[Published]) -> None:
         """Receipts to the senders (``message:delivered``, for deliveries the room recorded with

@@ -55,6 +55,7 @@ class SendItem:
     metadata: dict[str, Any]
     client_message_id: str | None
     reached: tuple[str, ...]  # recipients whose joined connections get it as soon as it commits
+    counted: bool = True  # False: not counted against message limits (the server API's system messages)
 
 
 @attrs.frozen
@@ -87,6 +88,7 @@ class Person:
     username: str
     avatar_url: str | None
     last_seen_at: float | None
+    hidden: bool = False  # to this viewer: blocked either way, or online_status off (§12)
 
 
 @attrs.frozen
@@ -95,6 +97,62 @@ class ConversationListing:
     participants: tuple[Person, ...]
     unread_count: int
     last_message: StoredMessage | None
+
+
+@attrs.frozen
+class ConversationState:
+    """A conversation as the server API shows it (open or closed)."""
+
+    id: str
+    participant_ids: tuple[str, ...]
+    created_at: float
+    closed_at: float | None
+    last_seq: int
+
+
+@attrs.frozen
+class UserSettings:
+    """A user's privacy settings (contract §12); both on by default."""
+
+    read_receipts: bool = True
+    online_status: bool = True
+    updated_at: float | None = None  # None: never changed
+
+
+@attrs.frozen
+class ClosedConversation:
+    """A conversation a close (unmatch, block, the server API) has just closed."""
+
+    id: str
+    participant_ids: tuple[str, ...]
+    closed_at: float
+    closed_by: str  # a user id or "service"
+    uncontacted: tuple[tuple[str, str], ...]  # pairs that no longer share an open conversation
+
+
+@attrs.frozen
+class BlockResult:
+    blocker_id: str
+    blocked_id: str
+    blocked_at: float  # the original time when the pair was already blocked
+    created: bool  # False: blocking again (a no-op)
+    closed: tuple[ClosedConversation, ...]
+
+
+@attrs.frozen
+class BlockEntry:
+    user_id: str
+    blocked_at: float
+
+
+@attrs.frozen
+class Report:
+    id: str
+    reporter_id: str
+    reason: str
+    note: str | None
+    message: StoredMessage  # the snapshot, as stored when reported
+    reported_at: float
 
 
 def authorize(participants: tuple[str, ...] | None, user_id: str, is_service: bool) -> tuple[str, ...]:

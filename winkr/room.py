@@ -20,7 +20,8 @@ import trio
 
 from winkr.actor import Frames, drain
 from winkr.clock import iso
-from winkr.errors import CONVERSATION_FULL, INTERNAL_ERROR, ProtocolError
+from winkr.errors import CONVERSATION_FULL, INTERNAL_ERROR, NOT_FOUND, ProtocolError
+from winkr.handlers.closing import announce_closed
 from winkr.handlers.context import RoomCall
 from winkr.handlers.messages import announce_deleted
 from winkr.logs import ThrottledLog
@@ -53,7 +54,15 @@ class SystemDeleted:
     deleted_at: float
 
 
-RoomMessage = RoomCall | Depart | SystemDeleted
+@attrs.frozen
+class Closed:
+    """A block closed the conversation in the store (contract §12): the room forgets its
+    members and typing, refuses everything from now on, and tells the participants."""
+
+    closed_at: float
+
+
+RoomMessage = RoomCall | Depart | SystemDeleted | Closed
 """What a room's inbox carries."""
 
 
@@ -110,11 +119,12 @@ class Room:
     """A room's state and the ``RoomContext`` its handlers use. Touched only by its task."""
 
     def __init__(self, conversation_id: str, services: RoomServices, handle: RoomHandle,
-                 participants: tuple[str, ...] | None) -> None:
+                 participants: tuple[str, ...] | None, closed: bool = False) -> None:
         self.id = conversation_id
         self.s = services
         self.handle = handle
         self.participants = participants
+        self.closed = closed
         self._members: dict[str, Peer] = {}  # connection id -> Peer
         self._typing: dict[str, tuple[float, str]] = {}  # user -> (expiry deadline, username)
         self.idle_since = trio.current_time()
@@ -143,7 +153,16 @@ class Room:
         return self.participants or ()
 
     def authorize(self, peer: Peer) -> tuple[str, ...]:
+        if self.closed:
+            raise ProtocolError(NOT_FOUND, "conversation not found (it was closed)", field="conversation_id")
         return authorize(self.participants, peer.user_id, peer.is_service)
+
+    def mark_closed(self) -> tuple[str, ...]:
+        self.closed = True
+        self._members.clear()
+        self._typing.clear()  # ends silently: the participants are told the conversation closed
+        self.idle_since = trio.current_time() - self.s.idle_timeout + UNKNOWN_ROOM_SECONDS  # sleep soon
+        return self.participants or ()
 
     def members(self) -> Iterable[Peer]:
         return self._members.values()
@@ -243,15 +262,20 @@ class Room:
                     self.remove_member(peer)
                 case SystemDeleted(message_id=message_id, deleted_at=deleted_at):
                     announce_deleted(self, message_id, "system", deleted_at, None, None)
+                case Closed(closed_at=closed_at):
+                    # Sent once per close that a block made (the room may have woken up closed).
+                    await announce_closed(self, closed_at, None, None)
         except ProtocolError as exc:
             if isinstance(first, RoomCall):
+                if first.outcome is not None and not first.outcome.is_set():
+                    first.outcome.fail(exc)
                 first.peer.deliver(self.s.frames.error(exc, first.route.event, first.ref))
         except Exception as exc:  # the room's exception barrier: a bug answers, it does not kill
             _failures.exception(exc, "room %s failed on %s", self.id, type(first).__name__)
             for message in run:
                 if isinstance(message, RoomCall):
                     if message.outcome is not None and not message.outcome.is_set():
-                        message.outcome.set(False)
+                        message.outcome.fail(ProtocolError(INTERNAL_ERROR, "internal error"))
                     message.peer.deliver(self.s.frames.error(ProtocolError(INTERNAL_ERROR, "internal error"),
                                                              message.route.event, message.ref))
 
@@ -259,9 +283,10 @@ class Room:
 async def run_room(conversation_id: str, services: RoomServices, handle: RoomHandle,
                    inbox: trio.MemoryReceiveChannel[RoomMessage]) -> None:
     """Serve one conversation until the hub closes its inbox (after it went idle)."""
-    participants = await services.store.call(lambda store: store.participants(conversation_id))
-    room = Room(conversation_id, services, handle, participants)
-    if participants is None:  # an unknown id: answer what is waiting, then sleep soon
+    participants, closed_at = await services.store.call(
+        lambda store: (store.participants(conversation_id), store.closed_at(conversation_id)))
+    room = Room(conversation_id, services, handle, participants, closed_at is not None)
+    if participants is None or closed_at is not None:  # unknown or closed: answer what waits, sleep soon
         room.idle_since = trio.current_time() - services.idle_timeout + UNKNOWN_ROOM_SECONDS
     async with inbox:
         while True:

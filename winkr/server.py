@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import trio
+from starlette.types import ASGIApp
 from trio_websocket import WebSocketRequest
 
 from winkr import plain_http
@@ -41,6 +42,7 @@ from winkr.presence import run_presence
 from winkr.protocol.codec import refusal_body
 from winkr.ratelimit import Rate, message_rates, rate_limited, run_rate_limiter
 from winkr.reaper import open_reaper_channel, run_reaper
+from winkr.revocations import run_revocations
 from winkr.room import RoomServices
 from winkr.services import Services
 from winkr.store.checkpointer import run_checkpointer
@@ -174,6 +176,8 @@ class Gateway:
             principal = services.verifier.verify(found.token, self.clock())
         except ProtocolError as exc:
             raise HandshakeRefused(401, exc) from None
+        if await services.revocations.is_revoked(principal):
+            raise HandshakeRefused(401, ProtocolError(UNAUTHORIZED, "this token has been revoked: get a new one"))
         conn_rate = Rate(limits.connections_per_minute, "minute")
         user_key = f"connect\x1f{principal.user_id}"
         if conn_rate.count and (wait := await services.limiter.check(user_key, conn_rate)):
@@ -205,9 +209,14 @@ class Server:
     """One winkr server. ``serve`` runs it; ``accept_stream`` serves an in-memory stream in tests."""
 
     def __init__(self, settings: Settings, secret: str | None, *, clock: WallClock = system_wall_clock,
-                 run_sync: RunSync = trio.to_thread.run_sync, webhook_transport: httpx.AsyncBaseTransport | None = None,
+                 run_sync: RunSync = trio.to_thread.run_sync, api_sockets: list[socket.socket] | None = None,
+                 webhook_transport: httpx.AsyncBaseTransport | None = None,
                  webhook_backoff: Backoff = DEFAULT_BACKOFF) -> None:
         self.settings = settings
+        self.api_sockets = api_sockets  # bound by the CLI; None: bound here when api_port is set
+        self.api_port: int | None = None
+        self.api_app: ASGIApp | None = None  # the server API (served over HTTP when api_port is set)
+        self._accepting = False
         self.clock = clock
         self.run_sync = run_sync
         self.webhook_transport = webhook_transport  # tests: an httpx transport instead of the network
@@ -245,26 +254,51 @@ class Server:
             async with trio.open_nursery() as actors:
                 services = await self._start_actors(actors, Store(db))
                 self._gateway = gateway = Gateway(services, self.metrics, self.clock)
-                async with trio.open_nursery() as connections:
-                    self._connections = connections
-                    async with trio.open_nursery() as listening:
-                        if listeners is None:
-                            listeners = list(await trio.open_tcp_listeners(settings.port, host=settings.host))
-                        self.ports = [lsn.socket.getsockname()[1] for lsn in listeners]
-                        if listeners:  # none in tests that hand streams to accept_stream
-                            await listening.start(partial(trio.serve_listeners, gateway.handle_stream,
-                                                          listeners, handler_nursery=connections))
-                        task_status.started(self)
-                        await self._shutdown.wait()
-                        listening.cancel_scope.cancel()
-                    log.info("shutting down: closing connections")
-                    await services.presence.close_all("server_shutdown")
-                    connections.cancel_scope.deadline = trio.current_time() + settings.shutdown_timeout
+                api_stop = trio.Event()
+                async with trio.open_nursery() as api:
+                    await self._start_api(api, services, api_stop)
+                    async with trio.open_nursery() as connections:
+                        self._connections = connections
+                        async with trio.open_nursery() as listening:
+                            if listeners is None:
+                                listeners = list(await trio.open_tcp_listeners(settings.port, host=settings.host))
+                            self.ports = [lsn.socket.getsockname()[1] for lsn in listeners]
+                            if listeners:  # none in tests that hand streams to accept_stream
+                                await listening.start(partial(trio.serve_listeners, gateway.handle_stream,
+                                                              listeners, handler_nursery=connections))
+                            self._accepting = True
+                            task_status.started(self)
+                            await self._shutdown.wait()
+                            self._accepting = False
+                            listening.cancel_scope.cancel()
+                        log.info("shutting down: closing connections")
+                        await services.presence.close_all("server_shutdown")
+                        connections.cancel_scope.deadline = trio.current_time() + settings.shutdown_timeout
+                    api_stop.set()  # the API drives the actors: it stops before them
                 actors.cancel_scope.cancel()
         finally:
             self._gateway = None
             await self.run_sync(db.close)
         log.info("stopped")
+
+    def _readiness(self) -> str | None:
+        return None if self._accepting else "not accepting WebSocket connections (starting or shutting down)"
+
+    async def _start_api(self, nursery: trio.Nursery, services: Services, stop: trio.Event) -> None:
+        """Make the server API's app; serve it on ``api_port`` when that is set (docs/server-api.md)."""
+        from winkr.api.app import ServerApi
+        from winkr.api.keys import KeyChecker, api_keys
+
+        settings = self.settings
+        serving = settings.api_port is not None
+        keys = await self.run_sync(partial(api_keys, settings, create=serving))
+        self.api_app = ServerApi(services, KeyChecker(keys), self._readiness).app()
+        if serving:
+            from winkr.api.server import bind_api, serve_api
+
+            sockets = self.api_sockets or await self.run_sync(bind_api, settings)
+            self.api_port = await nursery.start(serve_api, self.api_app, sockets, stop)
+            log.info("server API on http://%s:%d", settings.api_host, self.api_port)
 
     async def _start_actors(self, nursery: trio.Nursery, store: Store) -> Services:
         settings, frames = self.settings, self.frames
@@ -289,8 +323,9 @@ class Server:
         hub = await nursery.start(partial(run_hub, room_services, rooms_gauge=self.metrics.rooms))
         nursery.start_soon(run_reaper, store_handle, hub.room, self.clock, reaper_inbox)
         nursery.start_soon(self._sample_runtime)
+        revocations = await nursery.start(run_revocations, store_handle)
         return Services(settings, frames, self.verifier, self.policy, store_handle, presence, hub, reaper, limiter,
-                        rates, webhooks)
+                        rates, webhooks, revocations)
 
     async def _sample_runtime(self) -> None:
         """Keep the task-count gauge fresh (the scrape runs on another thread, so it cannot ask
@@ -308,10 +343,11 @@ class Server:
 
 
 async def serve_forever(settings: Settings, secret: str, *, on_listening: Callable[[list[int]], None],
-                        listeners: list[trio.SocketListener] | None = None) -> None:
-    """Run a server until SIGINT/SIGTERM (the CLI's entry point), on ``listeners`` when given
-    (the CLI binds them before it creates anything)."""
-    server = Server(settings, secret)
+                        listeners: list[trio.SocketListener] | None = None,
+                        api_sockets: list[socket.socket] | None = None) -> None:
+    """Run a server until SIGINT/SIGTERM (the CLI's entry point), on ``listeners`` (and the
+    server API on ``api_sockets``) when given (the CLI binds them before it creates anything)."""
+    server = Server(settings, secret, api_sockets=api_sockets)
     if settings.metrics_port is not None:
         port = server.metrics.serve_http(settings.metrics_port, settings.metrics_host)
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)

@@ -11,6 +11,7 @@ from winkr.policy import PolicySettings
 from winkr.presence import PresenceHandle
 from winkr.ratelimit import Rate, RateLimiterHandle
 from winkr.reaper import ReaperHandle
+from winkr.revocations import RevocationsHandle
 from winkr.store.writer import StoreHandle
 from winkr.webhooks import WebhookHandle
 
@@ -28,3 +29,4 @@ class Services:
     limiter: RateLimiterHandle
     message_rates: tuple[Rate, ...]  # the message windows switched on (counted by the store)
     webhooks: WebhookHandle  # enabled event types for enqueue; nudge after a commit that enqueued
+    revocations: RevocationsHandle

@@ -114,6 +114,10 @@ class RoomContext(Protocol):
     def message_limits(self) -> tuple[Rate, ...]:
         """The message rate limits the store counts each send against."""
 
+    def mark_closed(self) -> tuple[str, ...]:
+        """The conversation is closed: forget members and typing, refuse everything from now
+        on (``NOT_FOUND``); returns the participants."""
+
 
 @attrs.frozen
 class RoomCall:
@@ -125,7 +129,9 @@ class RoomCall:
     ref: str | None
     prepared: object = None  # what the route's ``prepare`` made of it (a checked message)
     received_at: float | None = None  # trio time the frame was read (the send->ack metric)
-    outcome: Reply[bool] | None = None  # for calls whose result the connection records (join)
+    # For callers that wait for the result: join (True/False); the server API (the handler's
+    # result record, or the ProtocolError it failed with).
+    outcome: Reply[Any] | None = None
 
 
 ConnectionHandler = Callable[[ConnectionContext, Any, "str | None"], Awaitable[None]]

@@ -2,6 +2,9 @@
 conversation:list (on the connection)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 from winkr.actor import Reply
 from winkr.clock import iso
 from winkr.handlers.context import ConnectionContext, RoomCall, RoomContext, Route
@@ -9,6 +12,9 @@ from winkr.protocol.requests import ConversationCreate, ConversationRef, Empty
 from winkr.protocol.wire import conversation_object, listing_object
 from winkr.records import Conversation, ConversationListing
 from winkr.store.store import Store
+
+if TYPE_CHECKING:
+    from winkr.services import Services
 
 
 async def join(conn: ConnectionContext, request: ConversationRef, ref: str | None) -> None:
@@ -52,33 +58,53 @@ async def leave_in_room(room: RoomContext, call: RoomCall) -> None:
         "conversation_id": room.id, "left_at": iso(room.frames.now())}, call.ref))
 
 
-async def create(conn: ConnectionContext, request: ConversationCreate, ref: str | None) -> None:
-    """Create (or find) a conversation; its participants' other connections are told."""
-    settings, principal, now = conn.services.settings, conn.principal, conn.services.frames.now()
+async def create_conversation(services: Services, creator: str, participant_ids: Sequence[str], *,
+                              is_service: bool, per_day: int, except_connection: str | None = None,
+                              reply: Any = None) -> tuple[Conversation, bool]:
+    """Create (or, for two people, find the open) conversation; when created, every connection
+    of its participants but ``except_connection`` gets ``conversation:created`` and they become
+    contacts. ``reply`` (awaited with the conversation's data first) answers the requester.
+    Shared by ``conversation:create`` and the server API."""
+    settings, now = services.settings, services.frames.now()
 
     def work(store: Store) -> tuple[Conversation, bool]:
-        return store.create_conversation(
-            principal.user_id, request.participant_ids, is_service=principal.is_service,
-            max_participants=settings.max_participants, now=now,
-            per_day=settings.limits.conversations_per_day)
+        return store.create_conversation(creator, participant_ids, is_service=is_service,
+                                         max_participants=settings.max_participants, now=now, per_day=per_day)
 
-    conversation, created = await conn.services.store.call(work)
+    conversation, created = await services.store.call(work)
     data = {"conversation": conversation_object(conversation)}
-    await conn.reply("conversation:created", data, ref)
+    if reply is not None:
+        await reply(data)
     if created:
-        presence = conn.services.presence
-        await presence.send_to_users(conversation.participant_ids, conn.services.frames.event(
-            "conversation:created", data), except_connection=conn.id)
-        await presence.add_contacts(conversation.participant_ids)
+        await services.presence.send_to_users(conversation.participant_ids, services.frames.event(
+            "conversation:created", data), except_connection=except_connection)
+        await services.presence.add_contacts(conversation.participant_ids)
+    return conversation, created
+
+
+async def create(conn: ConnectionContext, request: ConversationCreate, ref: str | None) -> None:
+    """Create (or find) a conversation; its participants' other connections are told."""
+    async def answer(data: dict[str, Any]) -> None:
+        await conn.reply("conversation:created", data, ref)
+
+    await create_conversation(conn.services, conn.principal.user_id, request.participant_ids,
+                              is_service=conn.principal.is_service,
+                              per_day=conn.services.settings.limits.conversations_per_day,
+                              except_connection=conn.id, reply=answer)
+
+
+async def conversation_listing(services: Services, user_id: str) -> list[dict[str, Any]]:
+    """The entries of ``conversation:list`` for ``user_id`` (open conversations, participants'
+    visible presence, unread counts, last messages). Shared with the server API."""
+    def work(store: Store) -> list[ConversationListing]:
+        return store.list_conversations(user_id)
+
+    listings = await services.store.call(work)
+    online = await services.presence.online({p.id for c in listings for p in c.participants})
+    return [listing_object(c, online) for c in listings]
 
 
 async def list_(conn: ConnectionContext, request: Empty, ref: str | None) -> None:
     """The caller's conversations with participants' presence, unread counts and last messages."""
-    user_id = conn.principal.user_id
-
-    def work(store: Store) -> list[ConversationListing]:
-        return store.list_conversations(user_id)
-
-    listings = await conn.services.store.call(work)
-    online = await conn.services.presence.online({p.id for c in listings for p in c.participants})
-    await conn.reply("conversation:list", {"conversations": [listing_object(c, online) for c in listings]}, ref)
+    listing = await conversation_listing(conn.services, conn.principal.user_id)
+    await conn.reply("conversation:list", {"conversations": listing}, ref)

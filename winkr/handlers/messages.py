@@ -59,7 +59,8 @@ async def send_run(room: RoomContext, calls: list[RoomCall]) -> None:
         assert isinstance(call.request, MessageSend) and isinstance(call.prepared, CheckedMessage)
         checked = call.prepared
         items.append(SendItem(call.peer.user_id, checked.type, checked.content, checked.metadata,
-                              call.request.client_message_id, tuple(sorted(joined_users - {call.peer.user_id}))))
+                              call.request.client_message_id, tuple(sorted(joined_users - {call.peer.user_id})),
+                              counted=call.outcome is None))  # the server API's system messages are not counted
     unconnected = await _unconnected(room, joined_users, allowed)
     senders = [sender_object(call.peer.user_id, call.peer.username, call.peer.avatar_url) for call in allowed]
     results = await room.store.call(partial(
@@ -116,6 +117,8 @@ def _fan_out(room: RoomContext, call: RoomCall, result: SendResult) -> Published
                                                                                 peer.avatar_url)}
     frames = room.frames
     peer.deliver(frames.event("message:new", data, call.ref))
+    if call.outcome is not None:
+        call.outcome.set(result)
     if result.duplicate:  # answered to the sender only (contract §11.15)
         return None
     room.broadcast(frames.event("message:new", data), skip=peer)
@@ -139,8 +142,10 @@ async def read(room: RoomContext, call: RoomCall) -> None:
     peer.deliver(room.frames.event("message:viewed", data, call.ref))
     if result.newly_read_senders:
         # A later read covers an earlier one still waiting: one key per (conversation, reader).
-        await room.presence.send_to_users(result.newly_read_senders, room.frames.event("message:viewed", data),
-                                          key=("viewed", room.id, peer.user_id))
+        # Presence leaves out senders when either side has read receipts off (contract §12).
+        await room.presence.send_receipt(peer.user_id, result.newly_read_senders,
+                                         room.frames.event("message:viewed", data),
+                                         key=("viewed", room.id, peer.user_id))
         await room.presence.send_to_users(
             (peer.user_id,), room.frames.event("conversation:unread", unread_data(
                 room.id, result.unread_count, result.last_message)),
@@ -192,4 +197,6 @@ async def history(conn: ConnectionContext, request: MessageHistory, ref: str | N
 
 
 def _reply_error(room: RoomContext, call: RoomCall, exc: ProtocolError) -> None:
+    if call.outcome is not None:
+        call.outcome.fail(exc)
     call.peer.deliver(room.frames.error(exc, call.route.event, call.ref))

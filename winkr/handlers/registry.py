@@ -8,7 +8,7 @@ the event takes from the connection's inbound budget (``[limits] inbound_events_
 """
 from __future__ import annotations
 
-from winkr.handlers import conversations, messages, typing_indicator, users
+from winkr.handlers import conversations, messages, safety, typing_indicator, users
 from winkr.handlers.context import Route
 from winkr.protocol.requests import (
     AuthRefresh,
@@ -17,7 +17,10 @@ from winkr.protocol.requests import (
     Empty,
     MessageHistory,
     MessageRef,
+    MessageReport,
     MessageSend,
+    SettingsUpdate,
+    UserRef,
     UserStatus,
 )
 
@@ -37,6 +40,13 @@ ROUTES: dict[str, Route] = {route.event: route for route in (
     Route("conversation:list", Empty, on_connection=conversations.list_, cost=10),
     Route("user:status", UserStatus, on_connection=users.status, cost=2),
     Route("auth:refresh", AuthRefresh, on_connection=users.refresh, cost=2),
+    # Safety between users (contract §12).
+    Route("user:block", UserRef, on_connection=safety.block, cost=5),
+    Route("user:unblock", UserRef, on_connection=safety.unblock, cost=5),
+    Route("user:blocks", Empty, on_connection=safety.list_blocks, cost=5),
+    Route("conversation:close", ConversationRef, in_room=safety.close_in_room, cost=5),
+    Route("message:report", MessageReport, on_connection=safety.report, cost=5),
+    Route("user:settings", SettingsUpdate, on_connection=safety.update_settings, cost=5),
 )}
 
 EVENTS = tuple(ROUTES)

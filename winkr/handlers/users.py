@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from winkr.clock import iso
-from winkr.errors import FORBIDDEN, ProtocolError
+from winkr.errors import FORBIDDEN, UNAUTHORIZED, ProtocolError
 from winkr.handlers.context import ConnectionContext
 from winkr.protocol.requests import AuthRefresh, UserStatus
 
@@ -17,5 +17,7 @@ async def refresh(conn: ConnectionContext, request: AuthRefresh, ref: str | None
     principal = conn.services.verifier.verify(request.token, conn.services.frames.now())  # UNAUTHORIZED if bad
     if principal.user_id != conn.principal.user_id:
         raise ProtocolError(FORBIDDEN, "the new token is for another user", field="token")
+    if await conn.services.revocations.is_revoked(principal):
+        raise ProtocolError(UNAUTHORIZED, "this token has been revoked: get a new one")  # as any refused token
     conn.refresh_principal(principal)
     await conn.reply("auth:refreshed", {"expires_at": iso(principal.expires_at)}, ref)

@@ -79,11 +79,57 @@ class AuthRefresh:
     token: str
 
 
+@attrs.frozen
+class UserRef:
+    """``user:block`` and ``user:unblock``; the server API's ``POST /v1/users/{id}/blocks``."""
+
+    user_id: UserId
+
+
+@attrs.frozen
+class MessageReport:
+    conversation_id: Id
+    message_id: MessageId
+    reason: str
+    note: str | None = None
+    plaintext: str | None = None
+
+
+@attrs.frozen
+class SettingsUpdate:
+    """``user:settings``: the settings given change, the others stay."""
+
+    read_receipts: bool | None = None
+    online_status: bool | None = None
+
+
 ClientRequest = (MessageSend | MessageRef | ConversationRef | ConversationCreate | Empty | MessageHistory
-                 | UserStatus | AuthRefresh)
+                 | UserStatus | AuthRefresh | UserRef | MessageReport | SettingsUpdate)
 """Every request a client can send (the closed union the handlers receive)."""
 
+
+@attrs.frozen
+class ApiSystemMessage:
+    """The body of ``POST /v1/conversations/{id}/messages``."""
+
+    content: Any = None
+    metadata: Any = None
+    client_message_id: Id | None = None
+    type: Any = "system"
+
+
+@attrs.frozen
+class ApiDisconnect:
+    """The body of ``POST /v1/users/{id}/disconnect``."""
+
+    revoke_tokens: bool = False
+
+
+ApiRequest = ApiSystemMessage | ApiDisconnect
+"""Bodies only the server API takes (it also takes ``ConversationCreate`` and ``UserRef``)."""
+
 STATUSES = ("online", "away", "busy", "offline")
+REPORT_REASONS = ("spam", "scam", "harassment", "inappropriate", "underage", "other")
 
 
 class _FieldError(ValueError):
@@ -120,6 +166,7 @@ def _structure_user_id(value: Any, _: Any) -> UserId:
 
 converter.register_structure_hook(UserId, _structure_user_id)
 converter.register_structure_hook(str, _strict(str, lambda v: True, "must be a string"))
+converter.register_structure_hook(bool, _strict(bool, lambda v: True, "must be true or false"))
 converter.register_structure_hook(
     int, _strict(int, lambda v: -(2**63) <= v < 2**63, "must be an integer"))
 converter.register_structure_hook(
@@ -157,7 +204,7 @@ def _first_error(exc: BaseException, path: list[str]) -> tuple[str, str]:
     return ".".join(path), "has the wrong type"
 
 
-R = TypeVar("R", bound=ClientRequest)
+R = TypeVar("R", bound=ClientRequest | ApiRequest)
 
 
 def structure_request(kind: type[R], data: dict[str, Any]) -> R:
@@ -172,7 +219,7 @@ def structure_request(kind: type[R], data: dict[str, Any]) -> R:
     return request
 
 
-def _check_bounds(request: ClientRequest) -> None:
+def _check_bounds(request: ClientRequest | ApiRequest) -> None:
     if isinstance(request, MessageHistory):
         if not 1 <= request.limit <= MAX_HISTORY_LIMIT:
             raise ProtocolError(VALIDATION_ERROR, f"limit must be between 1 and {MAX_HISTORY_LIMIT}",
@@ -184,6 +231,9 @@ def _check_bounds(request: ClientRequest) -> None:
     elif isinstance(request, UserStatus) and request.status not in STATUSES:
         raise ProtocolError(VALIDATION_ERROR, "status must be one of " + ", ".join(STATUSES),
                             field="status")
+    elif isinstance(request, MessageReport) and request.reason not in REPORT_REASONS:
+        raise ProtocolError(VALIDATION_ERROR, "reason must be one of " + ", ".join(REPORT_REASONS),
+                            field="reason")
     elif isinstance(request, ConversationCreate) and not request.participant_ids:
         raise ProtocolError(VALIDATION_ERROR, "participant_ids must name at least one other user",
                             field="participant_ids")

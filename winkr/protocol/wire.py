@@ -9,7 +9,15 @@ from typing import Any
 
 from winkr.clock import iso
 from winkr.ids import message_id
-from winkr.records import Conversation, ConversationListing, Delivery, StoredMessage
+from winkr.records import (
+    Conversation,
+    ConversationListing,
+    ConversationState,
+    Delivery,
+    Report,
+    StoredMessage,
+    UserSettings,
+)
 
 Json = dict[str, Any]
 
@@ -59,13 +67,46 @@ def unread_data(conversation_id: str, unread_count: int, last_message: StoredMes
 
 
 def listing_object(listing: ConversationListing, online: dict[str, bool]) -> Json:
-    """One entry of ``conversation:list``; ``online`` says who is visibly online."""
+    """One entry of ``conversation:list``; ``online`` says who is visibly online. A person
+    hidden from the viewer (§12) is offline with no last-seen time."""
     return {
         "id": listing.id,
         "participants": [{"id": p.id, "username": p.username, "avatar_url": p.avatar_url,
-                          "online": online.get(p.id, False),
-                          "last_seen_at": iso(p.last_seen_at) if p.last_seen_at is not None else None}
+                          "online": online.get(p.id, False) and not p.hidden,
+                          "last_seen_at": iso(p.last_seen_at) if p.last_seen_at is not None and not p.hidden
+                          else None}
                          for p in listing.participants],
         "unread_count": listing.unread_count,
         "last_message": message_summary(listing.last_message),
     }
+
+
+# --- safety between users (contract §12) ------------------------------------------------------
+
+CLOSE_REASON = "unmatched"
+"""The one reason a closed conversation gives, whoever closed it (the blocked learn no more)."""
+
+
+def closed_data(conversation_id: str, closed_at: float) -> Json:
+    """``conversation:closed``."""
+    return {"conversation_id": conversation_id, "reason": CLOSE_REASON, "closed_at": iso(closed_at)}
+
+
+def settings_object(settings: UserSettings) -> Json:
+    """The ``settings`` of ``connection:established``."""
+    return {"read_receipts": settings.read_receipts, "online_status": settings.online_status}
+
+
+def report_reply(report: Report) -> Json:
+    """``message:reported``."""
+    return {"report_id": report.id, "conversation_id": report.message.conversation_id,
+            "message_id": message_id(report.message.conversation_id, report.message.seq),
+            "reported_at": iso(report.reported_at)}
+
+
+# --- the server API (contract §13) ---------------------------------------------------------------
+
+def conversation_state_object(state: ConversationState) -> Json:
+    """``GET /v1/conversations/{id}``."""
+    return {"id": state.id, "participant_ids": list(state.participant_ids), "created_at": iso(state.created_at),
+            "closed_at": iso(state.closed_at) if state.closed_at is not None else None, "last_seq": state.last_seq}

@@ -84,6 +84,49 @@ MIGRATIONS: list[str] = [
     CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at);
     CREATE INDEX webhook_events_age ON webhook_events (created_at);  -- the oldest, for the age gauge
     """,
+    # 4: safety between users (contract §12) and the server API (§13). A closed conversation
+    # keeps its messages but loses its pair key, so find-or-create only ever finds an open one.
+    """
+    ALTER TABLE conversations ADD COLUMN closed_at REAL;
+    ALTER TABLE conversations ADD COLUMN closed_by TEXT;
+    CREATE TABLE blocks (
+        blocker_id TEXT NOT NULL,
+        blocked_id TEXT NOT NULL,
+        blocked_at REAL NOT NULL,
+        PRIMARY KEY (blocker_id, blocked_id)
+    );
+    CREATE INDEX blocks_by_blocked ON blocks (blocked_id, blocker_id);
+    CREATE TABLE reports (
+        id TEXT PRIMARY KEY,
+        reporter_id TEXT NOT NULL,
+        conversation_id TEXT NOT NULL REFERENCES conversations (id),
+        seq INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        note TEXT,
+        plaintext TEXT,                  -- the reporter's own copy of an encrypted message
+        reported_at REAL NOT NULL,
+        -- the message as stored when it was reported (it may be erased later)
+        message_sender_id TEXT NOT NULL,
+        message_type TEXT NOT NULL,
+        message_content TEXT NOT NULL,
+        message_metadata TEXT NOT NULL,  -- JSON object
+        message_client_id TEXT,
+        message_created_at REAL NOT NULL,
+        message_updated_at REAL NOT NULL,
+        message_deleted INTEGER NOT NULL
+    );
+    CREATE INDEX reports_by_reporter ON reports (reporter_id, reported_at);
+    CREATE TABLE user_settings (
+        user_id TEXT PRIMARY KEY,
+        read_receipts INTEGER NOT NULL,  -- 0 or 1
+        online_status INTEGER NOT NULL,  -- 0 or 1
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE token_revocations (
+        user_id TEXT PRIMARY KEY,
+        revoked_at REAL NOT NULL         -- tokens issued (iat) at or before this, or without iat, are refused
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

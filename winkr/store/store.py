@@ -31,6 +31,7 @@ from winkr.records import (
     UnreadSummary,
     authorize,
 )
+from winkr.store.safety import SafetyQueries
 
 _MESSAGE_COLUMNS = ("conversation_id, seq, sender_id, type, content, metadata, client_message_id,"
                     " created_at, updated_at, deleted_at")
@@ -50,7 +51,7 @@ SELECT p.{key},
 FROM participants p JOIN conversations c ON c.id = p.conversation_id
 WHERE {where}"""
 _UNREAD_IN_CONVERSATION_SQL = _UNREAD_SQL.format(key="user_id", where="p.conversation_id = ? AND p.user_id = ?")
-_UNREAD_OF_USER_SQL = _UNREAD_SQL.format(key="conversation_id", where="p.user_id = ?")
+_UNREAD_OF_USER_SQL = _UNREAD_SQL.format(key="conversation_id", where="p.user_id = ? AND c.closed_at IS NULL")
 
 _MESSAGE_COLUMNS_M = ", ".join(f"m.{column.strip()}" for column in _MESSAGE_COLUMNS.split(","))
 
@@ -61,7 +62,10 @@ def _message(row: Sequence[Any], is_read: bool = False) -> StoredMessage:
                          deleted is not None, is_read)
 
 
-class Store:
+class Store(SafetyQueries):
+    """Every SQL statement; the safety ones (blocks, closing, reports, settings, revocations)
+    come from ``SafetyQueries`` (``winkr/store/safety.py``)."""
+
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self._participants: dict[str, tuple[str, ...]] = {}
@@ -82,10 +86,14 @@ class Store:
         self.db.execute("UPDATE users SET last_seen_at = ? WHERE id = ?", (now, user_id))
 
     def contacts(self, user_id: str) -> set[str]:
-        """Users who share at least one conversation with ``user_id``."""
+        """Users who share at least one open conversation with ``user_id`` and are not blocked
+        either way: who hears of their presence (contract §7, §12)."""
         rows = self.db.execute(
             "SELECT DISTINCT o.user_id FROM participants p JOIN participants o "
-            "ON o.conversation_id = p.conversation_id WHERE p.user_id = ? AND o.user_id != ?",
+            "ON o.conversation_id = p.conversation_id JOIN conversations c ON c.id = p.conversation_id "
+            "WHERE p.user_id = ? AND o.user_id != ? AND c.closed_at IS NULL AND NOT EXISTS ("
+            "SELECT 1 FROM blocks b WHERE (b.blocker_id = p.user_id AND b.blocked_id = o.user_id) "
+            "OR (b.blocker_id = o.user_id AND b.blocked_id = p.user_id))",
             (user_id, user_id))
         return {row[0] for row in rows}
 
@@ -100,9 +108,14 @@ class Store:
             cached = self._participants[conversation_id] = tuple(row[0] for row in rows)
         return cached
 
-    def authorize(self, conversation_id: str, user_id: str, is_service: bool = False) -> tuple[str, ...]:
-        """The participants, if ``user_id`` may act on the conversation (``records.authorize``)."""
-        return authorize(self.participants(conversation_id), user_id, is_service)
+    def authorize(self, conversation_id: str, user_id: str, is_service: bool = False, *,
+                  closed_ok: bool = False) -> tuple[str, ...]:
+        """The participants, if ``user_id`` may act on the conversation (``records.authorize``);
+        a closed one is ``NOT_FOUND`` unless ``closed_ok``."""
+        participants = authorize(self.participants(conversation_id), user_id, is_service)
+        if not closed_ok:
+            self.require_open(conversation_id)
+        return participants
 
     def create_conversation(self, creator: str, others: Iterable[str], *, is_service: bool,
                             max_participants: int, now: float, per_day: int = 0) -> tuple[Conversation, bool]:
@@ -118,7 +131,9 @@ class Store:
                                 field="participant_ids")
         ordered = tuple(sorted(members))
         key = pair_key(*ordered) if len(ordered) == 2 else None
-        if key is not None:
+        if key is not None and self.is_blocked_pair(*ordered):
+            raise ProtocolError(FORBIDDEN, "these two users cannot have a conversation", field="participant_ids")
+        if key is not None:  # only an open conversation has a pair key
             row = self.db.execute("SELECT id, created_at FROM conversations WHERE pair_key = ?",
                                   (key,)).fetchone()
             if row is not None:
@@ -160,7 +175,7 @@ class Store:
                 "AND client_message_id = ?", (conversation_id, item.sender_id, item.client_message_id)).fetchone()
             if row is not None:
                 return SendResult(_message(row), True)
-        if rates:
+        if rates and item.counted:
             self._count_messages(item.sender_id, rates, now)
         seq = self._take_seq(conversation_id)
         self.db.execute(
@@ -175,8 +190,12 @@ class Store:
                         rates: tuple[Rate, ...] = ()) -> list[SendResult | ProtocolError]:
         """A room's run of sends in one request, each with the deliveries to the recipients it
         reaches at once. A refusal (rate limit) writes nothing, so it needs no savepoint; it is
-        returned in its place."""
+        returned in its place. In a closed conversation every send is ``NOT_FOUND``."""
         results: list[SendResult | ProtocolError] = []
+        try:
+            self.require_open(conversation_id)
+        except ProtocolError as closed:
+            return [closed] * len(items)
         for item in items:
             try:
                 result = self.insert_message(conversation_id, item, now, rates)
@@ -208,6 +227,7 @@ class Store:
 
     def read_up_to(self, conversation_id: str, reader: str, message_id_: str, now: float) -> ReadResult:
         """Mark every message up to ``message_id_`` not sent by ``reader`` as read by them."""
+        self.require_open(conversation_id)
         seq, _ = self._message_seq(conversation_id, message_id_)
         row = self.db.execute("SELECT last_read_seq FROM participants WHERE conversation_id = ? AND "
                               "user_id = ?", (conversation_id, reader)).fetchone()
@@ -232,6 +252,8 @@ class Store:
 
     def delete_message(self, conversation_id: str, message_id_: str, deleted_by: str, now: float) -> float:
         """Erase content and metadata, keep a tombstone. Returns ``deleted_at``."""
+        if deleted_by != "system":  # the reaper still erases ephemeral photos of a closed conversation
+            self.require_open(conversation_id)
         seq, deleted_at = self._message_seq(conversation_id, message_id_)
         if deleted_at is not None:
             raise ProtocolError(NOT_FOUND, "message already deleted", field="message_id")
@@ -311,7 +333,8 @@ class Store:
         """The last message of every conversation of ``user_id`` that has one, in one query."""
         rows = self.db.execute(
             f"SELECT {_MESSAGE_COLUMNS_M} FROM participants p JOIN conversations c ON c.id = p.conversation_id "
-            "JOIN messages m ON m.conversation_id = c.id AND m.seq = c.last_seq WHERE p.user_id = ?",
+            "JOIN messages m ON m.conversation_id = c.id AND m.seq = c.last_seq "
+            "WHERE p.user_id = ? AND c.closed_at IS NULL",
             (user_id,)).fetchall()
         return {row[0]: _message(row) for row in rows}
 
@@ -324,18 +347,22 @@ class Store:
         return [UnreadSummary(c, n, lasts.get(c)) for c, n in sorted(counts.items())]
 
     def list_conversations(self, user_id: str) -> list[ConversationListing]:
-        """Every conversation of ``user_id``: participants, unread count, last message (four
-        queries whatever the number of conversations)."""
-        people: dict[str, list[Person]] = {}
+        """The user's open conversations: participants (those hidden from the user, §12, marked
+        ``hidden``), unread count, last message — five queries whatever their number."""
+        people: dict[str, list[tuple[str, str, str | None, float | None]]] = {}
         for conversation_id, uid, name, avatar, seen in self.db.execute(
                 "SELECT p.conversation_id, p.user_id, u.username, u.avatar_url, u.last_seen_at "
-                "FROM participants me JOIN participants p ON p.conversation_id = me.conversation_id "
-                "LEFT JOIN users u ON u.id = p.user_id WHERE me.user_id = ? ORDER BY p.conversation_id, p.user_id",
-                (user_id,)):
-            people.setdefault(conversation_id, []).append(Person(uid, name or uid, avatar, seen))
+                "FROM participants me JOIN conversations c ON c.id = me.conversation_id "
+                "JOIN participants p ON p.conversation_id = me.conversation_id "
+                "LEFT JOIN users u ON u.id = p.user_id WHERE me.user_id = ? AND c.closed_at IS NULL "
+                "ORDER BY p.conversation_id, p.user_id", (user_id,)):
+            people.setdefault(conversation_id, []).append((uid, name or uid, avatar, seen))
+        hidden = self.hidden_from(user_id, {uid for ps in people.values() for uid, *_ in ps})
         counts = self._unread_by_conversation(user_id)
         lasts = self._last_messages(user_id)
-        return [ConversationListing(c, tuple(ps), counts.get(c, 0), lasts.get(c)) for c, ps in people.items()]
+        return [ConversationListing(c, tuple(Person(uid, name, avatar, seen, uid in hidden)
+                                             for uid, name, avatar, seen in ps), counts.get(c, 0), lasts.get(c))
+                for c, ps in people.items()]
 
     # --- rate-limit state (GCRA, persisted) --------------------------------------------
 
