@@ -22,18 +22,9 @@ member that stayed disconnected (so delivery to it could not be checked), or not
 acknowledged at all; 0 otherwise; 2 for bad arguments.
 
 The server must run with its rate limits off, or the limits show up as RATE_LIMITED /
-HTTP 429 errors: in the config file (winkr serve --config FILE)
+HTTP 429 errors: a config file whose [limits] table sets them to 0, as the shipped one does
 
-    [limits]
-    messages_per_minute = 0
-    messages_per_hour = 0
-    messages_per_day = 0
-    typing_per_minute = 0
-    connections_per_minute = 0
-    conversations_per_day = 0
-    connections_per_user = 0
-    failed_handshakes_per_minute_per_ip = 0
-    outbound_queue = 0
+    ./scripts/serve --config deploy/loadtest.toml
 
 Tokens are HS256 JWTs minted here with the server's secret (--secret, --secret-file or
 $WINKR_JWT_SECRET). Only loopback targets are accepted unless --allow-remote is given.
@@ -46,7 +37,8 @@ Examples
     python scripts/loadtest.py --url ws://127.0.0.1:9000/ws --json-only | jq .ack_per_s
     python scripts/loadtest.py --mix send=60,typing=20,read=10,rejoin=5,reconnect=5
 
-Needs: websockets (>= 13), pyjwt, rich; orjson and uvloop are used when installed.
+Needs: winkr with its [load] extra (websockets >= 13, rich); orjson and uvloop are used when
+installed.
 """
 from __future__ import annotations
 
@@ -58,19 +50,22 @@ import multiprocessing as mp
 import os
 import queue
 import random
-import re
 import secrets
 import signal
 import socket
 import sys
 import time
 import traceback
-import warnings
 from array import array
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+if __package__ in (None, ""):  # `python scripts/loadtest.py`: the checkout's root, so that `scripts` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts._common import decode_letters, encode_letters, mint
 
 try:
     import orjson
@@ -124,14 +119,8 @@ DEFAULT_MIX: dict[str, float] = {
     "reconnect": 0.5,  # close, reconnect, join, catch-up, re-send unacknowledged, send
 }
 
-# ---------------------------------------------------------------------------------------------
-# Message content: letters only (the server masks digit runs that look like phone or card
-# numbers), no vowels (so no token is ever a word a block list could match).
-# ---------------------------------------------------------------------------------------------
-LETTERS = "bcdfghjklmnpqrst"  # 16 consonants standing for the hex digits 0-f
-_HEX_TO_LETTERS = str.maketrans("0123456789abcdef", LETTERS)
-_LETTERS_TO_HEX = str.maketrans(LETTERS, "0123456789abcdef")
-_CODE_WORD = re.compile(f"[{LETTERS}]+")
+# Message content: '<send time> <user> <counter> <filler words>', the numbers written in letters
+# (scripts/_common.py says why).
 FILLERS = (
     "hey how is your day going",
     "sounds good see you later",
@@ -140,20 +129,6 @@ FILLERS = (
     "want to grab a coffee this week",
     "ok talk soon",
 )
-
-
-def encode_letters(n: int) -> str:
-    """A non-negative integer in hexadecimal written with consonants (0 -> 'b')."""
-    if n < 0:
-        raise ValueError("negative")
-    return format(n, "x").translate(_HEX_TO_LETTERS)
-
-
-def decode_letters(s: str) -> int:
-    """Inverse of encode_letters; ValueError for anything it did not produce."""
-    if not _CODE_WORD.fullmatch(s):
-        raise ValueError(f"not a code word: {s[:20]!r}")
-    return int(s.translate(_LETTERS_TO_HEX), 16)
 
 
 def make_content(t_send_ns: int, user: int, counter: int, filler: str) -> str:
@@ -481,23 +456,6 @@ def check_target(url: str, allow_remote: bool) -> None:
         raise ValueError(f"refusing non-loopback target {parts.hostname} "
                          f"({', '.join(sorted(addrs))}); pass --allow-remote to load-test a "
                          "remote deployment you own")
-
-
-def mint_token(secret: str, user: int, ttl_s: int, issuer: str | None = None,
-               audience: str | None = None) -> str:
-    import jwt  # pyjwt
-
-    # The secret is the server's; a short one is its operator's business, not a test failure.
-    warnings.filterwarnings("ignore", message="The HMAC key is")
-
-    uid = f"lt{user}"
-    claims: dict[str, Any] = {"sub": uid, "username": uid, "exp": int(time.time()) + ttl_s}
-    if issuer:
-        claims["iss"] = issuer
-    if audience:
-        claims["aud"] = audience
-    token = jwt.encode(claims, secret, algorithm="HS256")
-    return token.decode() if isinstance(token, bytes) else token
 
 
 # ---------------------------------------------------------------------------------------------
@@ -943,7 +901,7 @@ class Worker:
 
     def token(self, number: int) -> str:
         c = self.cfg
-        return mint_token(c["secret"], number, c["token_ttl"], c["issuer"], c["audience"])
+        return mint(c["secret"], f"lt{number}", c["token_ttl"], issuer=c["issuer"], audience=c["audience"])
 
     def choose_action(self, rng: random.Random) -> str:
         if len(self.actions) == 1:
@@ -1580,9 +1538,9 @@ def resolve_secret(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    from _deps import require
+    from scripts._deps import require
 
-    require("loadtest.py", ["websockets.asyncio.client", "jwt", "rich"])
+    require("loadtest.py", ["websockets.asyncio.client", "jwt", "rich", "winkr.auth"])
     try:
         check_target(args.url, args.allow_remote)
         mix = None if args.no_mix else parse_mix(args.mix)
