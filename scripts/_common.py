@@ -141,16 +141,14 @@ def start_server(args: Sequence[str], *, env: Mapping[str, str], cwd: Path = REP
                  port: int = 0, timeout: float = START_TIMEOUT_S,
                  command: Sequence[str] = (sys.executable, "-m", "winkr")) -> RunningServer:
     """``COMMAND serve --host 127.0.0.1 --port PORT ARGS`` (port 0: any free one), waiting for its
-    listening line. Its stderr is appended to ``log`` (a line marks each start) or, without one,
-    goes where this process's goes. Raises ServerDidNotStart after killing the process."""
+    listening line. Its stderr is appended to ``log`` or, without one, goes where this process's
+    goes. Raises ServerDidNotStart after killing the process."""
     argv = [*command, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     if log is None:
         proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 text=True)
     else:
         with open(log, "a") as stderr:
-            stderr.write(f"--- start {time.strftime('%H:%M:%S')}\n")
-            stderr.flush()
             proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=stderr, text=True)
     try:

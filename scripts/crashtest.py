@@ -76,6 +76,8 @@ class ServerProcess:
     def start(self) -> str:
         """Start it (a new port each time); its URL once it listens."""
         assert self.running is None or self.running.proc.poll() is not None
+        with open(self.log_path, "a") as log:
+            log.write(f"--- start {time.strftime('%H:%M:%S')}\n")
         self.running = start_server(["--db", str(self.db), "--config", str(self.config)], env=self.env,
                                     log=self.log_path)
         return self.running.url

@@ -6,7 +6,7 @@ import inspect
 import itertools
 import re
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,6 +15,7 @@ import orjson
 import pytest
 import trio
 import trio.testing
+from processes import Servers
 from trio_websocket import ConnectionRejected, WebSocketConnection, wrap_client_stream
 
 from winkr.auth import mint_token
@@ -276,3 +277,12 @@ async def harness(settings: Settings, watchdog: dict[str, Any]) -> AsyncIterator
         yield Harness(server, nursery, settings)
         server.request_shutdown()
         nursery.cancel_scope.deadline = trio.current_time() + 30
+
+
+@pytest.fixture
+def servers(tmp_path: Any) -> Iterator[Servers]:
+    """``servers.start(db, ...)`` runs ``winkr serve`` as a process on loopback (tests/processes.py);
+    every one still running at the test's end is killed."""
+    started = Servers(tmp_path)
+    yield started
+    started.kill_all()

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import jwt
 import pytest
-from processes import wait_for_port
 from pyz_build import built_pyz
 from websockets.asyncio.client import connect
+
+from scripts._common import wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "deploy.md"
