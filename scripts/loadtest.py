@@ -58,7 +58,7 @@ import time
 import traceback
 from array import array
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -1451,33 +1451,15 @@ def hints(errors: dict[str, int]) -> list[str]:
     return out
 
 
-def positive_float(limit: float) -> Any:
+def bounded(kind: Callable[[str], float], lo: float, hi: float, *, above: bool = False) -> Any:
+    """An argparse type: ``kind(text)`` from ``lo`` (excluded when ``above``) to ``hi``; never NaN."""
     def parse(s: str) -> float:
-        v = float(s)
-        if not 0 < v <= limit or math.isnan(v):
-            raise argparse.ArgumentTypeError(f"must be > 0 and <= {limit:g}")
+        v = kind(s)
+        if not (lo < v if above else lo <= v) or not v <= hi:  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"must be > {lo:g} and <= {hi:g}" if above
+                                             else f"must be between {lo:g} and {hi:g}")
         return v
-    parse.__name__ = "number"
-    return parse
-
-
-def int_range(lo: int, hi: int) -> Any:
-    def parse(s: str) -> int:
-        v = int(s)
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}")
-        return v
-    parse.__name__ = "integer"
-    return parse
-
-
-def float_range(lo: float, hi: float) -> Any:
-    def parse(s: str) -> float:
-        v = float(s)
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo:g} and {hi:g}")
-        return v
-    parse.__name__ = "number"
+    parse.__name__ = "integer" if kind is int else "number"
     return parse
 
 
@@ -1493,32 +1475,32 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--secret-file", default=None, help="file holding the JWT secret")
     ap.add_argument("--issuer", default=None, help="'iss' claim, if the server checks it")
     ap.add_argument("--audience", default=None, help="'aud' claim, if the server checks it")
-    ap.add_argument("--users", type=int_range(2, MAX_USERS), default=100,
+    ap.add_argument("--users", type=bounded(int, 2, MAX_USERS), default=100,
                     help=f"simulated users (2..{MAX_USERS}, default 100)")
-    ap.add_argument("--group-size", type=int_range(2, MAX_GROUP), default=2,
+    ap.add_argument("--group-size", type=bounded(int, 2, MAX_GROUP), default=2,
                     help="members of an ordinary conversation (default 2)")
-    ap.add_argument("--group-share", type=float_range(0.0, 1.0), default=0.2,
+    ap.add_argument("--group-share", type=bounded(float, 0.0, 1.0), default=0.2,
                     help="share of users in small groups of 3-5 (default 0.2)")
-    ap.add_argument("--duration", type=positive_float(MAX_DURATION_S), default=30.0,
+    ap.add_argument("--duration", type=bounded(float, 0, MAX_DURATION_S, above=True), default=30.0,
                     help=f"seconds of sending (max {MAX_DURATION_S:g}, default 30)")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--rate", type=positive_float(MAX_RATE), default=None,
+    mode.add_argument("--rate", type=bounded(float, 0, MAX_RATE, above=True), default=None,
                       help="open loop: total messages/s over all senders (default: 1 per user)")
     mode.add_argument("--max", action="store_true",
                       help="closed loop: as fast as acknowledged, --window in flight per sender")
-    ap.add_argument("--window", type=int_range(1, MAX_WINDOW), default=32,
+    ap.add_argument("--window", type=bounded(int, 1, MAX_WINDOW), default=32,
                     help="--max: messages in flight per sender (default 32)")
     ap.add_argument("--mix", default="",
                     help="step weights, e.g. send=78,typing=15,read=5,rejoin=1.5,reconnect=0.5 "
                          "(these are the defaults)")
     ap.add_argument("--no-mix", action="store_true", help="plain message:send steps only")
-    ap.add_argument("--procs", type=int_range(1, MAX_PROCS), default=1,
+    ap.add_argument("--procs", type=bounded(int, 1, MAX_PROCS), default=1,
                     help="worker processes (default 1)")
-    ap.add_argument("--drain", type=float_range(0.0, MAX_DRAIN_S), default=5.0,
+    ap.add_argument("--drain", type=bounded(float, 0.0, MAX_DRAIN_S), default=5.0,
                     help="seconds to wait for acks and deliveries after sending (default 5)")
-    ap.add_argument("--setup-timeout", type=positive_float(MAX_SETUP_S), default=120.0,
+    ap.add_argument("--setup-timeout", type=bounded(float, 0, MAX_SETUP_S, above=True), default=120.0,
                     help="seconds allowed for connecting and creating conversations (default 120)")
-    ap.add_argument("--connect-concurrency", type=int_range(1, 1000), default=64,
+    ap.add_argument("--connect-concurrency", type=bounded(int, 1, 1000), default=64,
                     help="handshakes in progress per worker (default 64)")
     ap.add_argument("--seed", type=int, default=1, help="random seed (conversation plan, steps)")
     ap.add_argument("--json-only", action="store_true",

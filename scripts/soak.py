@@ -115,7 +115,7 @@ class Stats:
 class User:
     def __init__(self, index: int, token: str, peer: str, shared: dict[int, str],
                  stats: Stats, rng: random.Random) -> None:
-        self.index, self.uid, self.token, self.peer = index, f"sk{index}", token, peer
+        self.uid, self.token, self.peer = f"sk{index}", token, peer
         self.pair = index // 2
         self.shared, self.stats, self.rng = shared, stats, rng
         self.ws: Any = None

@@ -44,6 +44,7 @@ class _Timestamp:
 TS = _Timestamp()
 RECV_TIMEOUT = 30.0  # mock seconds: a missing event fails the test, instantly in real time
 MAX_FRAME = 32 * 1024  # the default frame limit (contract §8)
+URL = "https://cdn.winkr.test/p/abc.jpg"  # a media URL the server accepts
 RATE_LIMITS_OFF = {"messages_per_minute": 0, "messages_per_hour": 0, "messages_per_day": 0, "typing_per_minute": 0,
                    "conversations_per_day": 0, "inbound_events_per_second": 0}
 """``limits`` for ``make_settings`` that let one user send as much as a test needs."""
@@ -226,6 +227,29 @@ async def joined_pair(harness: Harness, *, alice_joined: bool = True,
         await join(bob, conv)
     await settle(alice, bob)
     return alice, bob, conv
+
+
+async def send_ok(sender: Client, receiver: Client, conv: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Send; check the acknowledgement and that the receiver got the same message; return it."""
+    ref = await sender.send("message:send", {"conversation_id": conv, **data})
+    ack = await sender.expect("message:new", ref=ref)
+    assert ack["ref"] == ref
+    message = ack["data"]["message"]
+    got = await receiver.expect("message:new")
+    assert "ref" not in got, got
+    assert got["data"]["message"] == message
+    return message
+
+
+async def send_refused(sender: Client, receiver: Client, conv: str, data: dict[str, Any],
+                       code: str, field: str | None) -> dict[str, Any]:
+    """Send; check the error, that nothing was stored and the receiver got nothing."""
+    ref = await sender.send("message:send", {"conversation_id": conv, **data})
+    reply = await sender.expect("error", ref=ref)
+    assert_error(reply, code, field, "message:send", ref)
+    assert [e for e in await receiver.nothing_more(0.5) if e["event"] in ("message:new", "conversation:unread")] == []
+    assert await history_messages(sender, conv) == []
+    return reply
 
 
 def named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

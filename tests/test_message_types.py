@@ -11,7 +11,17 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import Client, Harness, assert_error, history_messages, join, joined_pair, make_settings, running
+from conftest import (
+    URL,
+    Harness,
+    history_messages,
+    join,
+    joined_pair,
+    make_settings,
+    running,
+    send_ok,
+    send_refused,
+)
 
 MiB = 1024 * 1024
 OMIT = object()  # leave the key out of the request
@@ -28,32 +38,8 @@ def send_data(conversation_id: str, type_: Any, content: Any = OMIT, metadata: A
     return data
 
 
-async def send_ok(sender: Client, receiver: Client, conv: str, data: dict[str, Any]) -> dict[str, Any]:
-    """Send; check the acknowledgement and that the receiver got the same message; return it."""
-    ref = await sender.send("message:send", {"conversation_id": conv, **data})
-    ack = await sender.expect("message:new", ref=ref)
-    assert ack["ref"] == ref
-    message = ack["data"]["message"]
-    got = await receiver.expect("message:new")
-    assert "ref" not in got, got
-    assert got["data"]["message"] == message
-    return message
-
-
-async def send_refused(sender: Client, receiver: Client, conv: str, data: dict[str, Any],
-                       code: str, field: str | None) -> dict[str, Any]:
-    """Send; check the error, that nothing was stored and the receiver got nothing."""
-    ref = await sender.send("message:send", {"conversation_id": conv, **data})
-    reply = await sender.expect("error", ref=ref)
-    assert_error(reply, code, field, "message:send", ref)
-    assert [e for e in await receiver.nothing_more(0.5) if e["event"] in ("message:new", "conversation:unread")] == []
-    assert await history_messages(sender, conv) == []
-    return reply
-
-
 # --- the type table --------------------------------------------------------------------
 
-URL = "https://cdn.winkr.test/p/abc.jpg"
 LONG_URL = "https://cdn.winkr.test/" + "a" * (2048 - len("https://cdn.winkr.test/"))
 assert len(LONG_URL) == 2048
 
