@@ -25,6 +25,7 @@ KNOWN = {
     "winkr": ("winkr", "load"),
     "trio": ("winkr", "load"),  # winkr's own dependencies come with it
     "trio_websocket": ("winkr", "load"),
+    "orjson": ("winkr", "load"),
 }
 
 

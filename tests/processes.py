@@ -54,6 +54,11 @@ class Servers:
             kill(server.proc)
 
 
+async def recv_json(ws: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """The next event on a ``websockets`` client connection."""
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
 async def reply_to(ws: Any, ref: str, timeout: float = 10.0) -> dict[str, Any]:
     """The first event carrying ``ref`` on a ``websockets`` client connection."""
     async with asyncio.timeout(timeout):

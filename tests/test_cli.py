@@ -16,7 +16,7 @@ from typing import Any
 import jwt
 import pytest
 from conftest import TIMESTAMP
-from processes import RunningServer, Servers, reply_to, winkr
+from processes import RunningServer, Servers, recv_json, reply_to, winkr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -33,10 +33,6 @@ def stop(server: RunningServer, sig: int) -> int:
         raise AssertionError(f"still running 10 s after {signal.Signals(sig).name}:\n{server.log_text()}") from None
     assert time.monotonic() - started < 10
     return status
-
-
-async def recv_json(ws: Any, timeout: float = 10.0) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
 # --- winkr token -------------------------------------------------------------------------------
