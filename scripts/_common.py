@@ -3,8 +3,9 @@ content, tokens, the config that switches every limit off, and ``winkr serve`` a
 process on loopback (start it and wait for its listening line, stop it, read its memory).
 
 Only the standard library is imported at the top: a script must reach its dependency check
-(``scripts._deps.require``) before anything it needs can fail to import. The tests import
-this module too (``tests/processes.py``).
+(``scripts._deps.require``) before anything it needs can fail to import. The tests start their
+``winkr serve`` processes with it too (``tests/processes.py``, and ``wait_for_port`` where a
+test builds the command itself).
 """
 from __future__ import annotations
 
