@@ -2,10 +2,12 @@
 naming them and the command that installs the extra they come with — instead of running and
 reporting ``nothing acknowledged`` with the ImportError hidden in a worker.
 
-    from _deps import require
+    from scripts._deps import require
     require("loadtest.py", ["websockets", "jwt", "rich"])        # exits 2 when one is missing
 
-The scripts import it from their own folder (``python scripts/X.py`` puts it on sys.path).
+A module is named by what it imports; it is reported by the distribution of its top-level
+package. ``winkr.auth`` (not ``winkr``) is how a script says it needs winkr: the checkout's
+bare package imports even where winkr's own dependencies are missing.
 """
 from __future__ import annotations
 
@@ -15,14 +17,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# import name -> (distribution, the setup.cfg extra that installs it)
+# top-level package -> (distribution, the setup.cfg extra that installs it)
 KNOWN = {
     "websockets": ("websockets>=13", "load"),
-    "websockets.asyncio.client": ("websockets>=13", "load"),
     "rich": ("rich", "load"),
     "jwt": ("pyjwt", "load"),  # a dependency of winkr itself, so of every extra
     "winkr": ("winkr", "load"),
+    "trio": ("winkr", "load"),  # winkr's own dependencies come with it
+    "trio_websocket": ("winkr", "load"),
+    "orjson": ("winkr", "load"),
 }
+
+
+def _source(name: str) -> tuple[str, str]:
+    top = name.partition(".")[0]
+    return KNOWN.get(top, (top, "load"))
 
 
 def missing(modules: list[str]) -> list[tuple[str, str]]:
@@ -41,8 +50,8 @@ def require(script: str, modules: list[str]) -> None:
     absent = missing(modules)
     if not absent:
         return
-    distributions = sorted({KNOWN.get(name, (name, "load"))[0] for name, _ in absent})
-    extras = sorted({KNOWN.get(name, (name, "load"))[1] for name, _ in absent})
+    distributions = sorted({_source(name)[0] for name, _ in absent})
+    extras = sorted({_source(name)[1] for name, _ in absent})
     # "No module named 'x'" says nothing the list does not; anything else (a broken install) is shown.
     odd = [reason for _, reason in absent if not reason.startswith("No module named")]
     spec = f"{ROOT}[{','.join(extras)}]"

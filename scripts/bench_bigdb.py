@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sqlite3
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python scripts/bench_bigdb.py`: the checkout's root, so that `scripts` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts._common import mint, server_environment, start_server, stop
 
 SECRET = "bench-bigdb-secret-0123456789abcdef0123456789"
 
@@ -53,13 +56,11 @@ def fill(path: str, messages: int, conversations: int) -> list[str]:
 
 
 async def measure_history(url: str, conversations: list[str], per: int, requests: int) -> list[float]:
-    import jwt
     from websockets.asyncio.client import connect
 
     samples = []
     # the benchmark user u0 is in bench-000000 only; a service token may read any conversation
-    token = jwt.encode({"sub": "bench-reader", "role": "service", "exp": int(time.time()) + 3600},
-                       SECRET, algorithm="HS256")
+    token = mint(SECRET, "bench-reader", 3600, service=True)
     async with connect(url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=2**24,
                        ping_interval=None, compression=None) as ws:
         await ws.recv()  # connection:established
@@ -82,25 +83,21 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--db", default="bench-bigdb.db")
     args = parser.parse_args()
-    from _deps import require
+    from scripts._deps import require
 
-    require("bench_bigdb.py", ["websockets.asyncio.client", "jwt", "winkr"])
+    require("bench_bigdb.py", ["websockets.asyncio.client", "jwt", "winkr.auth"])
     t0 = time.perf_counter()
     conversations = fill(args.db, args.messages, args.conversations)
     fill_s = time.perf_counter() - t0
-    env = dict(os.environ, WINKR_JWT_SECRET=SECRET)
     start = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "winkr", "serve", "--port", "0", "--db", args.db,
-                               "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True, env=env)
+    server = start_server(["--db", str(Path(args.db).resolve()), "--log-level", "WARNING"],
+                          env=server_environment(SECRET), timeout=120)  # a big database starts slowly
+    startup_s = time.perf_counter() - start
     try:
-        line = server.stdout.readline()  # type: ignore[union-attr]
-        startup_s = time.perf_counter() - start
-        url = line.split("listening on ")[1].strip()
-        samples = asyncio.run(measure_history(url, conversations, args.messages // args.conversations,
+        samples = asyncio.run(measure_history(server.url, conversations, args.messages // args.conversations,
                                               args.requests))
     finally:
-        server.terminate()
-        server.wait(10)
+        stop(server.proc)
     q = statistics.quantiles(samples, n=100)
     stored = sqlite3.connect(args.db).execute("SELECT count(*) FROM messages").fetchone()[0]
     print(json.dumps({"messages": stored, "fill_s": round(fill_s, 1), "startup_s": round(startup_s, 3),

@@ -22,9 +22,9 @@ from typing import Any
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
-
-from winkr.client import Client, WinkrError, open_client  # noqa: E402
+if __package__ in (None, ""):  # `python scripts/chat.py`: the checkout's root, so that winkr imports from it too
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from winkr.client import Client, WinkrError, open_client
 
 HISTORY_PAGE = 20
 

@@ -18,15 +18,14 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
+if __package__ in (None, ""):  # `python scripts/connect_storm.py`: the checkout's root, so that `scripts` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts._common import mint
+
 MAX_USERS = 20_000
-
-
-def token(secret: str, user: str) -> str:
-    import jwt  # checked by main() before use (scripts/_deps.py)
-
-    return jwt.encode({"sub": user, "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
 
 
 async def storm(url: str, secret: str, users: int, concurrency: int, timeout: float) -> dict[str, object]:
@@ -36,7 +35,7 @@ async def storm(url: str, secret: str, users: int, concurrency: int, timeout: fl
     latencies: list[float] = []
     failures: dict[str, int] = {}
     opened = []
-    tokens = [token(secret, f"storm{i}") for i in range(users)]
+    tokens = [mint(secret, f"storm{i}", 3600) for i in range(users)]
     done_all = asyncio.Event()
 
     async def one(i: int) -> None:
@@ -78,9 +77,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=500)
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
-    from _deps import require
+    from scripts._deps import require
 
-    require("connect_storm.py", ["websockets.asyncio.client", "jwt"])
+    require("connect_storm.py", ["websockets.asyncio.client", "jwt", "winkr.auth"])
     if not args.secret:
         parser.error("--secret or WINKR_JWT_SECRET is required")
     if urlsplit(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):

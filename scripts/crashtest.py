@@ -34,124 +34,58 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import re
 import secrets
 import shutil
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-LISTEN_RE = re.compile(r"listening on ws://([^\s/]+):(\d+)/ws")
-START_TIMEOUT_S = 30.0
-REQUEST_TIMEOUT_S = 5.0
-LIMIT_KEYS = (
-    "messages_per_minute", "messages_per_hour", "messages_per_day", "typing_per_minute",
-    "connections_per_minute", "conversations_per_day", "connections_per_user",
-    "failed_handshakes_per_minute_per_ip", "max_frame_bytes", "outbound_queue",
+if __package__ in (None, ""):  # `python scripts/crashtest.py`: the checkout's root, so that `scripts` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts._common import (
+    SMALL_TALK,
+    RunningServer,
+    encode_letters,
+    kill,
+    limits_off_toml,
+    mint,
+    server_environment,
+    start_server,
 )
-LETTERS = "bcdfghjklmnpqrst"  # letters only: digits would be PII-masked; no vowels: no words
-WORDS = ("hey whats up", "see you later", "sounds good", "talk soon", "ok")
 
-
-def letters(n: int) -> str:
-    return format(n, "x").translate(str.maketrans("0123456789abcdef", LETTERS))
+REQUEST_TIMEOUT_S = 5.0
 
 
 # ---------------------------------------------------------------------------------------------
 # The server process
 # ---------------------------------------------------------------------------------------------
 class ServerProcess:
-    """`python -m winkr serve --port 0` on a database; remembers every process it started."""
+    """`winkr serve` on one database and config, started again after each kill -9."""
 
     def __init__(self, workdir: Path, db: Path, config: Path, secret: str) -> None:
         self.db, self.config = db, config
         self.log_path = workdir / "server.log"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("WINKR_")}
-        self.env["WINKR_JWT_SECRET"] = secret
-        self.env["PYTHONPATH"] = str(REPO) + os.pathsep + self.env.get("PYTHONPATH", "")
-        self.proc: subprocess.Popen[str] | None = None
-        self.url = ""
+        self.env = server_environment(secret)
+        self.running: RunningServer | None = None
 
     def start(self) -> str:
-        assert self.proc is None or self.proc.poll() is not None
+        """Start it (a new port each time); its URL once it listens."""
+        assert self.running is None or self.running.proc.poll() is not None
         with open(self.log_path, "a") as log:
             log.write(f"--- start {time.strftime('%H:%M:%S')}\n")
-            log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "winkr", "serve", "--host", "127.0.0.1", "--port", "0",
-                 "--db", str(self.db), "--config", str(self.config)],
-                cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=log, text=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        assert self.proc.stdout is not None
-        # readline blocks; a watchdog kills a server that never says it is listening, which
-        # closes the pipe and ends the readline.
-        import threading
-        timer = threading.Timer(START_TIMEOUT_S, self.kill)
-        timer.start()
-        try:
-            while time.monotonic() < deadline:
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                m = LISTEN_RE.search(line)
-                if m:
-                    if m.group(1) not in ("127.0.0.1", "localhost", "[::1]"):
-                        self.kill()
-                        raise RuntimeError(f"server is not on loopback: {line.strip()}")
-                    self.url = f"ws://127.0.0.1:{m.group(2)}/ws"
-                    return self.url
-        finally:
-            timer.cancel()
-        self.kill()
-        raise RuntimeError(f"server did not start; see {self.log_path}:\n{self.log_tail()}")
+        self.running = start_server(["--db", str(self.db), "--config", str(self.config)], env=self.env,
+                                    log=self.log_path)
+        return self.running.url
 
     def kill(self) -> None:
-        """SIGKILL the process this object started (by its PID) and reap it."""
-        p = self.proc
-        if p is not None and p.poll() is None:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        if p is not None and p.stdout is not None:
-            p.stdout.close()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-def write_config(path: Path) -> None:
-    path.write_text("[limits]\n" + "".join(f"{k} = 0\n" for k in LIMIT_KEYS))
-
-
-def mint(secret: str, uid: str, ttl_s: int) -> str:
-    import jwt
-
-    warnings.filterwarnings("ignore", message="The HMAC key is")
-    token = jwt.encode({"sub": uid, "username": uid, "exp": int(time.time()) + ttl_s},
-                       secret, algorithm="HS256")
-    return token.decode() if isinstance(token, bytes) else token
+        """SIGKILL the process this object started last (by its PID) and reap it."""
+        if self.running is not None:
+            kill(self.running.proc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +109,6 @@ class Run:
         self.read_acks: dict[tuple[str, str], int] = {}  # (conv, user) -> highest acked read seq
         self.errors: Counter[str] = Counter()
         self.conv_conflicts = 0
-        self.stopping = False
 
     def budget_left(self) -> bool:
         return self.sent < self.args.max_messages
@@ -229,8 +162,8 @@ class Client:
                     continue
                 self.counter += 1
                 cmid = f"{self.run.run_id}.{self.uid}.{self.counter}"
-                content = (f"{letters(self.counter)} {letters(int(self.uid[2:]))} "
-                           f"{self.run.rng.choice(WORDS)}")
+                content = (f"{encode_letters(self.counter)} {encode_letters(int(self.uid[2:]))} "
+                           f"{self.run.rng.choice(SMALL_TALK)}")
                 data = {"conversation_id": conv, "content": content, "type": "text",
                         "metadata": {}, "client_message_id": cmid}
                 self.pending[cmid] = data
@@ -441,9 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    from _deps import require
+    from scripts._deps import require
 
-    require("crashtest.py", ["websockets.asyncio.client", "jwt", "winkr"])
+    require("crashtest.py", ["websockets.asyncio.client", "jwt", "winkr.auth"])
     if not 1 <= args.cycles <= 10_000:
         ap.error("--cycles must be between 1 and 10000")
     if args.users < 2 or args.users % 2 or args.users > 2000:
@@ -459,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="winkr-crashtest-"))
     db, cfg = workdir / "winkr.db", workdir / "winkr.toml"
-    write_config(cfg)
+    cfg.write_text(limits_off_toml())
     secret = secrets.token_urlsafe(32)
     server = ServerProcess(workdir, db, cfg, secret)
     run = Run(args, secret)

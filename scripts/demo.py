@@ -26,10 +26,8 @@ import re
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,18 +35,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from winkr.auth import mint_token  # noqa: E402
-from winkr.config import load_settings  # noqa: E402
+if __package__ in (None, ""):  # `python scripts/demo.py`: the checkout's root, so that `scripts` and winkr import
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts._common import REPO, ServerDidNotStart, start_server, stop
+from winkr.auth import mint_token
+from winkr.config import load_settings
 
 DEMO_DIR = REPO / "clients" / "demo"
 CLIENT_JS = REPO / "clients" / "js" / "winkr-client.js"
-LISTENING = re.compile(r"listening on (ws://\S+/ws)")
 USER_ID = re.compile(r"^[a-z0-9_-]{1,32}$")
 TOKEN_TTL_S = 15 * 60  # short: the page's token function renews it (auth:refresh)
-START_TIMEOUT_S = 30.0
 
 
 def is_loopback(host: str) -> bool:
@@ -120,22 +116,6 @@ class DemoHandler(BaseHTTPRequestHandler):
         pass  # the token endpoint's query names users: keep requests out of the terminal
 
 
-def start_server(db: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "winkr", "serve", "--host", "127.0.0.1", "--port", "0",
-                             "--db", str(db)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if match := LISTENING.search(line):
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-            return proc, match.group(1)
-    proc.kill()
-    raise SystemExit("demo: winkr serve did not start")
-
-
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -154,18 +134,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     workdir = Path(tempfile.mkdtemp(prefix="winkr-demo-")) if not args.db and not args.ws_url else None
-    db = Path(args.db) if args.db else (workdir / "demo.db" if workdir else None)
+    db = Path(args.db).resolve() if args.db else (workdir / "demo.db" if workdir else None)
     env = {k: v for k, v in os.environ.items() if k != "WINKR_DB"}
     if workdir is not None:  # a throwaway server: a throwaway secret
         env["WINKR_JWT_SECRET"] = secrets.token_urlsafe(32)
     settings = load_settings(None, {"db": str(db) if db else None}, environ=env)
-    proc = None
+    server = None
     try:
         if args.ws_url:
             ws_url = args.ws_url
         else:
             assert db is not None
-            proc, ws_url = start_server(db, env)
+            try:
+                server = start_server(["--db", str(db)], env=env)
+            except ServerDidNotStart as exc:
+                print(f"demo: {exc}", file=sys.stderr)
+                return 1
+            ws_url = server.url
         if args.mint_demo_tokens:
             secret = settings.jwt_secret
             if settings.jwt_algorithm == "HS256" and not secret:
@@ -194,12 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             page.server_close()
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if server is not None:
+            stop(server.proc)
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0

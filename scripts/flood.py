@@ -15,49 +15,27 @@ Bounded in count and time; talks only to 127.0.0.1; stops the server it started.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import orjson
-import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+if TYPE_CHECKING:
+    from trio_websocket import WebSocketConnection
 
-ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(r"listening on (ws://\S+)")
+if __package__ in (None, ""):  # `python scripts/flood.py`: the checkout's root, so that `scripts` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts._common import mint, process_usage, server_environment, start_server, stop
+
 SECRET = "flood-measurement-secret-0123456789abcdef"
-
-
-def start_server(folder: Path) -> tuple[subprocess.Popen[str], str]:
-    env = {**os.environ, "WINKR_JWT_SECRET": SECRET}
-    proc = subprocess.Popen([sys.executable, "-m", "winkr", "serve", "--port", "0", "--db", str(folder / "w.db")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if match := LISTENING.search(line):
-            return proc, match.group(1)
-    raise SystemExit("flood: the server did not start")
-
-
-def token(user: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "winkr", "token", user], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "WINKR_JWT_SECRET": SECRET}, check=True)
-    return out.stdout.strip()
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+# trio, trio-websocket and orjson come with winkr: imported where used, once main() checked them.
 
 
 async def request(ws: WebSocketConnection, event: str, data: dict[str, object], ref: str) -> dict[str, object]:
+    import orjson
+
     await ws.send_message(orjson.dumps({"event": event, "data": data, "ref": ref}).decode())
     while True:
         reply = orjson.loads(await ws.get_message())
@@ -65,12 +43,16 @@ async def request(ws: WebSocketConnection, event: str, data: dict[str, object], 
             return reply  # type: ignore[no-any-return]
 
 
-def connect(url: str, user: str) -> object:
-    return open_websocket_url(url, extra_headers=[(b"authorization", f"Bearer {token(user)}".encode())],
+def connect(url: str, user: str) -> Any:
+    from trio_websocket import open_websocket_url
+
+    return open_websocket_url(url, extra_headers=[(b"authorization", f"Bearer {mint(SECRET, user, 3600)}".encode())],
                               message_queue_size=4096)
 
 
 async def victim_round_trips(ws: WebSocketConnection, conv: str, seconds: float, pace: float) -> list[float]:
+    import trio
+
     times: list[float] = []
     deadline = time.perf_counter() + seconds
     n = 0
@@ -94,7 +76,10 @@ def summary(times: list[float]) -> str:
             f"max {max(times):.1f} ms")
 
 
-async def send_flood(url: str, count: int, pid: int) -> None:
+async def send_flood(url: str, count: int) -> None:
+    import orjson
+    import trio
+
     # The victim sends 2 messages a second: within the default 30/minute limit.
     async with connect(url, "victim") as victim, connect(url, "flooder") as flooder:  # type: ignore[attr-defined]
         await victim.get_message()
@@ -133,6 +118,10 @@ async def send_flood(url: str, count: int, pid: int) -> None:
 
 
 async def non_reader(url: str, pages: int, pid: int) -> None:
+    import orjson
+    import trio
+    from trio_websocket import ConnectionClosed
+
     async with connect(url, "writer") as writer:  # type: ignore[attr-defined]
         await writer.get_message()
         conv = await request(writer, "conversation:create", {"participant_ids": ["reader"]}, "c")
@@ -143,7 +132,7 @@ async def non_reader(url: str, pages: int, pid: int) -> None:
             await request(writer, "message:send", {"conversation_id": conv_id, "type": "text",
                                                    "metadata": {"encrypted": True},
                                                    "content": f"{n:02d}" + "x" * 7998}, f"w{n}")
-    before = rss_kib(pid)
+    before = process_usage(pid)["rss_kb"]
     peak = before
     async with connect(url, "reader") as reader:  # type: ignore[attr-defined]
         frame = orjson.dumps({"event": "message:history", "data": {"conversation_id": conv_id, "limit": 100}})
@@ -151,7 +140,7 @@ async def non_reader(url: str, pages: int, pid: int) -> None:
             for _ in range(pages):
                 await reader.send_message(frame.decode())
             for _ in range(60):  # 30 s of not reading
-                peak = max(peak, rss_kib(pid))
+                peak = max(peak, process_usage(pid)["rss_kb"])
                 await trio.sleep(0.5)
         except ConnectionClosed:
             pass
@@ -164,14 +153,19 @@ def main() -> int:
     parser.add_argument("--flood", type=int, default=3160, help="pipelined sends in the flood")
     parser.add_argument("--pages", type=int, default=270, help="history pages the non-reading client asks for")
     args = parser.parse_args()
+    from scripts._deps import require
+
+    require("flood.py", ["trio", "trio_websocket", "orjson", "winkr.auth"])
+    import trio
+
     with tempfile.TemporaryDirectory(prefix="winkr-flood-") as folder:
-        proc, url = start_server(Path(folder))
+        server = start_server(["--db", str(Path(folder) / "w.db")], env=server_environment(SECRET),
+                              log=Path(folder) / "server.log")
         try:
-            trio.run(send_flood, url, args.flood, proc.pid)
-            trio.run(non_reader, url, args.pages, proc.pid)
+            trio.run(send_flood, server.url, args.flood)
+            trio.run(non_reader, server.url, args.pages, server.proc.pid)
         finally:
-            proc.terminate()
-            proc.wait(timeout=15)
+            stop(server.proc, timeout=15)
     return 0
 
 

@@ -22,18 +22,9 @@ member that stayed disconnected (so delivery to it could not be checked), or not
 acknowledged at all; 0 otherwise; 2 for bad arguments.
 
 The server must run with its rate limits off, or the limits show up as RATE_LIMITED /
-HTTP 429 errors: in the config file (winkr serve --config FILE)
+HTTP 429 errors: a config file whose [limits] table sets them to 0, as the shipped one does
 
-    [limits]
-    messages_per_minute = 0
-    messages_per_hour = 0
-    messages_per_day = 0
-    typing_per_minute = 0
-    connections_per_minute = 0
-    conversations_per_day = 0
-    connections_per_user = 0
-    failed_handshakes_per_minute_per_ip = 0
-    outbound_queue = 0
+    ./scripts/serve --config deploy/loadtest.toml
 
 Tokens are HS256 JWTs minted here with the server's secret (--secret, --secret-file or
 $WINKR_JWT_SECRET). Only loopback targets are accepted unless --allow-remote is given.
@@ -46,7 +37,8 @@ Examples
     python scripts/loadtest.py --url ws://127.0.0.1:9000/ws --json-only | jq .ack_per_s
     python scripts/loadtest.py --mix send=60,typing=20,read=10,rejoin=5,reconnect=5
 
-Needs: websockets (>= 13), pyjwt, rich; orjson and uvloop are used when installed.
+Needs: winkr with its [load] extra (websockets >= 13, rich); orjson and uvloop are used when
+installed.
 """
 from __future__ import annotations
 
@@ -58,19 +50,22 @@ import multiprocessing as mp
 import os
 import queue
 import random
-import re
 import secrets
 import signal
 import socket
 import sys
 import time
 import traceback
-import warnings
 from array import array
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+if __package__ in (None, ""):  # `python scripts/loadtest.py`: the checkout's root, so that `scripts` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts._common import decode_letters, encode_letters, mint
 
 try:
     import orjson
@@ -124,14 +119,8 @@ DEFAULT_MIX: dict[str, float] = {
     "reconnect": 0.5,  # close, reconnect, join, catch-up, re-send unacknowledged, send
 }
 
-# ---------------------------------------------------------------------------------------------
-# Message content: letters only (the server masks digit runs that look like phone or card
-# numbers), no vowels (so no token is ever a word a block list could match).
-# ---------------------------------------------------------------------------------------------
-LETTERS = "bcdfghjklmnpqrst"  # 16 consonants standing for the hex digits 0-f
-_HEX_TO_LETTERS = str.maketrans("0123456789abcdef", LETTERS)
-_LETTERS_TO_HEX = str.maketrans(LETTERS, "0123456789abcdef")
-_CODE_WORD = re.compile(f"[{LETTERS}]+")
+# Message content: '<send time> <user> <counter> <filler words>', the numbers written in letters
+# (scripts/_common.py says why).
 FILLERS = (
     "hey how is your day going",
     "sounds good see you later",
@@ -140,20 +129,6 @@ FILLERS = (
     "want to grab a coffee this week",
     "ok talk soon",
 )
-
-
-def encode_letters(n: int) -> str:
-    """A non-negative integer in hexadecimal written with consonants (0 -> 'b')."""
-    if n < 0:
-        raise ValueError("negative")
-    return format(n, "x").translate(_HEX_TO_LETTERS)
-
-
-def decode_letters(s: str) -> int:
-    """Inverse of encode_letters; ValueError for anything it did not produce."""
-    if not _CODE_WORD.fullmatch(s):
-        raise ValueError(f"not a code word: {s[:20]!r}")
-    return int(s.translate(_LETTERS_TO_HEX), 16)
 
 
 def make_content(t_send_ns: int, user: int, counter: int, filler: str) -> str:
@@ -481,23 +456,6 @@ def check_target(url: str, allow_remote: bool) -> None:
         raise ValueError(f"refusing non-loopback target {parts.hostname} "
                          f"({', '.join(sorted(addrs))}); pass --allow-remote to load-test a "
                          "remote deployment you own")
-
-
-def mint_token(secret: str, user: int, ttl_s: int, issuer: str | None = None,
-               audience: str | None = None) -> str:
-    import jwt  # pyjwt
-
-    # The secret is the server's; a short one is its operator's business, not a test failure.
-    warnings.filterwarnings("ignore", message="The HMAC key is")
-
-    uid = f"lt{user}"
-    claims: dict[str, Any] = {"sub": uid, "username": uid, "exp": int(time.time()) + ttl_s}
-    if issuer:
-        claims["iss"] = issuer
-    if audience:
-        claims["aud"] = audience
-    token = jwt.encode(claims, secret, algorithm="HS256")
-    return token.decode() if isinstance(token, bytes) else token
 
 
 # ---------------------------------------------------------------------------------------------
@@ -943,7 +901,7 @@ class Worker:
 
     def token(self, number: int) -> str:
         c = self.cfg
-        return mint_token(c["secret"], number, c["token_ttl"], c["issuer"], c["audience"])
+        return mint(c["secret"], f"lt{number}", c["token_ttl"], issuer=c["issuer"], audience=c["audience"])
 
     def choose_action(self, rng: random.Random) -> str:
         if len(self.actions) == 1:
@@ -1493,33 +1451,15 @@ def hints(errors: dict[str, int]) -> list[str]:
     return out
 
 
-def positive_float(limit: float) -> Any:
+def bounded(kind: Callable[[str], float], lo: float, hi: float, *, above: bool = False) -> Any:
+    """An argparse type: ``kind(text)`` from ``lo`` (excluded when ``above``) to ``hi``; never NaN."""
     def parse(s: str) -> float:
-        v = float(s)
-        if not 0 < v <= limit or math.isnan(v):
-            raise argparse.ArgumentTypeError(f"must be > 0 and <= {limit:g}")
+        v = kind(s)
+        if not (lo < v if above else lo <= v) or not v <= hi:  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"must be > {lo:g} and <= {hi:g}" if above
+                                             else f"must be between {lo:g} and {hi:g}")
         return v
-    parse.__name__ = "number"
-    return parse
-
-
-def int_range(lo: int, hi: int) -> Any:
-    def parse(s: str) -> int:
-        v = int(s)
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}")
-        return v
-    parse.__name__ = "integer"
-    return parse
-
-
-def float_range(lo: float, hi: float) -> Any:
-    def parse(s: str) -> float:
-        v = float(s)
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo:g} and {hi:g}")
-        return v
-    parse.__name__ = "number"
+    parse.__name__ = "integer" if kind is int else "number"
     return parse
 
 
@@ -1535,32 +1475,32 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--secret-file", default=None, help="file holding the JWT secret")
     ap.add_argument("--issuer", default=None, help="'iss' claim, if the server checks it")
     ap.add_argument("--audience", default=None, help="'aud' claim, if the server checks it")
-    ap.add_argument("--users", type=int_range(2, MAX_USERS), default=100,
+    ap.add_argument("--users", type=bounded(int, 2, MAX_USERS), default=100,
                     help=f"simulated users (2..{MAX_USERS}, default 100)")
-    ap.add_argument("--group-size", type=int_range(2, MAX_GROUP), default=2,
+    ap.add_argument("--group-size", type=bounded(int, 2, MAX_GROUP), default=2,
                     help="members of an ordinary conversation (default 2)")
-    ap.add_argument("--group-share", type=float_range(0.0, 1.0), default=0.2,
+    ap.add_argument("--group-share", type=bounded(float, 0.0, 1.0), default=0.2,
                     help="share of users in small groups of 3-5 (default 0.2)")
-    ap.add_argument("--duration", type=positive_float(MAX_DURATION_S), default=30.0,
+    ap.add_argument("--duration", type=bounded(float, 0, MAX_DURATION_S, above=True), default=30.0,
                     help=f"seconds of sending (max {MAX_DURATION_S:g}, default 30)")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--rate", type=positive_float(MAX_RATE), default=None,
+    mode.add_argument("--rate", type=bounded(float, 0, MAX_RATE, above=True), default=None,
                       help="open loop: total messages/s over all senders (default: 1 per user)")
     mode.add_argument("--max", action="store_true",
                       help="closed loop: as fast as acknowledged, --window in flight per sender")
-    ap.add_argument("--window", type=int_range(1, MAX_WINDOW), default=32,
+    ap.add_argument("--window", type=bounded(int, 1, MAX_WINDOW), default=32,
                     help="--max: messages in flight per sender (default 32)")
     ap.add_argument("--mix", default="",
                     help="step weights, e.g. send=78,typing=15,read=5,rejoin=1.5,reconnect=0.5 "
                          "(these are the defaults)")
     ap.add_argument("--no-mix", action="store_true", help="plain message:send steps only")
-    ap.add_argument("--procs", type=int_range(1, MAX_PROCS), default=1,
+    ap.add_argument("--procs", type=bounded(int, 1, MAX_PROCS), default=1,
                     help="worker processes (default 1)")
-    ap.add_argument("--drain", type=float_range(0.0, MAX_DRAIN_S), default=5.0,
+    ap.add_argument("--drain", type=bounded(float, 0.0, MAX_DRAIN_S), default=5.0,
                     help="seconds to wait for acks and deliveries after sending (default 5)")
-    ap.add_argument("--setup-timeout", type=positive_float(MAX_SETUP_S), default=120.0,
+    ap.add_argument("--setup-timeout", type=bounded(float, 0, MAX_SETUP_S, above=True), default=120.0,
                     help="seconds allowed for connecting and creating conversations (default 120)")
-    ap.add_argument("--connect-concurrency", type=int_range(1, 1000), default=64,
+    ap.add_argument("--connect-concurrency", type=bounded(int, 1, 1000), default=64,
                     help="handshakes in progress per worker (default 64)")
     ap.add_argument("--seed", type=int, default=1, help="random seed (conversation plan, steps)")
     ap.add_argument("--json-only", action="store_true",
@@ -1580,9 +1520,9 @@ def resolve_secret(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    from _deps import require
+    from scripts._deps import require
 
-    require("loadtest.py", ["websockets.asyncio.client", "jwt", "rich"])
+    require("loadtest.py", ["websockets.asyncio.client", "jwt", "rich", "winkr.auth"])
     try:
         check_target(args.url, args.allow_remote)
         mix = None if args.no_mix else parse_mix(args.mix)

@@ -34,55 +34,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import re
 import secrets
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-LISTEN_RE = re.compile(r"listening on ws://([^\s/]+):(\d+)/ws")
-START_TIMEOUT_S = 30.0
-REQUEST_TIMEOUT_S = 10.0
-LIMIT_KEYS = (
-    "messages_per_minute", "messages_per_hour", "messages_per_day", "typing_per_minute",
-    "connections_per_minute", "conversations_per_day", "connections_per_user",
-    "failed_handshakes_per_minute_per_ip", "max_frame_bytes", "outbound_queue",
+if __package__ in (None, ""):  # `python scripts/soak.py`: the checkout's root, so that `scripts` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts._common import (
+    SMALL_TALK,
+    RunningServer,
+    encode_letters,
+    kill,
+    limits_off_toml,
+    mint,
+    process_usage,
+    server_environment,
+    start_server,
+    stop,
 )
+
+REQUEST_TIMEOUT_S = 10.0
 RSS_GROWTH_SHARE, RSS_GROWTH_BYTES = 0.20, 10 * 1024 * 1024
 FD_GROWTH_SHARE, FD_GROWTH_COUNT = 0.20, 10
 TASK_GROWTH_SHARE, TASK_GROWTH_COUNT = 0.20, 50
-LETTERS = "bcdfghjklmnpqrst"  # letters only: digits would be PII-masked
-WORDS = ("hey whats up", "see you later", "sounds good", "talk soon", "ok")
-
-
-def letters(n: int) -> str:
-    return format(n, "x").translate(str.maketrans("0123456789abcdef", LETTERS))
-
-
-def mint(secret: str, uid: str, ttl_s: int) -> str:
-    import jwt
-
-    warnings.filterwarnings("ignore", message="The HMAC key is")
-    token = jwt.encode({"sub": uid, "username": uid, "exp": int(time.time()) + ttl_s},
-                       secret, algorithm="HS256")
-    return token.decode() if isinstance(token, bytes) else token
-
-
-METRICS_PORT: int | None = None  # the server's Prometheus endpoint: where the task count comes from
 TASKS_RE = re.compile(r"^winkr_trio_tasks ([0-9.e+]+)$", re.MULTILINE)
 
 
@@ -92,75 +76,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(workdir: Path, secret: str) -> tuple[subprocess.Popen[str], str]:
-    global METRICS_PORT
-    METRICS_PORT = free_port()
+def start(workdir: Path, secret: str) -> tuple[RunningServer, int]:
+    """The server on a fresh database in ``workdir`` with every limit off; (server, metrics port)."""
+    metrics_port = free_port()
     cfg = workdir / "winkr.toml"
-    cfg.write_text("[limits]\n" + "".join(f"{k} = 0\n" for k in LIMIT_KEYS))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WINKR_")}
-    env["WINKR_JWT_SECRET"] = secret
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    with open(workdir / "server.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "winkr", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--db", str(workdir / "winkr.db"), "--config", str(cfg), "--metrics-port", str(METRICS_PORT)],
-            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-            text=True)
-    timer = threading.Timer(START_TIMEOUT_S, lambda: kill(proc))  # a silent server: give up
-    timer.start()
+    cfg.write_text(limits_off_toml())
+    server = start_server(["--db", str(workdir / "winkr.db"), "--config", str(cfg),
+                           "--metrics-port", str(metrics_port)], env=server_environment(secret),
+                          log=workdir / "server.log")
+    return server, metrics_port
+
+
+def sample(pid: int, metrics_port: int) -> dict[str, Any] | None:
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            m = LISTEN_RE.search(line)
-            if m:
-                if m.group(1) not in ("127.0.0.1", "localhost"):
-                    raise RuntimeError(f"server is not on loopback: {line.strip()}")
-                return proc, f"ws://127.0.0.1:{m.group(2)}/ws"
-    except BaseException:
-        kill(proc)
-        raise
-    finally:
-        timer.cancel()
-    kill(proc)
-    raise RuntimeError(f"server did not start; see {workdir / 'server.log'}")
-
-
-def kill(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
-
-
-def stop(proc: subprocess.Popen[str]) -> int | None:
-    """SIGTERM (graceful shutdown), SIGKILL after 10 s; the exit status."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            kill(proc)
-    return proc.returncode
-
-
-def sample(pid: int) -> dict[str, Any] | None:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        usage = process_usage(pid)
     except OSError:
         return None
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    rss_kb = int(fields.get("VmRSS", "0 kB").split()[0])
-    return {"rss_kb": rss_kb, "fds": fds, "threads": int(fields.get("Threads", "0").strip()),
-            "tasks": trio_tasks()}
+    return {**usage, "tasks": trio_tasks(metrics_port)}
 
 
-def trio_tasks() -> int:
+def trio_tasks(metrics_port: int) -> int:
     """Living trio tasks in the server, from its metrics endpoint (-1 if unavailable)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=2) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as r:
             m = TASKS_RE.search(r.read().decode())
     except OSError:
         return -1
@@ -177,7 +115,7 @@ class Stats:
 class User:
     def __init__(self, index: int, token: str, peer: str, shared: dict[int, str],
                  stats: Stats, rng: random.Random) -> None:
-        self.index, self.uid, self.token, self.peer = index, f"sk{index}", token, peer
+        self.uid, self.token, self.peer = f"sk{index}", token, peer
         self.pair = index // 2
         self.shared, self.stats, self.rng = shared, stats, rng
         self.ws: Any = None
@@ -263,7 +201,7 @@ class User:
             self.stats.sent += 1
             await self.fire("message:send", {
                 "conversation_id": cid, "type": "text", "metadata": {}, "client_message_id": cmid,
-                "content": f"{letters(self.counter)} {self.rng.choice(WORDS)}"}, cmid)
+                "content": f"{encode_letters(self.counter)} {self.rng.choice(SMALL_TALK)}"}, cmid)
         elif r < 0.85:
             await self.fire("typing:start", {"conversation_id": cid})
             await asyncio.sleep(0.05)
@@ -297,7 +235,7 @@ class User:
         await self.disconnect()
 
 
-async def drive(args: argparse.Namespace, url: str, secret: str, pid: int,
+async def drive(args: argparse.Namespace, url: str, secret: str, pid: int, metrics_port: int,
                 samples: list[dict[str, Any]], stats: Stats) -> None:
     rng = random.Random(args.seed)
     shared: dict[int, str] = {}
@@ -311,7 +249,7 @@ async def drive(args: argparse.Namespace, url: str, secret: str, pid: int,
     while True:
         now = time.monotonic()
         if now >= next_at:
-            s = sample(pid)
+            s = sample(pid, metrics_port)
             if s is None:
                 stats.errors["server_gone"] += 1
                 break
@@ -368,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    from _deps import require
+    from scripts._deps import require
 
-    require("soak.py", ["websockets.asyncio.client", "jwt", "winkr"])
+    require("soak.py", ["websockets.asyncio.client", "jwt", "winkr.auth"])
     if not 0 < args.duration <= 86400 or not 0.1 <= args.interval <= 3600:
         ap.error("need 0 < --duration <= 86400 and 0.1 <= --interval <= 3600")
     if args.users < 2 or args.users % 2 or args.users > 2000:
@@ -388,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     exit_status = None
     try:
-        proc, url = start_server(workdir, secret)
-        asyncio.run(drive(args, url, secret, proc.pid, samples, stats))
+        server, metrics_port = start(workdir, secret)
+        proc = server.proc
+        asyncio.run(drive(args, server.url, secret, proc.pid, metrics_port, samples, stats))
         if proc.poll() is not None:
             failures.append(f"server exited with {proc.returncode} during the run")
         exit_status = stop(proc)

@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import trio
 import trio.testing
-from conftest import SECRET, start_server
+from conftest import SECRET, named, start_server
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from winkr.auth import mint_token
@@ -118,4 +118,4 @@ class Recorder:
             self.replayed.append(message["seq"])
 
     def named(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == event]
+        return named(self.events, event)

@@ -6,8 +6,9 @@ import inspect
 import itertools
 import re
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -15,7 +16,9 @@ import orjson
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionRejected, WebSocketConnection, wrap_client_stream
+from processes import Servers
+from prometheus_client.parser import text_string_to_metric_families
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, wrap_client_stream
 
 from winkr.auth import mint_token
 from winkr.clock import trio_wall_clock
@@ -26,7 +29,25 @@ from winkr.store.writer import run_inline
 SECRET = "test-secret-please-ignore-0123456789abcdef"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 """Every timestamp of the protocol: RFC 3339, UTC, milliseconds, ``Z`` (contract §11.11)."""
+
+
+class _Timestamp:
+    """Equal to any string ``TIMESTAMP`` matches, for comparing whole frames."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and TIMESTAMP.match(other) is not None
+
+    def __repr__(self) -> str:
+        return "<RFC3339 .mmmZ>"
+
+
+TS = _Timestamp()
 RECV_TIMEOUT = 30.0  # mock seconds: a missing event fails the test, instantly in real time
+MAX_FRAME = 32 * 1024  # the default frame limit (contract §8)
+URL = "https://cdn.winkr.test/p/abc.jpg"  # a media URL the server accepts
+RATE_LIMITS_OFF = {"messages_per_minute": 0, "messages_per_hour": 0, "messages_per_day": 0, "typing_per_minute": 0,
+                   "conversations_per_day": 0, "inbound_events_per_second": 0}
+"""``limits`` for ``make_settings`` that let one user send as much as a test needs."""
 
 
 def make_settings(tmp_path: Any, **overrides: Any) -> Settings:
@@ -124,18 +145,152 @@ class Harness:
 
     async def connect(self, user_id: str, *, established: bool = True, token: str | None = None,
                       service: bool = False) -> Client:
-        token = token or self.token(user_id, service=service)
-        ws = await self.open_ws(headers=[("Authorization", f"Bearer {token}")])
-        client = Client(ws, user_id)
-        if established:
-            hello = await client.recv()
-            assert hello["event"] == "connection:established", hello
-        return client
+        ws = await self.open_ws(headers=bearer(token or self.token(user_id, service=service)))
+        return await welcomed(ws, user_id) if established else Client(ws, user_id)
 
     async def conversation(self, creator: Client, *others: str) -> str:
         reply = await creator.request("conversation:create", {"participant_ids": list(others)})
         assert reply["event"] == "conversation:created", reply
         return reply["data"]["conversation"]["id"]
+
+
+# --- steps and checks the tests share --------------------------------------------------------------
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("Authorization", f"Bearer {token}")]
+
+
+def claims_for(harness: Harness, sub: Any = "alice", ttl: float = 3600, **extra: Any) -> dict[str, Any]:
+    """Claims valid now on the harness's clock (drop one by passing it as None)."""
+    now = harness.server.clock()
+    claims: dict[str, Any] = {"sub": sub, "iat": int(now), "exp": int(now + ttl), **extra}
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+async def welcomed(ws: WebSocketConnection, user_id: str) -> Client:
+    """The client of an accepted handshake, once ``connection:established`` named ``user_id``."""
+    client = Client(ws, user_id)
+    hello = await client.recv()
+    assert hello["event"] == "connection:established", hello
+    assert hello["data"]["user_id"] == user_id, hello
+    return client
+
+
+async def still_works(client: Client) -> None:
+    """The connection keeps serving: a request is answered with its ref."""
+    reply = await client.request("conversation:list")
+    assert reply["event"] == "conversation:list", reply
+    assert isinstance(reply["data"]["conversations"], list), reply
+
+
+def text(conversation_id: str, content: str = "hello there", **extra: Any) -> dict[str, Any]:
+    """``message:send`` data of a text message."""
+    return {"conversation_id": conversation_id, "content": content, "type": "text", "metadata": {}, **extra}
+
+
+async def send_text(client: Client, conversation_id: str, content: str = "hello there", **extra: Any) -> dict[str, Any]:
+    """Send a text message; return the acknowledged message object."""
+    reply = await client.request("message:send", text(conversation_id, content, **extra))
+    assert reply["event"] == "message:new", reply
+    return reply["data"]["message"]
+
+
+async def join(client: Client, conversation_id: str) -> dict[str, Any]:
+    reply = await client.request("conversation:join", {"conversation_id": conversation_id})
+    assert reply["event"] == "conversation:joined", reply
+    return reply
+
+
+async def history(client: Client, conversation_id: str, **query: Any) -> dict[str, Any]:
+    """The data of a ``message:history`` reply (``messages``, ``has_more``)."""
+    reply = await client.request("message:history", {"conversation_id": conversation_id, **query})
+    assert reply["event"] == "message:history", reply
+    return reply["data"]
+
+
+async def history_messages(client: Client, conversation_id: str) -> list[dict[str, Any]]:
+    """The conversation's last 100 messages, oldest first."""
+    return (await history(client, conversation_id, limit=100))["messages"]
+
+
+async def joined_pair(harness: Harness, *, alice_joined: bool = True,
+                      bob_joined: bool = True) -> tuple[Client, Client, str]:
+    """alice and bob in one conversation (bob told of it), each joined to its room unless said
+    otherwise; whatever the setup sent is read and dropped."""
+    alice = await harness.connect("alice")
+    bob = await harness.connect("bob")
+    conv = await harness.conversation(alice, "bob")
+    await bob.expect("conversation:created")
+    if alice_joined:
+        await join(alice, conv)
+    if bob_joined:
+        await join(bob, conv)
+    await settle(alice, bob)
+    return alice, bob, conv
+
+
+async def send_ok(sender: Client, receiver: Client, conv: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Send; check the acknowledgement and that the receiver got the same message; return it."""
+    ref = await sender.send("message:send", {"conversation_id": conv, **data})
+    ack = await sender.expect("message:new", ref=ref)
+    assert ack["ref"] == ref
+    message = ack["data"]["message"]
+    got = await receiver.expect("message:new")
+    assert "ref" not in got, got
+    assert got["data"]["message"] == message
+    return message
+
+
+async def send_refused(sender: Client, receiver: Client, conv: str, data: dict[str, Any],
+                       code: str, field: str | None) -> dict[str, Any]:
+    """Send; check the error, that nothing was stored and the receiver got nothing."""
+    ref = await sender.send("message:send", {"conversation_id": conv, **data})
+    reply = await sender.expect("error", ref=ref)
+    assert_error(reply, code, field, "message:send", ref)
+    assert [e for e in await receiver.nothing_more(0.5) if e["event"] in ("message:new", "conversation:unread")] == []
+    assert await history_messages(sender, conv) == []
+    return reply
+
+
+def named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["event"] == name]
+
+
+async def until_closed(client: Client, timeout: float = 30.0) -> tuple[list[dict[str, Any]], int]:
+    """Every event up to the server's close frame, and its code; fails after ``timeout``."""
+    events = list(client.backlog)
+    client.backlog.clear()
+    with trio.fail_after(timeout):
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                events.append(orjson.loads(await client.ws.get_message()))
+    return events, info.value.reason.code
+
+
+def iso(ts: float) -> str:
+    """``ts`` as the server writes timestamps (milliseconds cut, not rounded)."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sample ``name`` with exactly ``labels`` in a Prometheus text scrape (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+def assert_refused(rejection: ConnectionRejected, status: int, code: str) -> dict[str, Any]:
+    """A handshake refused with this HTTP status and error code; the error's data."""
+    assert rejection.status_code == status, (rejection.status_code, rejection.body)
+    data = error_body(rejection)["data"]
+    assert data["code"] == code, data
+    return data
+
+
+def assert_unauthorized(rejection: ConnectionRejected) -> None:
+    assert_refused(rejection, 401, "UNAUTHORIZED")
 
 
 def run_with_autojump(fn: Any, clock: Any = None, instruments: Any = ()) -> Any:
@@ -264,8 +419,9 @@ def watchdog() -> Any:
 
 
 @pytest.fixture
-def settings(tmp_path: Any) -> Settings:
-    return make_settings(tmp_path)
+def settings(request: Any, tmp_path: Any) -> Settings:
+    """The default settings, or overrides given with ``parametrize("settings", [{...}], indirect=True)``."""
+    return make_settings(tmp_path, **getattr(request, "param", {}))
 
 
 @pytest.fixture
@@ -276,3 +432,12 @@ async def harness(settings: Settings, watchdog: dict[str, Any]) -> AsyncIterator
         yield Harness(server, nursery, settings)
         server.request_shutdown()
         nursery.cancel_scope.deadline = trio.current_time() + 30
+
+
+@pytest.fixture
+def servers(tmp_path: Any) -> Iterator[Servers]:
+    """``servers.start(db, ...)`` runs ``winkr serve`` as a process on loopback (tests/processes.py);
+    every one still running at the test's end is killed."""
+    started = Servers(tmp_path)
+    yield started
+    started.kill_all()

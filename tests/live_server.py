@@ -2,7 +2,6 @@
 given database and port, ``kill -9`` it, start it again on the same port."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,20 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from processes import wait_for_port
+from processes import START_TIMEOUT, RunningServer, Servers, environment
 
+from scripts._common import REPO
 from winkr.auth import mint_token
 from winkr.config import load_settings
 
 SECRET = "client-e2e-secret-0123456789abcdef0123456789"
-START_TIMEOUT = 30.0
-REPO = Path(__file__).resolve().parent.parent
-
-
-def environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WINKR_")}
-    env["WINKR_JWT_SECRET"] = SECRET
-    return env
 
 
 def token(user_id: str, ttl: float = 3600) -> str:
@@ -32,44 +24,36 @@ def token(user_id: str, ttl: float = 3600) -> str:
 
 
 class LiveServer:
-    """``winkr serve`` on ``db``; ``start(port)`` (0: any free port) waits for its listening line."""
+    """``winkr serve`` on ``db``, started again on the same port after a kill (``servers``: the
+    fixture that kills whatever is left at the test's end)."""
 
-    def __init__(self, tmp_path: Path, db: Path) -> None:
-        self.tmp_path, self.db = tmp_path, db
-        self.proc: subprocess.Popen[str] | None = None
+    def __init__(self, servers: Servers, db: Path) -> None:
+        self.servers, self.db = servers, db
+        self.current: RunningServer | None = None
         self.port = 0
-        self.started: list[subprocess.Popen[str]] = []
 
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
+    @property
+    def proc(self) -> subprocess.Popen[str]:
+        assert self.current is not None
+        return self.current.proc
+
     def start(self, port: int = 0) -> float:
-        """Start; returns the monotonic time at which it said it was listening."""
-        stderr_path = self.tmp_path / f"serve{len(self.started)}.stderr"
-        with open(stderr_path, "w") as stderr:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "winkr", "serve", "--port", str(port), "--db", str(self.db)],
-                cwd=self.tmp_path, env=environment(), stdout=subprocess.PIPE, stderr=stderr, text=True)
-        self.started.append(self.proc)
-        self.port, _ = wait_for_port(self.proc, stderr_path, START_TIMEOUT)
+        """Start (0: any free port); returns the monotonic time at which it said it was listening."""
+        self.current = self.servers.start(self.db, port=port, WINKR_JWT_SECRET=SECRET)
+        self.port = self.current.port
         return time.monotonic()
 
     def kill9(self) -> None:
-        assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(timeout=15) == 0
-
-    def cleanup(self) -> None:
-        for proc in self.started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
 
 
 def demo_page(tmp_path: Path, ws_url: str) -> tuple[subprocess.Popen[str], str]:
@@ -78,7 +62,7 @@ def demo_page(tmp_path: Path, ws_url: str) -> tuple[subprocess.Popen[str], str]:
     with open(stderr_path, "w") as stderr:
         proc = subprocess.Popen(
             [sys.executable, str(REPO / "scripts" / "demo.py"), "--port", "0", "--ws-url", ws_url,
-             "--mint-demo-tokens"], cwd=tmp_path, env=environment(), stdout=subprocess.PIPE,
+             "--mint-demo-tokens"], cwd=tmp_path, env=environment(WINKR_JWT_SECRET=SECRET), stdout=subprocess.PIPE,
             stderr=stderr, text=True)
     assert proc.stdout is not None
     deadline = time.monotonic() + START_TIMEOUT

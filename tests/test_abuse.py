@@ -16,37 +16,28 @@ import jwt
 import orjson
 import pytest
 import trio
-from conftest import SECRET, Client, Harness, assert_error, error_body, make_settings, refused, running, until
-from trio_websocket import ConnectionClosed, wrap_client_stream
-from wire_clients import RawClient, bounded_stream_pair
+from conftest import (
+    RATE_LIMITS_OFF,
+    SECRET,
+    Client,
+    Harness,
+    assert_error,
+    assert_refused,
+    bearer,
+    make_settings,
+    metric,
+    named,
+    refused,
+    running,
+    until,
+)
+from trio_websocket import ConnectionClosed
+from wire_clients import RawClient, over_slow_link
 
 import winkr.handlers.messages
 from winkr.logs import ThrottledLog
 from winkr.records import SendItem
 from winkr.store.store import Store
-
-LIMITS_OFF = {"messages_per_minute": 0, "messages_per_hour": 0, "messages_per_day": 0,
-              "conversations_per_day": 0, "typing_per_minute": 0, "inbound_events_per_second": 0}
-
-
-def metric(harness: Harness, name: str, **labels: str) -> float:
-    text = harness.server.metrics.text()
-    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-    for line in text.splitlines():
-        if line.startswith(wanted + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-async def over_slow_link(harness: Harness, user_id: str, capacity: int) -> Client:
-    """A client whose socket takes only ``capacity`` unread bytes from the server."""
-    client_end, server_end = bounded_stream_pair(capacity)
-    harness.server.accept_stream(server_end)
-    ws = await wrap_client_stream(harness.nursery, client_end, "localhost", "/ws",
-                                  extra_headers=[("Authorization", f"Bearer {harness.token(user_id)}")])
-    client = Client(ws, user_id)
-    assert (await client.recv())["event"] == "connection:established"
-    return client
 
 
 async def read_all(client: Client, wait: float = 5.0, pace: float = 0.0) -> tuple[list[dict[str, Any]], int | None]:
@@ -66,16 +57,12 @@ async def read_all(client: Client, wait: float = 5.0, pace: float = 0.0) -> tupl
         return events, closed.reason.code
 
 
-def named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [e for e in events if e["event"] == name]
-
-
 # --- 1. outbound flow control -------------------------------------------------------------------
 
 async def test_a_user_with_300_unread_conversations_connects_and_gets_every_summary(tmp_path: Any) -> None:
     """Once: a popular profile (more than ~256 conversations holding unread messages) was closed
     as slow_consumer at every connect, because the summary filled its outbox at once."""
-    async with running(make_settings(tmp_path, limits=LIMITS_OFF)) as harness:
+    async with running(make_settings(tmp_path, limits=RATE_LIMITS_OFF)) as harness:
         matchmaker = await harness.connect("matchmaker", service=True)
         for n in range(300):
             conv = await harness.conversation(matchmaker, "popular", f"fan{n}")
@@ -120,7 +107,7 @@ async def test_a_client_that_never_reads_cannot_grow_the_server(tmp_path: Any) -
     ~460 MiB before it was closed (the bound counted frames, not bytes). Replies now wait for
     room in the outbox, so the server stops reading its requests; it is closed once its socket
     has not drained for a while."""
-    async with running(make_settings(tmp_path, limits=LIMITS_OFF)) as harness:
+    async with running(make_settings(tmp_path, limits=RATE_LIMITS_OFF)) as harness:
         alice = await harness.connect("alice")
         conv = await harness.conversation(alice, "bob")
         for n in range(100):
@@ -130,16 +117,16 @@ async def test_a_client_that_never_reads_cannot_grow_the_server(tmp_path: Any) -
         for _ in range(270):
             await bob.send("message:history", {"conversation_id": conv, "limit": 100})
         await trio.sleep(60)  # bob reads nothing
-        handled = metric(harness, "winkr_events_received_total", event="message:history")
+        handled = metric(harness.server.metrics.text(), "winkr_events_received_total", event="message:history")
         assert handled <= 30, handled  # about 4 MiB of pages at most, of 270 asked for (~53 MiB)
-        assert metric(harness, "winkr_connections_closed_total", reason="slow_consumer") == 1
+        assert metric(harness.server.metrics.text(), "winkr_connections_closed_total", reason="slow_consumer") == 1
         assert (await alice.request("conversation:list"))["event"] == "conversation:list"
 
 
 async def test_status_flapping_reaches_a_slow_contact_as_its_latest_state(tmp_path: Any) -> None:
     """Once: flapping user:status 1,500 times got a contact on a slow link closed. Presence
     frames are coalesced per contact: only the latest state waits in the contact's outbox."""
-    async with running(make_settings(tmp_path, limits=LIMITS_OFF)) as harness:
+    async with running(make_settings(tmp_path, limits=RATE_LIMITS_OFF)) as harness:
         alice = await harness.connect("alice")
         await harness.conversation(alice, "bob")
         bob = await over_slow_link(harness, "bob", capacity=512)
@@ -208,7 +195,7 @@ async def test_every_connection_has_an_inbound_budget(harness: Harness) -> None:
 async def test_joins_of_unknown_conversations_leave_nothing_behind(tmp_path: Any) -> None:
     """Once: 5,000 joins of unknown ids grew memory and cost quadratically, and the refused ids
     were kept (and left one by one at close, waking a room each)."""
-    settings = make_settings(tmp_path, limits=LIMITS_OFF | {"joined_per_connection": 2})
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF | {"joined_per_connection": 2})
     async with running(settings) as harness:
         alice = await harness.connect("alice")
         for n in range(5000):
@@ -217,7 +204,7 @@ async def test_joins_of_unknown_conversations_leave_nothing_behind(tmp_path: Any
         assert closed is None and len(events) == 5000
         assert {e["data"]["code"] for e in events} == {"NOT_FOUND"}
         await trio.sleep(5)
-        assert metric(harness, "winkr_rooms") == 0  # rooms of unknown ids went back to sleep
+        assert metric(harness.server.metrics.text(), "winkr_rooms") == 0  # rooms of unknown ids went back to sleep
         # The refused ids were not kept: two real joins still fit under the cap of two.
         for other in ("bob", "carol"):
             conv = await harness.conversation(alice, other)
@@ -227,8 +214,8 @@ async def test_joins_of_unknown_conversations_leave_nothing_behind(tmp_path: Any
         assert_error(await alice.request("conversation:join", {"conversation_id": third}),
                      "CONVERSATION_FULL", "conversation_id", "conversation:join")
         await alice.close()
-        await until(lambda: metric(harness, "winkr_connections") == 0)
-        assert metric(harness, "winkr_rooms") <= 2  # leaving woke no room for a refused id
+        await until(lambda: metric(harness.server.metrics.text(), "winkr_connections") == 0)
+        assert metric(harness.server.metrics.text(), "winkr_rooms") <= 2  # leaving woke no room for a refused id
 
 
 # --- 3. canonical identifiers ------------------------------------------------------------------------
@@ -287,9 +274,8 @@ def _signed(harness: Harness, **claims: Any) -> str:
 async def test_every_claim_is_checked_before_the_upgrade(harness: Harness, claims: dict[str, Any]) -> None:
     """Once: a lone surrogate in username/avatar_url/sub got 101 then 1011 at every reconnect;
     exp NaN gave 101 then 1011, exp Infinity a connection that never expired."""
-    rejection = await refused(harness, headers=[("Authorization", f"Bearer {_signed(harness, **claims)}")])
-    assert rejection.status_code == 401
-    assert error_body(rejection)["data"]["code"] == "UNAUTHORIZED"
+    rejection = await refused(harness, headers=bearer(_signed(harness, **claims)))
+    assert_refused(rejection, 401, "UNAUTHORIZED")
 
 
 @pytest.mark.parametrize("exp", [10**17, float("nan"), float("inf")])

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 from live_server import LiveServer, demo_page, record, token
+from processes import Servers
 
 from winkr.client import open_client
 
@@ -29,9 +30,9 @@ from playwright import sync_api  # noqa: E402 - after the skip: the test extra i
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
+def stack(tmp_path: Path, servers: Servers) -> Iterator[dict[str, Any]]:
     """A winkr server, the demo page server for it, and a Chromium context."""
-    server = LiveServer(tmp_path, tmp_path / "chat.db")
+    server = LiveServer(servers, tmp_path / "chat.db")
     demo = None
     try:
         server.start()
@@ -41,14 +42,13 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
             context = browser.new_context(viewport={"width": 900, "height": 600})
             errors: list[str] = []
             context.on("weberror", lambda e: errors.append(str(e.error)))
-            yield {"server": server, "base": base, "context": context, "errors": errors}
+            yield {"server": server, "tmp_path": tmp_path, "base": base, "context": context, "errors": errors}
             browser.close()
         assert errors == []
     finally:
         if demo is not None:
             demo.terminate()
             demo.wait(timeout=10)
-        server.cleanup()
 
 
 def _open(stack: dict[str, Any], user: str) -> Any:
@@ -96,7 +96,7 @@ def test_two_tabs_chat_with_ticks_typing_presence_and_badges(stack: dict[str, An
     bob.click("#contacts li[data-user=carol]")
     bob.wait_for_selector("#messages li.theirs >> text=psst 1", timeout=WAIT_MS)
     assert bob.text_content("#contacts li[data-user=carol] .badge") == ""
-    bob.screenshot(path=str(Path(stack["server"].tmp_path) / "bob.png"))
+    bob.screenshot(path=str(stack["tmp_path"] / "bob.png"))
 
 
 def test_kill9_restart_pages_catch_up_exactly_once(stack: dict[str, Any]) -> None:

@@ -4,80 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import queue
 import signal
 import sqlite3
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 from conftest import TIMESTAMP
-from processes import reply_to, wait_for_port
+from processes import RunningServer, Servers, recv_json, reply_to, winkr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 SECRET = "cli-test-secret-0123456789abcdef0123456789"
-START_TIMEOUT = 20.0
-COMMAND_TIMEOUT = 30.0
-
-
-def environment(secret: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WINKR_")}
-    if secret is not None:
-        env["WINKR_JWT_SECRET"] = secret
-    return env
-
-
-def winkr(args: list[str], cwd: Path, secret: str | None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "winkr", *args], cwd=cwd, env=environment(secret),
-                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
-
-
-class RunningServer:
-    def __init__(self, proc: subprocess.Popen[str], port: int, lines: queue.Queue[str], stderr: Path) -> None:
-        self.proc, self.port, self.lines, self.stderr = proc, port, lines, stderr
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def stderr_text(self) -> str:
-        return self.stderr.read_text(errors="replace")
-
-
-def start_server(tmp_path: Path, db: Path, secret: str | None) -> tuple[subprocess.Popen[str], Any]:
-    stderr = open(tmp_path / "serve.stderr", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "winkr", "serve", "--port", "0", "--db", str(db)],
-                            cwd=tmp_path, env=environment(secret), stdout=subprocess.PIPE,
-                            stderr=stderr, text=True)
-    stderr.close()
-    return proc, tmp_path / "serve.stderr"
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Any]:
-    """``serve(db, secret)`` starts ``winkr serve --port 0`` and waits for its listening line;
-    every process started is killed at the end whatever happened."""
-    procs: list[subprocess.Popen[str]] = []
-
-    def run(db: Path, secret: str | None) -> RunningServer:
-        proc, stderr = start_server(tmp_path, db, secret)
-        procs.append(proc)
-        port, lines = wait_for_port(proc, stderr, START_TIMEOUT)
-        return RunningServer(proc, port, lines, stderr)
-
-    yield run
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
 
 
 def stop(server: RunningServer, sig: int) -> int:
@@ -87,13 +30,9 @@ def stop(server: RunningServer, sig: int) -> int:
     try:
         status = server.proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"still running 10 s after {signal.Signals(sig).name}:\n{server.stderr_text()}") from None
+        raise AssertionError(f"still running 10 s after {signal.Signals(sig).name}:\n{server.log_text()}") from None
     assert time.monotonic() - started < 10
     return status
-
-
-async def recv_json(ws: Any, timeout: float = 10.0) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
 # --- winkr token -------------------------------------------------------------------------------
@@ -101,7 +40,7 @@ async def recv_json(ws: Any, timeout: float = 10.0) -> dict[str, Any]:
 def test_token_prints_only_a_verifiable_token(tmp_path: Path) -> None:
     before = int(time.time())
     result = winkr(["token", "alice", "--username", "Alice A", "--ttl", "600", "--db",
-                    str(tmp_path / "w.db")], tmp_path, SECRET)
+                    str(tmp_path / "w.db")], tmp_path, WINKR_JWT_SECRET=SECRET)
     after = int(time.time()) + 1
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("\n")
@@ -117,18 +56,18 @@ def test_token_prints_only_a_verifiable_token(tmp_path: Path) -> None:
 
 # --- the generated secret ----------------------------------------------------------------------
 
-def test_generated_secret_is_private_and_used_by_token(tmp_path: Path, serve: Any) -> None:
+def test_generated_secret_is_private_and_used_by_token(tmp_path: Path, servers: Servers) -> None:
     db = tmp_path / "data" / "chat.db"
     db.parent.mkdir()
-    server = serve(db, None)
+    server = servers.start(db)
     secret_file = Path(str(db) + ".secret")
     assert secret_file.exists(), list(db.parent.iterdir())
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
     secret = secret_file.read_text().strip()
     assert len(secret) >= 32
-    assert "chat.db.secret" in server.stderr_text()  # it says so in its log
+    assert "chat.db.secret" in server.log_text()  # it says so in its log
 
-    result = winkr(["token", "alice", "--db", str(db)], tmp_path, None)
+    result = winkr(["token", "alice", "--db", str(db)], tmp_path)
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
     assert jwt.decode(token, secret, algorithms=["HS256"])["sub"] == "alice"
@@ -149,7 +88,7 @@ def test_generated_secret_is_private_and_used_by_token(tmp_path: Path, serve: An
 
 def test_conversation_create_prints_one_json_object(tmp_path: Path) -> None:
     db = tmp_path / "w.db"
-    result = winkr(["conversation", "create", "anna", "ben", "--db", str(db)], tmp_path, SECRET)
+    result = winkr(["conversation", "create", "anna", "ben", "--db", str(db)], tmp_path, WINKR_JWT_SECRET=SECRET)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 1, result.stdout
@@ -163,15 +102,15 @@ def test_conversation_create_prints_one_json_object(tmp_path: Path) -> None:
 # --- winkr serve, end to end, and graceful shutdown -----------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_serve_end_to_end_then_graceful_shutdown(tmp_path: Path, serve: Any, sig: int) -> None:
+def test_serve_end_to_end_then_graceful_shutdown(tmp_path: Path, servers: Servers, sig: int) -> None:
     db = tmp_path / "live.db"
-    server = serve(db, SECRET)
+    server = servers.start(db, WINKR_JWT_SECRET=SECRET)
 
     # The CLI works against the running server's database.
-    created = winkr(["conversation", "create", "alice", "bob", "--db", str(db)], tmp_path, SECRET)
+    created = winkr(["conversation", "create", "alice", "bob", "--db", str(db)], tmp_path, WINKR_JWT_SECRET=SECRET)
     assert created.returncode == 0, created.stderr
     listed_conversation = json.loads(created.stdout)
-    token = winkr(["token", "alice", "--db", str(db)], tmp_path, SECRET).stdout.strip()
+    token = winkr(["token", "alice", "--db", str(db)], tmp_path, WINKR_JWT_SECRET=SECRET).stdout.strip()
 
     acked: dict[str, Any] = {}
     signalled: list[float] = []
@@ -216,13 +155,13 @@ def test_serve_end_to_end_then_graceful_shutdown(tmp_path: Path, serve: Any, sig
     try:
         asyncio.run(scenario())
     except BaseException:
-        print(server.stderr_text(), file=sys.stderr)
+        print(server.log_text(), file=sys.stderr)
         raise
     try:
         status = server.proc.wait(timeout=max(0.1, 10 - (time.monotonic() - signalled[0])))
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"still running 10 s after the signal:\n{server.stderr_text()}") from None
-    assert status == 0, server.stderr_text()
+        raise AssertionError(f"still running 10 s after the signal:\n{server.log_text()}") from None
+    assert status == 0, server.log_text()
 
     db_conn = sqlite3.connect(db)
     try:

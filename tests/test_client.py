@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 from client_support import Board, Recorder
-from conftest import until
+from conftest import bearer, until, welcomed
 from trio_websocket import wrap_client_stream, wrap_server_stream
 
 from winkr.client import MemoryCache, WinkrError, open_client
@@ -165,18 +165,14 @@ async def _enter(nursery: trio.Nursery, cm: Any) -> Any:
 
 async def _raw_client(board: Board, user_id: str) -> Any:
     """A plain protocol client (conftest's Client) on the board's running server."""
-    from conftest import Client
-
     assert board.server is not None
     client_stream, server_stream = trio.testing.memory_stream_pair()
     board.server.accept_stream(server_stream)
     nursery = board.server._connections
     assert nursery is not None
     ws = await wrap_client_stream(nursery, client_stream, "localhost", "/ws",
-                                  extra_headers=[("Authorization", f"Bearer {board.token(user_id)}")])
-    client = Client(ws, user_id)
-    assert (await client.recv())["event"] == "connection:established"
-    return client
+                                  extra_headers=bearer(board.token(user_id)))
+    return await welcomed(ws, user_id)
 
 
 async def test_token_expiry_static_token_stops_function_reconnects(board: Board) -> None:

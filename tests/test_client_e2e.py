@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import trio
+from conftest import until
 from live_server import LiveServer, record, token
+from processes import Servers
 
 from winkr.client import Client, open_client
-
-
-async def _until(predicate: Any, timeout: float, what: str) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110 - polling a condition no event announces
-            await trio.sleep(0.01)
 
 
 def _recorder(client: Client, conversation_id: str) -> list[int]:
@@ -26,14 +21,10 @@ def _recorder(client: Client, conversation_id: str) -> list[int]:
     return seqs
 
 
-def test_kill9_restart_every_message_exactly_once(tmp_path: Path) -> None:
-    server = LiveServer(tmp_path, tmp_path / "chat.db")
-    try:
-        server.start()
-        port = server.port
-        trio.run(_scenario, server, port)
-    finally:
-        server.cleanup()
+def test_kill9_restart_every_message_exactly_once(tmp_path: Path, servers: Servers) -> None:
+    server = LiveServer(servers, tmp_path / "chat.db")
+    server.start()
+    trio.run(_scenario, server, server.port)
 
 
 async def _scenario(server: LiveServer, port: int) -> None:
@@ -46,13 +37,13 @@ async def _scenario(server: LiveServer, port: int) -> None:
         await bob.join(conversation)
         for n in range(3):
             await (alice if n % 2 else bob).send_message(conversation, f"before {n}")
-        await _until(lambda: len(got_alice) == 3 and len(got_bob) == 3, 10, "the first messages")
+        await until(lambda: len(got_alice) == 3 and len(got_bob) == 3, 10)  # the first messages
 
         await trio.to_thread.run_sync(server.kill9)
         async with trio.open_nursery() as nursery:
             for n in range(2):  # queued: the server is gone
                 nursery.start_soon(alice.send_message, conversation, f"while down {n}")
-            await _until(lambda: alice.state == "reconnecting" and bob.state == "reconnecting", 10, "reconnecting")
+            await until(lambda: alice.state == "reconnecting" and bob.state == "reconnecting", 10)  # reconnecting
             # Meanwhile bob's phone writes through a server on another port: alice and bob
             # must find these in history when they are back.
             await trio.to_thread.run_sync(server.start)
@@ -65,7 +56,7 @@ async def _scenario(server: LiveServer, port: int) -> None:
                 client.on("state", lambda state, _i, name=name: state == "open" and opened.setdefault(
                     name, time.monotonic()))
             listening = await trio.to_thread.run_sync(server.start, port)
-            await _until(lambda: len(got_alice) >= 8 and len(got_bob) >= 8, 60, "the catch-up")
+            await until(lambda: len(got_alice) >= 8 and len(got_bob) >= 8, 60)  # the catch-up
             caught_up = time.monotonic()
         await trio.sleep(1)  # a late duplicate would show up here
         assert got_alice == list(range(1, 9)), got_alice

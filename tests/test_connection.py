@@ -16,63 +16,38 @@ import orjson
 import pytest
 import trio
 import trio.testing
-from conftest import SECRET, TIMESTAMP, Client, Harness, error_body, make_settings, refused, start_server
-from trio_websocket import ConnectionClosed, ConnectionRejected, wrap_client_stream
-from wire_clients import bounded_stream_pair
-
-MAX_FRAME = 32 * 1024
-
+from conftest import (
+    MAX_FRAME,
+    SECRET,
+    TIMESTAMP,
+    Client,
+    Harness,
+    assert_refused,
+    assert_unauthorized,
+    bearer,
+    claims_for,
+    join,
+    make_settings,
+    refused,
+    start_server,
+    still_works,
+    until_closed,
+    welcomed,
+)
+from trio_websocket import ConnectionClosed
+from wire_clients import over_slow_link
 
 # --- helpers ---------------------------------------------------------------------------
 
-def claims_for(harness: Harness, sub: Any = "alice", ttl: float = 3600, **extra: Any) -> dict[str, Any]:
-    now = harness.server.clock()
-    claims: dict[str, Any] = {"sub": sub, "iat": int(now), "exp": int(now + ttl), **extra}
-    return {k: v for k, v in claims.items() if v is not None}
-
-
 def sign(claims: dict[str, Any], key: str | None = SECRET, algorithm: str = "HS256") -> str:
     return jwt.encode(claims, key, algorithm=algorithm)
-
-
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("Authorization", f"Bearer {token}")]
-
-
-def assert_unauthorized(rejection: ConnectionRejected) -> None:
-    assert rejection.status_code == 401, rejection
-    assert error_body(rejection)["data"]["code"] == "UNAUTHORIZED"
-
-
-async def established(ws: Any, user_id: str) -> Client:
-    client = Client(ws, user_id)
-    hello = await client.recv()
-    assert hello["event"] == "connection:established", hello
-    assert hello["data"]["user_id"] == user_id
-    return client
-
-
-async def still_works(client: Client) -> None:
-    """The connection keeps serving: a request is answered with its ref."""
-    reply = await client.request("conversation:list")
-    assert reply["event"] == "conversation:list", reply
-    assert isinstance(reply["data"]["conversations"], list)
-
-
-async def closed_code(client: Client) -> int:
-    """Read until the server's close; every event before it must be accounted for by the caller."""
-    with trio.fail_after(30):
-        with pytest.raises(ConnectionClosed) as info:
-            while True:
-                await client.ws.get_message()
-    return info.value.reason.code
 
 
 # --- authentication ---------------------------------------------------------------------
 
 async def test_bearer_header_is_accepted(autojump_clock: Any, harness: Harness) -> None:
     ws = await harness.open_ws(headers=bearer(harness.token("alice")))
-    client = await established(ws, "alice")
+    client = await welcomed(ws, "alice")
     await still_works(client)
 
 
@@ -81,13 +56,13 @@ async def test_bearer_subprotocol_is_accepted_and_winkr_v1_selected(autojump_clo
     token = harness.token("alice")
     ws = await harness.open_ws(subprotocols=["winkr.v1", f"bearer.{token}"])
     assert ws.subprotocol == "winkr.v1"
-    client = await established(ws, "alice")
+    client = await welcomed(ws, "alice")
     await still_works(client)
 
 
 async def test_token_query_parameter_is_accepted(autojump_clock: Any, harness: Harness) -> None:
     ws = await harness.open_ws(path=f"/ws?token={harness.token('alice')}")
-    client = await established(ws, "alice")
+    client = await welcomed(ws, "alice")
     await still_works(client)
 
 
@@ -97,7 +72,7 @@ async def test_header_wins_over_subprotocol_and_query(autojump_clock: Any, harne
         headers=bearer(harness.token("alice")),
         subprotocols=["winkr.v1", f"bearer.{harness.token('bob')}"])
     assert ws.subprotocol == "winkr.v1"
-    await established(ws, "alice")
+    await welcomed(ws, "alice")
 
 
 async def test_header_wins_even_when_it_is_invalid(autojump_clock: Any, harness: Harness) -> None:
@@ -147,7 +122,7 @@ async def test_bad_token_is_refused_401(autojump_clock: Any, harness: Harness, k
 async def test_sub_of_64_characters_is_accepted(autojump_clock: Any, harness: Harness) -> None:
     sub = "u" * 64
     ws = await harness.open_ws(headers=bearer(sign(claims_for(harness, sub=sub))))
-    await established(ws, sub)
+    await welcomed(ws, sub)
 
 
 @pytest.mark.parametrize("path", ["/", "/chat", "/ws/extra", "/wss"])
@@ -352,7 +327,7 @@ async def test_frame_over_32_kib_gets_message_too_large_and_close_1009(autojump_
     assert closed["data"]["reason"] == "message_too_large"
     assert closed["data"]["code"] == 1009
     assert TIMESTAMP.match(closed["data"]["timestamp"])
-    assert await closed_code(alice) == 1009
+    assert await until_closed(alice) == ([], 1009)  # nothing after connection:closed
 
 
 async def test_binary_frame_over_32_kib_is_also_too_large(autojump_clock: Any, harness: Harness) -> None:
@@ -365,7 +340,7 @@ async def test_binary_frame_over_32_kib_is_also_too_large(autojump_clock: Any, h
     assert closed["event"] == "connection:closed"
     assert closed["data"] == {"reason": "message_too_large", "code": 1009,
                               "timestamp": closed["data"]["timestamp"]}
-    assert await closed_code(alice) == 1009
+    assert await until_closed(alice) == ([], 1009)  # nothing after connection:closed
 
 
 # --- slow consumers ----------------------------------------------------------------------
@@ -386,13 +361,8 @@ async def test_slow_consumer_is_closed_4003_and_the_sender_is_not(autojump_clock
     alice = await harness.connect("alice")
     conv = await harness.conversation(alice, "bob")
 
-    client_end, server_end = bounded_stream_pair(1024)
-    harness.server.accept_stream(server_end)
-    ws = await wrap_client_stream(harness.nursery, client_end, "localhost", "/ws",
-                                  extra_headers=[("Authorization", f"Bearer {harness.token('bob')}")])
-    bob = await established(ws, "bob")
-    joined = await bob.request("conversation:join", {"conversation_id": conv})
-    assert joined["event"] == "conversation:joined", joined
+    bob = await over_slow_link(harness, "bob", 1024)
+    await join(bob, conv)
     # From here on bob reads nothing while alice sends (within her 30/minute limit). A client
     # is slow only once its socket has not drained for slow_consumer_seconds (10) while more
     # than outbound_queue (4) frames wait: the first messages only fill its socket.
@@ -435,8 +405,7 @@ async def test_sixth_connection_is_refused_429_until_one_closes(autojump_clock: 
         await still_works(client)
 
     rejection = await refused(harness, headers=bearer(harness.token("alice")))
-    assert rejection.status_code == 429
-    assert error_body(rejection)["data"]["code"] == "CONNECTION_ERROR"
+    assert_refused(rejection, 429, "CONNECTION_ERROR")
 
     # Another user is not affected by alice's limit.
     bob = await harness.connect("bob")
@@ -448,8 +417,7 @@ async def test_sixth_connection_is_refused_429_until_one_closes(autojump_clock: 
     await still_works(replacement)
 
     rejection = await refused(harness, headers=bearer(harness.token("alice")))
-    assert rejection.status_code == 429
-    assert error_body(rejection)["data"]["code"] == "CONNECTION_ERROR"
+    assert_refused(rejection, 429, "CONNECTION_ERROR")
 
 
 # --- unknown conversations ------------------------------------------------------------------

@@ -2,51 +2,13 @@
 touch a conversation, group and multi-device scenarios (contract §4, §5, §11)."""
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
 import trio
-from conftest import Client, Harness, assert_error, concerning, make_settings, settle
+from conftest import TS, Client, Harness, assert_error, concerning, join, send_text, settle, text
 
 # --- shared helpers -------------------------------------------------------------------
-
-TS_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
-
-
-class _Timestamp:
-    """Equal to any RFC 3339 UTC timestamp with milliseconds and ``Z`` (contract §11.11)."""
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, str) and TS_RE.fullmatch(other) is not None
-
-    def __repr__(self) -> str:
-        return "<RFC3339 .mmmZ>"
-
-
-TS = _Timestamp()
-
-@pytest.fixture
-def settings(request: Any, tmp_path: Any) -> Any:
-    """The default settings, or overrides given with ``parametrize("settings", [...], indirect=True)``."""
-    return make_settings(tmp_path, **getattr(request, "param", {}))
-
-
-def text(conversation_id: str, content: str = "hello there") -> dict[str, Any]:
-    return {"conversation_id": conversation_id, "content": content, "type": "text", "metadata": {}}
-
-
-async def send(client: Client, conversation_id: str, content: str = "hello there") -> dict[str, Any]:
-    """Send a text message; return the acknowledged message object."""
-    reply = await client.request("message:send", text(conversation_id, content))
-    assert reply["event"] == "message:new", reply
-    return reply["data"]["message"]
-
-
-async def join(client: Client, conversation_id: str) -> dict[str, Any]:
-    reply = await client.request("conversation:join", {"conversation_id": conversation_id})
-    assert reply["event"] == "conversation:joined", reply
-    return reply
 
 
 async def listing(client: Client) -> dict[str, dict[str, Any]]:
@@ -134,9 +96,9 @@ async def test_list_shows_participants_unread_count_and_last_message(
     with_bob = await harness.conversation(alice, "bob")
     with_carol = await harness.conversation(alice, "carol")
     group = await harness.conversation(alice, "bob", "carol")
-    await send(bob, with_bob, "one")
-    last_from_bob = await send(bob, with_bob, "two")
-    mine = await send(alice, group, "my own")
+    await send_text(bob, with_bob, "one")
+    last_from_bob = await send_text(bob, with_bob, "two")
+    mine = await send_text(alice, group, "my own")
 
     convs = await listing(alice)
     assert convs.keys() == {with_bob, with_carol, group}
@@ -182,12 +144,12 @@ async def test_after_leave_messages_arrive_as_unread_not_message_new(
     bob = await harness.connect("bob")
     conv = await harness.conversation(alice, "bob")
     await join(bob, conv)
-    await send(alice, conv, "while joined")
+    await send_text(alice, conv, "while joined")
     assert (await bob.expect("message:new"))["data"]["message"]["content"] == "while joined"
 
     await bob.request("conversation:leave", {"conversation_id": conv})
     await settle(bob)
-    later = await send(alice, conv, "after leaving")
+    later = await send_text(alice, conv, "after leaving")
     got = concerning(await bob.nothing_more(), conv)
     assert [e["event"] for e in got] == ["conversation:unread"]
     assert got[0]["data"]["last_message"]["id"] == later["id"]
@@ -207,7 +169,7 @@ async def test_join_beyond_max_room_connections_is_conversation_full(
     ref = await bob_laptop.send("conversation:join", {"conversation_id": conv})
     assert_error(await bob_laptop.expect("error", ref=ref), "CONVERSATION_FULL", None, "conversation:join", ref)
     await settle(bob_laptop)
-    await send(alice, conv)
+    await send_text(alice, conv)
     assert [e["event"] for e in concerning(await bob_laptop.nothing_more(), conv)] == ["conversation:unread"]
 
     await bob.request("conversation:leave", {"conversation_id": conv})
@@ -236,7 +198,7 @@ async def private_conversation(harness: Harness) -> tuple[Client, Client, str, s
     conv = await harness.conversation(alice, "bob")
     await join(alice, conv)
     await join(bob, conv)
-    message = await send(alice, conv, "just us")
+    message = await send_text(alice, conv, "just us")
     await settle(alice, bob)
     return alice, bob, conv, message["id"]
 
@@ -269,7 +231,7 @@ async def test_outsider_never_hears_of_the_conversation(autojump_clock: Any, har
         assert reply["data"]["code"] == "FORBIDDEN", reply
 
     await alice.send("typing:start", {"conversation_id": conv})
-    second = await send(alice, conv, "still just us")
+    second = await send_text(alice, conv, "still just us")
     await alice.send("typing:stop", {"conversation_id": conv})
     await bob.request("message:read", {"conversation_id": conv, "message_id": second["id"]})
     await bob.request("message:delete", {"conversation_id": conv, "message_id": message_id})
@@ -289,7 +251,7 @@ async def test_group_of_three_fans_out_and_receipts_name_each_recipient(
         await join(client, conv)
     await settle(alice, bob, carol)
 
-    message = await send(alice, conv, "hi both")
+    message = await send_text(alice, conv, "hi both")
     for other in (bob, carol):
         assert (await other.expect("message:new"))["data"]["message"]["id"] == message["id"]
     receipts = [(await alice.expect("message:delivered"))["data"] for _ in range(2)]
@@ -300,7 +262,7 @@ async def test_group_of_three_fans_out_and_receipts_name_each_recipient(
         await reader.request("message:read", {"conversation_id": conv, "message_id": message["id"]})
         viewed = await alice.expect("message:viewed")
         assert (viewed["data"]["message_id"], viewed["data"]["reader_id"]) == (message["id"], reader.user_id)
-    reply = await send(bob, conv, "hi alice")
+    reply = await send_text(bob, conv, "hi alice")
     for other in (alice, carol):
         assert (await other.expect("message:new"))["data"]["message"]["id"] == reply["id"]
     assert concerning(await bob.nothing_more(), conv, "message:viewed") == []
@@ -315,10 +277,10 @@ async def test_one_user_on_two_devices_sees_everything_on_both(autojump_clock: A
         await join(client, conv)
     await settle(phone, laptop, bob)
 
-    mine = await send(phone, conv, "from my phone")
+    mine = await send_text(phone, conv, "from my phone")
     echoed = await laptop.expect("message:new")
     assert "ref" not in echoed and echoed["data"]["message"]["id"] == mine["id"]
-    from_bob = await send(bob, conv, "hello alice")
+    from_bob = await send_text(bob, conv, "hello alice")
     await bob.request("message:read", {"conversation_id": conv, "message_id": mine["id"]})
     for device in (phone, laptop):
         assert (await device.expect("message:new"))["data"]["message"]["id"] == from_bob["id"]
@@ -326,7 +288,7 @@ async def test_one_user_on_two_devices_sees_everything_on_both(autojump_clock: A
 
     await laptop.request("conversation:leave", {"conversation_id": conv})
     await settle(phone, laptop)
-    later = await send(bob, conv, "still there?")
+    later = await send_text(bob, conv, "still there?")
     assert (await phone.expect("message:new"))["data"]["message"]["id"] == later["id"]
     unread = await laptop.expect("conversation:unread")
     assert (unread["data"]["unread_count"], unread["data"]["last_message"]["id"]) == (2, later["id"])

@@ -4,12 +4,13 @@ server process on loopback; plus the crash harness's verifier on a database it m
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+
+from scripts import crashtest
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -42,15 +43,7 @@ def test_soak_smoke_reports_samples() -> None:
     assert summary["acknowledged"] > 0
 
 
-def _load_crashtest():
-    spec = importlib.util.spec_from_file_location("crashtest", SCRIPTS / "crashtest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_verifier_reports_loss_duplicates_and_gaps(tmp_path: Path) -> None:
-    ct = _load_crashtest()
     db = tmp_path / "winkr.db"
     con = sqlite3.connect(db)
     con.executescript("""
@@ -64,9 +57,9 @@ def test_verifier_reports_loss_duplicates_and_gaps(tmp_path: Path) -> None:
     con.commit()
     con.close()
     args = argparse.Namespace(users=2, max_seconds=10, seed=1, max_messages=10)
-    run = ct.Run(args, "secret-for-the-verifier-test-0123456789")
+    run = crashtest.Run(args, "secret-for-the-verifier-test-0123456789")
     run.acks = [("c", 1, "x1", "a", "hi"), ("c", 2, "x2", "a", "lost"), ("c", 4, "y1", "b", "yo")]
-    result = ct.verify(run, db, tmp_path)
+    result = crashtest.verify(run, db, tmp_path)
     assert result["lost"] == 1
     assert result["duplicated"] == 1
     assert result["gaps"] == 1

@@ -4,35 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sqlite3
-import subprocess
-import sys
-from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any
 
+import processes
 import pytest
-from processes import reply_to, wait_for_port
+from processes import RunningServer, Servers, reply_to
 from websockets.asyncio.client import connect
 
 from winkr.store import maintenance
 from winkr.store.schema import SCHEMA_VERSION, SchemaTooNew, open_database
 
 SECRET = "db-tools-test-secret-0123456789abcdef012345"
-START_TIMEOUT = 20.0
-COMMAND_TIMEOUT = 30.0
-
-
-def environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WINKR_")}
-    env["WINKR_JWT_SECRET"] = SECRET
-    return env
-
-
-def winkr(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "winkr", *args], cwd=cwd, env=environment(),
-                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+winkr = partial(processes.winkr, WINKR_JWT_SECRET=SECRET)  # ``winkr(args, cwd)``: every command with this secret
 
 
 def make_db(path: Path) -> Path:
@@ -49,20 +34,9 @@ def set_user_version(path: Path, version: int) -> None:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Any]:
-    """Start ``winkr serve --port 0`` on ``tmp_path/live.db``; yield (process, port)."""
-    stderr_path = tmp_path / "serve.stderr"
-    with open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "winkr", "serve", "--port", "0", "--db",
-                                 str(tmp_path / "live.db")], cwd=tmp_path, env=environment(),
-                                stdout=subprocess.PIPE, stderr=stderr, text=True)
-    try:
-        port, _ = wait_for_port(proc, stderr_path, START_TIMEOUT)
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
+def server(tmp_path: Path, servers: Servers) -> RunningServer:
+    """``winkr serve --port 0`` on ``tmp_path/live.db``."""
+    return servers.start(tmp_path / "live.db", WINKR_JWT_SECRET=SECRET)
 
 
 async def send_messages(port: int, token: str, texts: list[str]) -> str:
@@ -84,8 +58,8 @@ async def send_messages(port: int, token: str, texts: list[str]) -> str:
 
 # --- backup -------------------------------------------------------------------------------------
 
-def test_backup_while_serving_is_consistent_and_passes_check(tmp_path: Path, server: Any) -> None:
-    proc, port = server
+def test_backup_while_serving_is_consistent_and_passes_check(tmp_path: Path, server: RunningServer) -> None:
+    port = server.port
     token = winkr(["token", "alice", "--db", str(tmp_path / "live.db")], tmp_path).stdout.strip()
     asyncio.run(send_messages(port, token, ["before the backup"]))
 
@@ -110,7 +84,7 @@ def test_backup_while_serving_is_consistent_and_passes_check(tmp_path: Path, ser
 
     # The server is undisturbed and keeps writing.
     asyncio.run(send_messages(port, token, ["after the backup"]))
-    assert proc.poll() is None
+    assert server.proc.poll() is None
 
 
 def test_backup_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
@@ -185,9 +159,7 @@ def test_check_of_an_older_database_says_it_needs_migration(tmp_path: Path) -> N
 def test_serve_refuses_a_newer_database_without_a_traceback(tmp_path: Path) -> None:
     db = make_db(tmp_path / "w.db")
     set_user_version(db, 999)
-    result = subprocess.run([sys.executable, "-m", "winkr", "serve", "--port", "0", "--db", str(db)],
-                            cwd=tmp_path, env=environment(), capture_output=True, text=True,
-                            timeout=COMMAND_TIMEOUT)
+    result = winkr(["serve", "--port", "0", "--db", str(db)], tmp_path)
     assert result.returncode != 0
     assert "newer than this code" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr

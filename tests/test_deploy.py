@@ -27,9 +27,11 @@ from pathlib import Path
 
 import jwt
 import pytest
-from processes import wait_for_port
+from processes import recv_json
 from pyz_build import built_pyz
 from websockets.asyncio.client import connect
+
+from scripts._common import wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "deploy.md"
@@ -182,7 +184,7 @@ def test_the_documented_layout_runs_as_an_unprivileged_user(public_tmp: Path,
         async def hello() -> None:
             async with connect(f"ws://127.0.0.1:{port}/ws", additional_headers={"Authorization": f"Bearer {token}"},
                                open_timeout=10) as ws:
-                event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                event = await recv_json(ws)
                 assert event["event"] == "connection:established", event
 
         asyncio.run(hello())

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import Harness
-from test_message_types import URL, history, joined_pair, send_ok, send_refused
+from conftest import URL, Harness, history_messages, joined_pair, send_ok, send_refused
 
 
 @pytest.mark.parametrize("content", [
@@ -45,7 +44,7 @@ async def test_evasions_are_masked_in_what_is_relayed_and_stored(
     message = await send_ok(alice, bob, conv, {"type": "text", "content": content, "metadata": {}})
     assert message["content"] == expected
     assert message["metadata"].get(flag) is True
-    stored = (await history(bob, conv))[0]
+    stored = (await history_messages(bob, conv))[0]
     assert stored["content"] == expected
 
 

@@ -25,12 +25,21 @@ from typing import Any
 import orjson
 import pytest
 import trio
-from conftest import TIMESTAMP, Client, Harness, make_settings, start_server
+from conftest import (
+    MAX_FRAME,
+    RATE_LIMITS_OFF,
+    TIMESTAMP,
+    Client,
+    history,
+    join,
+    make_settings,
+    running,
+    still_works,
+)
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-MAX_FRAME = 32 * 1024
 SETTLE = 0.05  # mock seconds after each frame: the server has gone idle before they pass
 
 SEED_CODES = {"VALIDATION_ERROR", "UNAUTHORIZED", "FORBIDDEN", "NOT_FOUND", "RATE_LIMITED",
@@ -329,8 +338,7 @@ async def fuzz_one_connection(client: Client, frames: st.SearchStrategy[Any], ma
                 await client.send_raw(frame)
                 counter["frames"] += 1
                 check_replies(frame, await client.nothing_more(SETTLE))
-            reply = await client.request("conversation:list")
-            assert reply["event"] == "conversation:list", reply
+            await still_works(client)
         finally:
             clock.autojump_threshold = math.inf  # type: ignore[attr-defined]
 
@@ -349,40 +357,30 @@ async def fuzz_one_connection(client: Client, frames: st.SearchStrategy[Any], ma
     return counter["frames"]
 
 
-async def run_fuzz(tmp_path: Any, watchdog: dict[str, Any], caplog: Any, limits: dict[str, int],
-                   make_frames: Callable[[str], st.SearchStrategy[Any]], max_examples: int) -> None:
-    watchdog["token"] = trio.lowlevel.current_trio_token()
-    caplog.set_level(logging.ERROR)
-    settings = make_settings(tmp_path, limits=limits)
-    async with trio.open_nursery() as clients:
-        async with trio.open_nursery() as servers:
-            server = await start_server(servers, settings)
-            harness = Harness(server, clients, settings)
-            try:
-                fuzzer = await harness.connect("fuzzer", token=harness.token("fuzzer", ttl=10**7))
-                conv = await harness.conversation(fuzzer, "peer")
-                await fuzzer.nothing_more(0.1)
-
-                sent = await fuzz_one_connection(fuzzer, make_frames(conv), max_examples)
-                assert sent >= max_examples
-
-                # The connection and the server are both still serving.
-                reply = await fuzzer.request("conversation:list")
-                assert reply["event"] == "conversation:list", reply
-                witness = await harness.connect("witness")
-                reply = await witness.request("conversation:list")
-                assert reply["event"] == "conversation:list", reply
-            finally:
-                server.request_shutdown()
-        clients.cancel_scope.cancel()
+def assert_nothing_crashed(caplog: Any) -> None:
     crashes = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert crashes == [], [f"{r.name}: {r.getMessage()}" for r in crashes]
 
 
+async def run_fuzz(tmp_path: Any, watchdog: dict[str, Any], caplog: Any, limits: dict[str, int],
+                   make_frames: Callable[[str], st.SearchStrategy[Any]], max_examples: int) -> None:
+    caplog.set_level(logging.ERROR)
+    async with running(make_settings(tmp_path, limits=limits), watchdog) as harness:
+        fuzzer = await harness.connect("fuzzer", token=harness.token("fuzzer", ttl=10**7))
+        conv = await harness.conversation(fuzzer, "peer")
+        await fuzzer.nothing_more(0.1)
+
+        sent = await fuzz_one_connection(fuzzer, make_frames(conv), max_examples)
+        assert sent >= max_examples
+
+        # The connection and the server are both still serving.
+        await still_works(fuzzer)
+        await still_works(await harness.connect("witness"))
+    assert_nothing_crashed(caplog)
+
+
 # --- the properties -------------------------------------------------------------------------
 
-LIMITS_OFF = {"messages_per_minute": 0, "messages_per_hour": 0, "messages_per_day": 0, "typing_per_minute": 0,
-              "conversations_per_day": 0, "inbound_events_per_second": 0}
 
 async def test_arbitrary_frames_never_break_the_connection(autojump_clock: Any, tmp_path: Any,
                                                            watchdog: dict[str, Any], caplog: Any) -> None:
@@ -396,12 +394,12 @@ async def test_arbitrary_frames_never_break_the_connection(autojump_clock: Any, 
 async def test_arbitrary_frames_with_limits_off_never_break_the_connection(
         autojump_clock: Any, tmp_path: Any, watchdog: dict[str, Any], caplog: Any) -> None:
     """Limits off, so that every frame reaches the handlers (none is merely rate limited)."""
-    await run_fuzz(tmp_path, watchdog, caplog, LIMITS_OFF, frame_strategy, max_examples=150)
+    await run_fuzz(tmp_path, watchdog, caplog, RATE_LIMITS_OFF, frame_strategy, max_examples=150)
 
 
 async def test_well_formed_requests_with_random_values_get_success_or_a_seed_error(
         autojump_clock: Any, tmp_path: Any, watchdog: dict[str, Any], caplog: Any) -> None:
-    await run_fuzz(tmp_path, watchdog, caplog, LIMITS_OFF, well_formed_strategy, max_examples=200)
+    await run_fuzz(tmp_path, watchdog, caplog, RATE_LIMITS_OFF, well_formed_strategy, max_examples=200)
 
 
 # --- found by the properties above, kept as plain regression tests ------------------------------
@@ -413,45 +411,30 @@ async def test_deeply_nested_metadata_is_relayed_or_refused_never_an_internal_er
         shape: str) -> None:
     """A ~1-6 KB frame whose metadata nests ``depth`` levels (orjson reads up to 1024 but
     writes only ~254): once made the room fail on its fan-out and took the server down."""
-    watchdog["token"] = trio.lowlevel.current_trio_token()
     caplog.set_level(logging.ERROR)
-    settings = make_settings(tmp_path)
     nested = "[" * depth + "]" * depth if shape == "list" else '{"a":' * depth + "1" + "}" * depth
-    async with trio.open_nursery() as clients:
-        async with trio.open_nursery() as servers:
-            server = await start_server(servers, settings)
-            harness = Harness(server, clients, settings)
-            try:
-                alice = await harness.connect("alice")
-                bob = await harness.connect("bob")
-                conv = await harness.conversation(alice, "bob")
-                for client in (alice, bob):
-                    joined = await client.request("conversation:join", {"conversation_id": conv})
-                    assert joined["event"] == "conversation:joined", joined
-                await bob.nothing_more(0.1)
-                await alice.send_raw(f'{{"event":"message:send","ref":"deep","data":{{"conversation_id":"{conv}",'
-                                     f'"type":"text","content":"x","metadata":{{"a":{nested}}}}}}}')
-                events = await alice.nothing_more(0.5)
-                replies = [e for e in events if e.get("ref") == "deep"]
-                assert len(replies) == 1, events
-                reply = replies[0]
-                if reply["event"] == "error":
-                    assert reply["data"]["code"] in ("VALIDATION_ERROR", "MESSAGE_TOO_LARGE"), reply
-                    assert str(reply["data"]["details"].get("field", "")).startswith("metadata"), reply
-                else:
-                    assert reply["event"] == "message:new", reply
-                    got = await bob.expect("message:new")
-                    assert got["data"]["message"] == reply["data"]["message"]
-                for client in (alice, bob):
-                    page = await client.request("message:history", {"conversation_id": conv})
-                    assert page["event"] == "message:history", page
-                    listed = await client.request("conversation:list")
-                    assert listed["event"] == "conversation:list", listed
-                witness = await harness.connect("witness")
-                listed = await witness.request("conversation:list")
-                assert listed["event"] == "conversation:list", listed
-            finally:
-                server.request_shutdown()
-        clients.cancel_scope.cancel()
-    crashes = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert crashes == [], [f"{r.name}: {r.getMessage()}" for r in crashes]
+    async with running(make_settings(tmp_path), watchdog) as harness:
+        alice = await harness.connect("alice")
+        bob = await harness.connect("bob")
+        conv = await harness.conversation(alice, "bob")
+        for client in (alice, bob):
+            await join(client, conv)
+        await bob.nothing_more(0.1)
+        await alice.send_raw(f'{{"event":"message:send","ref":"deep","data":{{"conversation_id":"{conv}",'
+                             f'"type":"text","content":"x","metadata":{{"a":{nested}}}}}}}')
+        events = await alice.nothing_more(0.5)
+        replies = [e for e in events if e.get("ref") == "deep"]
+        assert len(replies) == 1, events
+        reply = replies[0]
+        if reply["event"] == "error":
+            assert reply["data"]["code"] in ("VALIDATION_ERROR", "MESSAGE_TOO_LARGE"), reply
+            assert str(reply["data"]["details"].get("field", "")).startswith("metadata"), reply
+        else:
+            assert reply["event"] == "message:new", reply
+            got = await bob.expect("message:new")
+            assert got["data"]["message"] == reply["data"]["message"]
+        for client in (alice, bob):
+            await history(client, conv)
+            await still_works(client)
+        await still_works(await harness.connect("witness"))
+    assert_nothing_crashed(caplog)

@@ -15,62 +15,48 @@ import orjson
 import pytest
 import trio
 import trio.testing
-from conftest import Client, Harness, make_settings, refused, running
+from conftest import (
+    Client,
+    Harness,
+    assert_refused,
+    bearer,
+    error_body,
+    history_messages,
+    join,
+    make_settings,
+    refused,
+    running,
+    send_text,
+    still_works,
+    text,
+)
 from trio_websocket import ConnectionRejected
-
-
-@pytest.fixture
-def settings(request: Any, tmp_path: Any) -> Any:
-    """Default settings, or overrides via ``parametrize("settings", [...], indirect=True)``."""
-    return make_settings(tmp_path, **getattr(request, "param", {}))
-
 
 # --- helpers ---------------------------------------------------------------------------
 
-def text(conversation_id: str, content: str) -> dict[str, Any]:
-    return {"conversation_id": conversation_id, "content": content, "type": "text", "metadata": {}}
-
-
-async def send_ok(client: Client, conversation_id: str, content: str) -> dict[str, Any]:
-    reply = await client.request("message:send", text(conversation_id, content))
-    assert reply["event"] == "message:new", reply
-    return reply["data"]["message"]
-
-
-async def join(client: Client, conversation_id: str) -> None:
-    reply = await client.request("conversation:join", {"conversation_id": conversation_id})
-    assert reply["event"] == "conversation:joined", reply
-
-
-async def history(client: Client, conversation_id: str) -> list[dict[str, Any]]:
-    reply = await client.request("message:history", {"conversation_id": conversation_id, "limit": 100})
-    assert reply["event"] == "message:history", reply
-    return reply["data"]["messages"]
-
-
-def assert_rate_limited(reply: dict[str, Any], limit: str, request_event: str) -> float:
-    """A RATE_LIMITED error naming the window hit (§11.17); returns ``retry_after``."""
-    assert reply["event"] == "error", reply
-    data = reply["data"]
-    assert data["code"] == "RATE_LIMITED", reply
-    assert data["request_event"] == request_event, reply
-    assert data["details"]["limit"] == limit, reply
-    retry_after = data["details"]["retry_after"]
-    assert isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool), reply
-    assert retry_after > 0, reply
+def rate_limit_details(data: dict[str, Any], limit: str) -> float:
+    """RATE_LIMITED naming the window hit (§11.17) with a positive ``retry_after``; returns it."""
+    assert data["code"] == "RATE_LIMITED", data
+    details = data.get("details")
+    assert isinstance(details, dict), data
+    assert details.get("limit") == limit, data
+    retry_after = details.get("retry_after")
+    assert isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool), data
+    assert retry_after > 0, data
     return float(retry_after)
 
 
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("Authorization", f"Bearer {token}")]
+def assert_rate_limited(reply: dict[str, Any], limit: str, request_event: str) -> float:
+    """A RATE_LIMITED error event for ``request_event``; returns ``retry_after``."""
+    assert reply["event"] == "error", reply
+    assert reply["data"]["request_event"] == request_event, reply
+    return rate_limit_details(reply["data"], limit)
 
 
-def body(rejection: ConnectionRejected) -> dict[str, Any]:
-    assert rejection.body, "a refused handshake carries a JSON body"
-    parsed = orjson.loads(rejection.body)
-    assert parsed["event"] == "error", parsed
-    assert isinstance(parsed["data"]["message"], str) and parsed["data"]["message"], parsed
-    return parsed
+def assert_handshake_rate_limited(rejection: ConnectionRejected, limit: str) -> float:
+    """A 429 whose body is the same RATE_LIMITED error (§8: the handshake's too)."""
+    assert rejection.status_code == 429, rejection
+    return rate_limit_details(error_body(rejection)["data"], limit)
 
 
 LONG_TTL = 10 * 86400.0  # tokens that outlive the day-long waits below
@@ -79,11 +65,6 @@ LONG_TTL = 10 * 86400.0  # tokens that outlive the day-long waits below
 async def connect(harness: Harness, user_id: str) -> Client:
     """A connection whose token outlives every wait of these tests."""
     return await harness.connect(user_id, token=harness.token(user_id, ttl=LONG_TTL))
-
-
-async def still_works(client: Client) -> None:
-    reply = await client.request("conversation:list")
-    assert reply["event"] == "conversation:list", reply
 
 
 async def open_and_close(harness: Harness, user_id: str, count: int) -> None:
@@ -108,7 +89,7 @@ async def test_thirty_messages_pass_the_31st_is_rate_limited_and_not_stored(
 
     started = trio.current_time()
     for n in range(30):
-        message = await send_ok(alice, conv, f"m{n:02d}")
+        message = await send_text(alice, conv, f"m{n:02d}")
         assert message["seq"] == n + 1
     assert trio.current_time() - started < 2.0, "the burst must fit in one emission interval"
 
@@ -120,13 +101,13 @@ async def test_thirty_messages_pass_the_31st_is_rate_limited_and_not_stored(
 
     # After exactly retry_after (mock) seconds one more passes, and only one.
     await trio.sleep(retry_after)
-    after = await send_ok(alice, conv, "after the wait")
+    after = await send_text(alice, conv, "after the wait")
     assert after["seq"] == 31
     again = await alice.request("message:send", text(conv, "and one more"))
     assert_rate_limited(again, "30/minute", "message:send")
 
     # Nothing of the refused ones was stored or broadcast.
-    contents = [m["content"] for m in await history(bob, conv)]
+    contents = [m["content"] for m in await history_messages(bob, conv)]
     assert contents == [f"m{n:02d}" for n in range(30)] + ["after the wait"]
     bob_new = [e["data"]["message"]["content"] for e in await bob.nothing_more()
                if e["event"] == "message:new"]
@@ -142,14 +123,14 @@ async def test_the_minute_window_is_shared_by_two_connections_of_one_user(
     bob = await harness.connect("bob")
     conv = await harness.conversation(phone, "bob")
     for n in range(15):
-        await send_ok(phone, conv, f"phone {n}")
-        await send_ok(laptop, conv, f"laptop {n}")
+        await send_text(phone, conv, f"phone {n}")
+        await send_text(laptop, conv, f"laptop {n}")
     for client in (laptop, phone):
         reply = await client.request("message:send", text(conv, "31st"))
         assert_rate_limited(reply, "30/minute", "message:send")
     # The limit is per user: bob is not affected by alice's window.
-    await send_ok(bob, conv, "bob is fine")
-    assert len(await history(bob, conv)) == 31
+    await send_text(bob, conv, "bob is fine")
+    assert len(await history_messages(bob, conv)) == 31
 
 
 # --- hour and day windows, across a restart ----------------------------------------------------
@@ -169,7 +150,7 @@ async def test_hour_and_day_windows_hold_across_a_restart(
         alice = await connect(first, "alice")
         conv = await first.conversation(alice, "bob")
         for n in range(count):
-            await send_ok(alice, conv, f"before {n}")
+            await send_text(alice, conv, f"before {n}")
         reply = await alice.request("message:send", text(conv, "over the limit"))
         retry_after = assert_rate_limited(reply, label, "message:send")
         assert retry_after <= period / count + 1e-9, reply
@@ -180,13 +161,13 @@ async def test_hour_and_day_windows_hold_across_a_restart(
         reply = await alice.request("message:send", text(conv, "still over the limit"))
         retry_after = assert_rate_limited(reply, label, "message:send")
         assert retry_after <= period / count - 10 + 1e-6, reply  # the window kept running
-        assert [m["content"] for m in await history(alice, conv)] == [f"before {n}" for n in range(count)]
+        assert [m["content"] for m in await history_messages(alice, conv)] == [f"before {n}" for n in range(count)]
 
         await trio.sleep(retry_after)
-        await send_ok(alice, conv, "after the wait")
+        await send_text(alice, conv, "after the wait")
         reply = await alice.request("message:send", text(conv, "too soon again"))
         assert_rate_limited(reply, label, "message:send")
-        assert len(await history(alice, conv)) == count + 1
+        assert len(await history_messages(alice, conv)) == count + 1
 
 
 # --- typing --------------------------------------------------------------------------------
@@ -270,8 +251,7 @@ async def test_new_connections_10_per_minute_then_429_rate_limited(
         autojump_clock: Any, harness: Harness) -> None:
     await open_and_close(harness, "alice", 10)
     rejection = await refused(harness, bearer(harness.token("alice")))
-    assert rejection.status_code == 429
-    assert body(rejection)["data"]["code"] == "RATE_LIMITED"
+    assert_refused(rejection, 429, "RATE_LIMITED")
     # Another user is not affected.
     bob = await harness.connect("bob")
     await still_works(bob)
@@ -280,8 +260,7 @@ async def test_new_connections_10_per_minute_then_429_rate_limited(
     alice = await harness.connect("alice")
     await still_works(alice)
     rejection = await refused(harness, bearer(harness.token("alice")))
-    assert rejection.status_code == 429
-    assert body(rejection)["data"]["code"] == "RATE_LIMITED"
+    assert_refused(rejection, 429, "RATE_LIMITED")
 
 
 async def test_new_connections_429_body_carries_retry_after_and_limit(
@@ -290,13 +269,7 @@ async def test_new_connections_429_body_carries_retry_after_and_limit(
     handshake's error body too."""
     await open_and_close(harness, "alice", 10)
     rejection = await refused(harness, bearer(harness.token("alice")))
-    assert rejection.status_code == 429
-    data = body(rejection)["data"]
-    assert data["code"] == "RATE_LIMITED"
-    details = data.get("details")
-    assert isinstance(details, dict), data
-    assert details.get("limit") == "10/minute", data
-    assert isinstance(details.get("retry_after"), (int, float)) and details["retry_after"] > 0, data
+    assert_handshake_rate_limited(rejection, "10/minute")
 
 
 @pytest.mark.parametrize("settings", [{"limits": {"connections_per_user": 1, "connections_per_minute": 3}}],
@@ -307,8 +280,7 @@ async def test_refused_handshakes_do_not_count_as_new_connections(
     first = await harness.connect("alice")
     for _ in range(5):
         rejection = await refused(harness, bearer(harness.token("alice")))
-        assert rejection.status_code == 429
-        assert body(rejection)["data"]["code"] == "CONNECTION_ERROR"
+        assert_refused(rejection, 429, "CONNECTION_ERROR")
     await first.close()
     await trio.sleep(0.01)
     second = await harness.connect("alice")
@@ -324,8 +296,7 @@ async def test_sixth_open_connection_is_refused_429_connection_error(
         autojump_clock: Any, harness: Harness) -> None:
     clients = [await harness.connect("alice") for _ in range(5)]
     rejection = await refused(harness, bearer(harness.token("alice")))
-    assert rejection.status_code == 429
-    assert body(rejection)["data"]["code"] == "CONNECTION_ERROR"
+    assert_refused(rejection, 429, "CONNECTION_ERROR")
     for client in clients:
         await still_works(client)
     await clients[0].close()
@@ -338,8 +309,7 @@ async def test_open_connections_limit_is_a_setting(autojump_clock: Any, harness:
     await harness.connect("alice")
     await harness.connect("alice")
     rejection = await refused(harness, bearer(harness.token("alice")))
-    assert rejection.status_code == 429
-    assert body(rejection)["data"]["code"] == "CONNECTION_ERROR"
+    assert_refused(rejection, 429, "CONNECTION_ERROR")
 
 
 # --- failed handshakes per IP --------------------------------------------------------------
@@ -350,11 +320,9 @@ async def test_failed_handshakes_per_ip_then_even_a_good_token_gets_429(
         autojump_clock: Any, harness: Harness) -> None:
     for _ in range(3):
         rejection = await refused(harness, bearer("not-a-jwt"))
-        assert rejection.status_code == 401
-        assert body(rejection)["data"]["code"] == "UNAUTHORIZED"
+        assert_refused(rejection, 401, "UNAUTHORIZED")
     rejection = await refused(harness, bearer(harness.token("alice")))
-    assert rejection.status_code == 429
-    assert body(rejection)["data"]["code"] == "RATE_LIMITED"
+    assert_refused(rejection, 429, "RATE_LIMITED")
     rejection = await refused(harness, bearer(harness.token("bob")))
     assert rejection.status_code == 429
 
@@ -370,13 +338,7 @@ async def test_failed_handshakes_429_body_carries_retry_after_and_limit(
     for _ in range(3):
         assert (await refused(harness, bearer("not-a-jwt"))).status_code == 401
     rejection = await refused(harness, bearer(harness.token("alice")))
-    assert rejection.status_code == 429
-    data = body(rejection)["data"]
-    assert data["code"] == "RATE_LIMITED"
-    details = data.get("details")
-    assert isinstance(details, dict), data
-    assert details.get("limit") == "3/minute", data
-    assert isinstance(details.get("retry_after"), (int, float)) and details["retry_after"] > 0, data
+    assert_handshake_rate_limited(rejection, "3/minute")
 
 
 # --- 0 switches a limit off --------------------------------------------------------------------
@@ -389,8 +351,8 @@ async def test_zero_switches_the_message_limit_off(autojump_clock: Any, harness:
     alice = await harness.connect("alice")
     conv = await harness.conversation(alice, "bob")
     for n in range(100):
-        await send_ok(alice, conv, f"m{n}")
-    assert len(await history(alice, conv)) == 100
+        await send_text(alice, conv, f"m{n}")
+    assert len(await history_messages(alice, conv)) == 100
 
 
 @pytest.mark.parametrize("settings", [{"limits": {"typing_per_minute": 0}}], indirect=True)

@@ -5,18 +5,17 @@ loopback that sends each user more messages than the default per-minute limit al
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-from processes import wait_for_port
+from processes import Servers, environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_readme_commands_run_a_clean_load_test(tmp_path: Path) -> None:
+def test_the_readme_commands_run_a_clean_load_test(tmp_path: Path, servers: Servers) -> None:
     readme = ROOT / "README.md"
     commands = re.search(r"(\./scripts/serve --config deploy/loadtest\.toml)[^\n]*\n(.*scripts/loadtest\.py[^\n]*)",
                          readme.read_text())
@@ -24,22 +23,13 @@ def test_the_readme_commands_run_a_clean_load_test(tmp_path: Path) -> None:
     assert "pip install -q -e '.[load]'" in commands.group(2)
     assert "--secret-file loadtest.db.secret" in commands.group(2)
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WINKR_")}
-    stderr_path = tmp_path / "serve.stderr"
-    with open(stderr_path, "w") as stderr:  # what ./scripts/serve runs after its install, on a free port
-        server = subprocess.Popen([sys.executable, "-m", "winkr", "serve", "--config",
-                                   str(ROOT / "deploy" / "loadtest.toml"), "--port", "0"], cwd=tmp_path, env=env,
-                                  stdout=subprocess.PIPE, stderr=stderr, text=True)
-    try:
-        port, _ = wait_for_port(server, stderr_path, 30)
-        assert (tmp_path / "loadtest.db.secret").exists()
-        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--secret-file",
-                              "loadtest.db.secret", "--url", f"ws://127.0.0.1:{port}/ws", "--users", "2",
-                              "--rate", "40", "--duration", "2", "--drain", "2", "--no-mix", "--json-only"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
-    finally:
-        server.terminate()
-        server.wait(timeout=15)
+    # What ./scripts/serve runs after its install, on a free port.
+    server = servers.start(None, args=["--config", str(ROOT / "deploy" / "loadtest.toml")])
+    assert (tmp_path / "loadtest.db.secret").exists()
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--secret-file",
+                          "loadtest.db.secret", "--url", server.url, "--users", "2",
+                          "--rate", "40", "--duration", "2", "--drain", "2", "--no-mix", "--json-only"],
+                         cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=90)
     assert run.returncode == 0, (run.stdout, run.stderr[-2000:])
     summary = json.loads(run.stdout.splitlines()[-1])
     assert summary["errors"] == {}, summary  # no RATE_LIMITED: 40 messages per user in 2 s, limits off

@@ -1,28 +1,22 @@
-"""Unit tests of scripts/loadtest.py's pure helpers: the letters-only codec, percentiles,
+"""Unit tests of scripts/loadtest.py's pure helpers: the letters-only codec (scripts/_common.py), percentiles,
 reservoir sampling, the delivery ledger (loss, duplicates, seq order) and the run plan.
 No server needed."""
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "scripts" / "loadtest.py"
-_spec = importlib.util.spec_from_file_location("winkr_loadtest", _PATH)
-lt = importlib.util.module_from_spec(_spec)
-sys.modules["winkr_loadtest"] = lt
-_spec.loader.exec_module(lt)
+from scripts import loadtest as lt
+from scripts._common import decode_letters, encode_letters
 
 
 # -- letters-only codec ---------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 255, 256, 10**9, 2**63 - 1,
                                1_700_000_000_123_456_789])
 def test_letters_round_trip(n: int) -> None:
-    s = lt.encode_letters(n)
-    assert lt.decode_letters(s) == n
+    s = encode_letters(n)
+    assert decode_letters(s) == n
     assert s.isalpha() and s.islower()
     assert not any(c in "aeiouy0123456789" for c in s)
 
@@ -31,18 +25,18 @@ def test_letters_random_round_trip() -> None:
     rng = random.Random(7)
     for _ in range(2000):
         n = rng.randrange(2**64)
-        assert lt.decode_letters(lt.encode_letters(n)) == n
+        assert decode_letters(encode_letters(n)) == n
 
 
 @pytest.mark.parametrize("bad", ["", "a", "b1", "B", "bc d", "*"])
 def test_decode_letters_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
-        lt.decode_letters(bad)
+        decode_letters(bad)
 
 
 def test_encode_letters_rejects_negative() -> None:
     with pytest.raises(ValueError):
-        lt.encode_letters(-1)
+        encode_letters(-1)
 
 
 def test_content_round_trip_has_no_digits() -> None:

@@ -11,16 +11,20 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import Client, Harness, make_settings, running
+from conftest import (
+    URL,
+    Harness,
+    history_messages,
+    join,
+    joined_pair,
+    make_settings,
+    running,
+    send_ok,
+    send_refused,
+)
 
 MiB = 1024 * 1024
 OMIT = object()  # leave the key out of the request
-
-
-@pytest.fixture
-def settings(request: Any, tmp_path: Any) -> Any:
-    """Default settings, or overrides via ``parametrize("settings", [...], indirect=True)``."""
-    return make_settings(tmp_path, **getattr(request, "param", {}))
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -34,64 +38,8 @@ def send_data(conversation_id: str, type_: Any, content: Any = OMIT, metadata: A
     return data
 
 
-async def join(client: Client, conversation_id: str) -> None:
-    reply = await client.request("conversation:join", {"conversation_id": conversation_id})
-    assert reply["event"] == "conversation:joined", reply
-
-
-async def history(client: Client, conversation_id: str) -> list[dict[str, Any]]:
-    reply = await client.request("message:history", {"conversation_id": conversation_id, "limit": 100})
-    assert reply["event"] == "message:history", reply
-    return reply["data"]["messages"]
-
-
-async def joined_pair(harness: Harness) -> tuple[Client, Client, str]:
-    """alice and bob, both joined to their conversation; setup noise drained."""
-    alice = await harness.connect("alice")
-    bob = await harness.connect("bob")
-    conv = await harness.conversation(alice, "bob")
-    await join(alice, conv)
-    await join(bob, conv)
-    await alice.nothing_more(0.1)
-    await bob.nothing_more(0.1)
-    return alice, bob, conv
-
-
-async def send_ok(sender: Client, receiver: Client, conv: str, data: dict[str, Any]) -> dict[str, Any]:
-    """Send; check the acknowledgement and that the receiver got the same message; return it."""
-    ref = await sender.send("message:send", {"conversation_id": conv, **data})
-    ack = await sender.expect("message:new", ref=ref)
-    assert ack["ref"] == ref
-    message = ack["data"]["message"]
-    got = await receiver.expect("message:new")
-    assert "ref" not in got, got
-    assert got["data"]["message"] == message
-    return message
-
-
-def assert_error(reply: dict[str, Any], code: str, field: str | None, ref: str) -> None:
-    assert reply["event"] == "error", reply
-    assert reply["ref"] == ref, reply
-    assert reply["data"]["code"] == code, reply
-    assert reply["data"]["request_event"] == "message:send", reply
-    if field is not None:
-        assert reply["data"]["details"]["field"] == field, reply
-
-
-async def send_refused(sender: Client, receiver: Client, conv: str, data: dict[str, Any],
-                       code: str, field: str | None) -> dict[str, Any]:
-    """Send; check the error, that nothing was stored and the receiver got nothing."""
-    ref = await sender.send("message:send", {"conversation_id": conv, **data})
-    reply = await sender.expect("error", ref=ref)
-    assert_error(reply, code, field, ref)
-    assert [e for e in await receiver.nothing_more(0.5) if e["event"] in ("message:new", "conversation:unread")] == []
-    assert await history(sender, conv) == []
-    return reply
-
-
 # --- the type table --------------------------------------------------------------------
 
-URL = "https://cdn.winkr.test/p/abc.jpg"
 LONG_URL = "https://cdn.winkr.test/" + "a" * (2048 - len("https://cdn.winkr.test/"))
 assert len(LONG_URL) == 2048
 
@@ -174,7 +122,7 @@ async def test_message_type_table(autojump_clock: Any, harness: Harness, case: t
     assert "filtered" not in message["metadata"] and "pii_masked" not in message["metadata"], message
     if type_ == "photo_ephemeral":
         assert message["metadata"]["ttl_seconds"] == given.get("ttl_seconds", 10)
-    assert [m["id"] for m in await history(bob, conv)] == [message["id"]]
+    assert [m["id"] for m in await history_messages(bob, conv)] == [message["id"]]
 
 
 async def test_system_message_from_a_service_token_is_accepted(autojump_clock: Any, harness: Harness) -> None:
@@ -211,7 +159,7 @@ async def test_blocked_words_are_masked_and_flagged(autojump_clock: Any, harness
     message = await send_ok(alice, bob, conv, {"type": "text", "content": content, "metadata": {}})
     assert message["content"] == expected
     assert message["metadata"].get("filtered") is True, message
-    stored = (await history(bob, conv))[0]
+    stored = (await history_messages(bob, conv))[0]
     assert stored["content"] == expected and stored["metadata"].get("filtered") is True
 
 
@@ -265,7 +213,7 @@ async def test_pii_is_masked_by_default(autojump_clock: Any, harness: Harness, k
     prefix = content[:content.index(pii)]
     suffix = content[content.index(pii) + len(pii):]
     assert masked.startswith(prefix) and masked.endswith(suffix), masked
-    stored = (await history(bob, conv))[0]
+    stored = (await history_messages(bob, conv))[0]
     assert stored["content"] == masked and stored["metadata"].get("pii_masked") is True
 
 
@@ -322,7 +270,7 @@ async def test_encrypted_content_is_relayed_byte_identical(autojump_clock: Any, 
                                                "metadata": {"encrypted": True}})
     assert message["content"] == content
     assert message["metadata"] == {"encrypted": True}
-    stored = (await history(bob, conv))[0]
+    stored = (await history_messages(bob, conv))[0]
     assert stored["content"] == content
     assert stored["metadata"] == {"encrypted": True}
 
@@ -373,7 +321,7 @@ async def test_ephemeral_photo_is_erased_ttl_seconds_after_the_recipient_reads_i
     # Unread, it stays (here: two minutes).
     for client in (alice, bob, laptop):
         assert [e for e in await client.nothing_more(40) if e["event"] == "message:deleted"] == []
-    assert (await history(bob, conv))[0]["content"] == "peek"
+    assert (await history_messages(bob, conv))[0]["content"] == "peek"
 
     reply = await bob.request("message:read", {"conversation_id": conv, "message_id": message["id"]})
     assert reply["event"] == "message:viewed", reply
@@ -388,7 +336,7 @@ async def test_ephemeral_photo_is_erased_ttl_seconds_after_the_recipient_reads_i
         if name == "bob":
             assert 5.0 - 1e-6 <= trio.current_time() - read_at <= 5.1, trio.current_time() - read_at
     for client in (alice, bob):
-        stored = (await history(client, conv))[0]
+        stored = (await history_messages(client, conv))[0]
         assert stored["id"] == message["id"]
         assert_erased(stored)
     reply = await alice.request("message:delete", {"conversation_id": conv, "message_id": message["id"]})
@@ -424,13 +372,13 @@ async def test_ephemeral_photo_deadline_survives_a_restart(autojump_clock: Any, 
         bob = await second.connect("bob")
         await join(alice, conv)
         await join(bob, conv)
-        assert (await history(bob, conv))[0]["is_deleted"] is False
+        assert (await history_messages(bob, conv))[0]["is_deleted"] is False
         before = max(0.0, read_at + 29.9 - trio.current_time())
         assert [e for e in await bob.nothing_more(before) if e["event"] == "message:deleted"] == []
         assert_system_deleted(await bob.expect("message:deleted"), message)
         assert 30.0 - 1e-6 <= trio.current_time() - read_at <= 30.1, trio.current_time() - read_at
         assert_system_deleted(await alice.expect("message:deleted"), message)
-        assert_erased((await history(alice, conv))[0])
+        assert_erased((await history_messages(alice, conv))[0])
 
 
 async def test_ephemeral_photo_whose_deadline_passed_while_down_is_erased_at_start(
@@ -446,7 +394,7 @@ async def test_ephemeral_photo_whose_deadline_passed_while_down_is_erased_at_sta
 
     async with running(settings, watchdog) as second:
         bob = await second.connect("bob")
-        assert_erased((await history(bob, conv))[0])
+        assert_erased((await history_messages(bob, conv))[0])
 
 
 # --- service accounts ------------------------------------------------------------------
@@ -481,4 +429,4 @@ async def test_service_creates_a_conversation_for_two_users_and_posts_into_it(
 
     listed = (await service.request("conversation:list"))["data"]["conversations"]
     assert conv not in [c["id"] for c in listed]
-    assert [m["id"] for m in await history(bob, conv)] == [message["id"]]
+    assert [m["id"] for m in await history_messages(bob, conv)] == [message["id"]]

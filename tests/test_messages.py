@@ -2,61 +2,29 @@
 receipts, history and durability across a restart (contract §4, §5, §11)."""
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
 import trio
-from conftest import Client, Harness, assert_error, concerning, make_settings, settle, start_server
+from conftest import (
+    TS,
+    Client,
+    Harness,
+    assert_error,
+    concerning,
+    history,
+    join,
+    joined_pair,
+    send_text,
+    settle,
+    start_server,
+    text,
+)
 
 # --- shared helpers -------------------------------------------------------------------
 
-TS_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
-
-
-class _Timestamp:
-    """Equal to any RFC 3339 UTC timestamp with milliseconds and ``Z`` (contract §11.11)."""
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, str) and TS_RE.fullmatch(other) is not None
-
-    def __repr__(self) -> str:
-        return "<RFC3339 .mmmZ>"
-
-
-TS = _Timestamp()
-
 MESSAGE_FIELDS = {"id", "conversation_id", "sender_id", "content", "type", "created_at", "updated_at",
                   "is_read", "metadata", "seq"}
-
-
-@pytest.fixture
-def settings(request: Any, tmp_path: Any) -> Any:
-    """The default settings, or overrides given with ``parametrize("settings", [...], indirect=True)``."""
-    return make_settings(tmp_path, **getattr(request, "param", {}))
-
-
-def text(conversation_id: str, content: str = "hello there", **extra: Any) -> dict[str, Any]:
-    return {"conversation_id": conversation_id, "content": content, "type": "text", "metadata": {}, **extra}
-
-
-async def send(
-        client: Client, conversation_id: str, content: str = "hello there", **extra: Any) -> dict[str, Any]:
-    """Send a text message; return the acknowledged message object."""
-    reply = await client.request("message:send", text(conversation_id, content, **extra))
-    assert reply["event"] == "message:new", reply
-    return reply["data"]["message"]
-
-
-async def join(client: Client, conversation_id: str) -> None:
-    reply = await client.request("conversation:join", {"conversation_id": conversation_id})
-    assert reply["event"] == "conversation:joined", reply
-
-
-async def history(client: Client, conversation_id: str, **query: Any) -> dict[str, Any]:
-    reply = await client.request("message:history", {"conversation_id": conversation_id, **query})
-    assert reply["event"] == "message:history", reply
-    return reply["data"]
 
 
 def timestamps(obj: Any, path: str = "") -> list[tuple[str, Any]]:
@@ -73,24 +41,11 @@ def timestamps(obj: Any, path: str = "") -> list[tuple[str, Any]]:
     return found
 
 
-async def pair(harness: Harness, *, alice_joined: bool = True,
-               bob_joined: bool = True) -> tuple[Client, Client, str]:
-    alice = await harness.connect("alice")
-    bob = await harness.connect("bob")
-    conv = await harness.conversation(alice, "bob")
-    if alice_joined:
-        await join(alice, conv)
-    if bob_joined:
-        await join(bob, conv)
-    await settle(alice, bob)
-    return alice, bob, conv
-
-
 # --- message:send ---------------------------------------------------------------------
 
 async def test_send_acks_sender_with_ref_and_broadcasts_to_joined_connections_without_ref(
         autojump_clock: Any, harness: Harness) -> None:
-    alice, bob, conv = await pair(harness)
+    alice, bob, conv = await joined_pair(harness)
     alice2 = await harness.connect("alice")
     await join(alice2, conv)
     await settle(alice, bob, alice2)
@@ -113,7 +68,7 @@ async def test_message_object_has_the_contract_fields(
     conv = await harness.conversation(alice, "bob")
     extra = {} if client_message_id is None else {"client_message_id": client_message_id}
 
-    message = await send(alice, conv, "how are you?", **extra)
+    message = await send_text(alice, conv, "how are you?", **extra)
     assert MESSAGE_FIELDS <= message.keys(), message
     assert isinstance(message["id"], str) and message["id"]
     assert message["conversation_id"] == conv
@@ -145,10 +100,10 @@ async def test_message_new_carries_the_sender(autojump_clock: Any, harness: Harn
 
 async def test_every_timestamp_is_rfc3339_utc_with_milliseconds(
         autojump_clock: Any, harness: Harness) -> None:
-    alice, bob, conv = await pair(harness)
+    alice, bob, conv = await joined_pair(harness)
     bob_outside = await harness.connect("bob")
-    m1 = await send(alice, conv, "one")
-    await send(alice, conv, "two")
+    m1 = await send_text(alice, conv, "one")
+    await send_text(alice, conv, "two")
     for event, data in [("message:read", {"conversation_id": conv, "message_id": m1["id"]}),
                         ("message:delete", {"conversation_id": conv, "message_id": m1["id"]}),
                         ("message:history", {"conversation_id": conv}),
@@ -167,10 +122,10 @@ async def test_every_timestamp_is_rfc3339_utc_with_milliseconds(
 
 async def test_non_joined_participant_gets_conversation_unread_instead_of_message_new(
         autojump_clock: Any, harness: Harness) -> None:
-    alice, bob, conv = await pair(harness, bob_joined=False)
+    alice, bob, conv = await joined_pair(harness, bob_joined=False)
 
-    first = await send(alice, conv, "first")
-    second = await send(alice, conv, "second")
+    first = await send_text(alice, conv, "first")
+    second = await send_text(alice, conv, "second")
     got = concerning(await bob.nothing_more(), conv)
     assert [e["event"] for e in got] == ["conversation:unread", "conversation:unread"]
     assert [e["data"]["unread_count"] for e in got] == [1, 2]
@@ -189,7 +144,7 @@ async def test_sender_own_non_joined_connection_gets_nothing(autojump_clock: Any
     alice_outside = await harness.connect("alice")
     await settle(alice, alice_outside)
 
-    await send(alice, conv)
+    await send_text(alice, conv)
     assert await alice_outside.nothing_more() == []
 
 
@@ -198,10 +153,10 @@ async def test_unread_summary_follows_connection_established(autojump_clock: Any
     conv_two = await harness.conversation(alice, "bob")
     conv_one = await harness.conversation(alice, "bob", "carol")
     conv_none = await harness.conversation(alice, "bob", "dave")
-    await send(alice, conv_two, "a")
-    last_two = await send(alice, conv_two, "b")
-    last_one = await send(alice, conv_one, "c")
-    already_read = await send(alice, conv_none, "read on another device")
+    await send_text(alice, conv_two, "a")
+    last_two = await send_text(alice, conv_two, "b")
+    last_one = await send_text(alice, conv_one, "c")
+    already_read = await send_text(alice, conv_none, "read on another device")
     bob_earlier = await harness.connect("bob")
     await bob_earlier.request("message:read", {"conversation_id": conv_none, "message_id": already_read["id"]})
     await bob_earlier.close()
@@ -225,7 +180,7 @@ async def test_seq_counts_per_conversation_independently(autojump_clock: Any, ha
     with_bob = await harness.conversation(alice, "bob")
     with_carol = await harness.conversation(alice, "carol")
 
-    seqs = [(c, (await send(alice, c))["seq"]) for c in (with_bob, with_bob, with_carol, with_bob, with_carol)]
+    seqs = [(c, (await send_text(alice, c))["seq"]) for c in (with_bob, with_bob, with_carol, with_bob, with_carol)]
     assert seqs == [(with_bob, 1), (with_bob, 2), (with_carol, 1), (with_bob, 3), (with_carol, 2)]
 
 
@@ -255,22 +210,22 @@ async def test_concurrent_senders_are_seen_in_ascending_seq_everywhere(
 
 async def test_resent_client_message_id_returns_original_to_sender_only(
         autojump_clock: Any, harness: Harness) -> None:
-    alice, bob, conv = await pair(harness)
-    original = await send(alice, conv, "once", client_message_id="cm-1")
+    alice, bob, conv = await joined_pair(harness)
+    original = await send_text(alice, conv, "once", client_message_id="cm-1")
     await settle(alice, bob)
 
-    again = await send(alice, conv, "once", client_message_id="cm-1")
+    again = await send_text(alice, conv, "once", client_message_id="cm-1")
     assert (again["id"], again["seq"]) == (original["id"], original["seq"])
     assert concerning(await bob.nothing_more(), conv) == []
     assert [m["id"] for m in (await history(alice, conv))["messages"]] == [original["id"]]
-    assert (await send(alice, conv, "next"))["seq"] == 2
+    assert (await send_text(alice, conv, "next"))["seq"] == 2
 
 
 async def test_same_client_message_id_from_another_sender_is_a_new_message(
         autojump_clock: Any, harness: Harness) -> None:
-    alice, bob, conv = await pair(harness)
-    from_alice = await send(alice, conv, "mine", client_message_id="cm-1")
-    from_bob = await send(bob, conv, "mine too", client_message_id="cm-1")
+    alice, bob, conv = await joined_pair(harness)
+    from_alice = await send_text(alice, conv, "mine", client_message_id="cm-1")
+    from_bob = await send_text(bob, conv, "mine too", client_message_id="cm-1")
     assert from_bob["id"] != from_alice["id"]
     assert from_bob["seq"] == 2
 
@@ -279,12 +234,12 @@ async def test_same_client_message_id_from_another_sender_is_a_new_message(
 
 async def test_read_notifies_reader_senders_and_readers_other_connections(
         autojump_clock: Any, harness: Harness) -> None:
-    alice, bob, conv = await pair(harness)
+    alice, bob, conv = await joined_pair(harness)
     alice_outside = await harness.connect("alice")
     bob_outside = await harness.connect("bob")
-    await send(alice, conv, "m1")
-    await send(bob, conv, "the reader's own message, inside the range read")
-    m2, m3 = [await send(alice, conv, f"m{i}") for i in (2, 3)]
+    await send_text(alice, conv, "m1")
+    await send_text(bob, conv, "the reader's own message, inside the range read")
+    m2, m3 = [await send_text(alice, conv, f"m{i}") for i in (2, 3)]
     await settle(alice, bob, alice_outside, bob_outside)
 
     ref = await bob.send("message:read", {"conversation_id": conv, "message_id": m2["id"]})
@@ -304,9 +259,9 @@ async def test_read_notifies_reader_senders_and_readers_other_connections(
 
 
 async def test_read_drops_the_unread_count_to_what_is_left(autojump_clock: Any, harness: Harness) -> None:
-    alice, bob, conv = await pair(harness, bob_joined=False)
-    m1, m2, m3 = [await send(alice, conv, f"m{i}") for i in (1, 2, 3)]
-    await send(bob, conv, "bob's own message does not count")
+    alice, bob, conv = await joined_pair(harness, bob_joined=False)
+    m1, m2, m3 = [await send_text(alice, conv, f"m{i}") for i in (1, 2, 3)]
+    await send_text(bob, conv, "bob's own message does not count")
 
     async def unread_count() -> int:
         listing = await bob.request("conversation:list", {})
@@ -323,8 +278,8 @@ async def test_read_drops_the_unread_count_to_what_is_left(autojump_clock: Any, 
 
 async def test_reading_again_is_a_noop_success_with_nothing_to_the_senders(
         autojump_clock: Any, harness: Harness) -> None:
-    alice, bob, conv = await pair(harness)
-    m1, m2 = [await send(alice, conv, f"m{i}") for i in (1, 2)]
+    alice, bob, conv = await joined_pair(harness)
+    m1, m2 = [await send_text(alice, conv, f"m{i}") for i in (1, 2)]
     await bob.request("message:read", {"conversation_id": conv, "message_id": m2["id"]})
     await settle(alice, bob)
 
@@ -336,7 +291,7 @@ async def test_reading_again_is_a_noop_success_with_nothing_to_the_senders(
 
 
 async def test_read_of_unknown_message_is_not_found(autojump_clock: Any, harness: Harness) -> None:
-    alice, bob, conv = await pair(harness)
+    alice, bob, conv = await joined_pair(harness)
     ref = await bob.send("message:read", {"conversation_id": conv, "message_id": "no-such-message"})
     assert_error(await bob.expect("error"), "NOT_FOUND", "message_id", "message:read", ref)
 
@@ -346,8 +301,8 @@ async def test_read_of_unknown_message_is_not_found(autojump_clock: Any, harness
 @pytest.mark.parametrize("deleter", ["alice", "bob"], ids=["sender", "recipient"])
 async def test_any_participant_may_delete_and_joined_connections_hear_it(
         autojump_clock: Any, harness: Harness, deleter: str) -> None:
-    alice, bob, conv = await pair(harness)
-    message = await send(alice, conv, "oops")
+    alice, bob, conv = await joined_pair(harness)
+    message = await send_text(alice, conv, "oops")
     requester = await harness.connect(deleter)  # not joined
     await settle(alice, bob, requester)
 
@@ -367,12 +322,12 @@ async def test_any_participant_may_delete_and_joined_connections_hear_it(
 ])
 async def test_deleted_message_stays_as_an_erased_tombstone(
         autojump_clock: Any, harness: Harness, type_: str, content: str, metadata: dict[str, Any]) -> None:
-    alice, bob, conv = await pair(harness)
+    alice, bob, conv = await joined_pair(harness)
     reply = await alice.request("message:send", {"conversation_id": conv, "type": type_, "content": content,
                                                  "metadata": metadata})
     assert reply["event"] == "message:new", reply
     doomed = reply["data"]["message"]
-    kept = await send(alice, conv, "still here")
+    kept = await send_text(alice, conv, "still here")
     deleted = await bob.request("message:delete", {"conversation_id": conv, "message_id": doomed["id"]})
     assert deleted["event"] == "message:deleted", deleted
 
@@ -384,8 +339,8 @@ async def test_deleted_message_stays_as_an_erased_tombstone(
 @pytest.mark.parametrize("case", ["deleted_twice", "unknown_id"])
 async def test_delete_of_deleted_or_unknown_message_is_not_found(
         autojump_clock: Any, harness: Harness, case: str) -> None:
-    alice, bob, conv = await pair(harness)
-    message = await send(alice, conv)
+    alice, bob, conv = await joined_pair(harness)
+    message = await send_text(alice, conv)
     if case == "deleted_twice":
         await alice.request("message:delete", {"conversation_id": conv, "message_id": message["id"]})
         target = message["id"]
@@ -403,13 +358,13 @@ def delivered(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 async def test_delivered_once_when_recipient_gets_message_new(autojump_clock: Any, harness: Harness) -> None:
-    alice, bob, conv = await pair(harness)
+    alice, bob, conv = await joined_pair(harness)
     bob2 = await harness.connect("bob")
     alice2 = await harness.connect("alice")
     await join(bob2, conv)
     await settle(alice, bob, bob2, alice2)
 
-    message = await send(alice, conv)
+    message = await send_text(alice, conv)
     receipt = await alice.expect("message:delivered")
     assert receipt["data"] == {"message_id": message["id"], "conversation_id": conv,
                                "recipient_id": "bob", "delivered_at": TS}
@@ -420,8 +375,8 @@ async def test_delivered_once_when_recipient_gets_message_new(autojump_clock: An
 
 async def test_delivered_when_recipient_gets_conversation_unread(
         autojump_clock: Any, harness: Harness) -> None:
-    alice, bob, conv = await pair(harness, bob_joined=False)
-    message = await send(alice, conv)
+    alice, bob, conv = await joined_pair(harness, bob_joined=False)
+    message = await send_text(alice, conv)
     assert (await bob.expect("conversation:unread"))["data"]["last_message"]["id"] == message["id"]
     receipt = await alice.expect("message:delivered")
     assert (receipt["data"]["message_id"], receipt["data"]["recipient_id"]) == (message["id"], "bob")
@@ -434,8 +389,8 @@ async def test_delivered_when_recipient_gets_conversation_unread(
 async def test_delivered_when_offline_recipient_catches_up(autojump_clock: Any, harness: Harness) -> None:
     alice = await harness.connect("alice")
     conv = await harness.conversation(alice, "bob")
-    m1 = await send(alice, conv, "while you were away")
-    m2 = await send(alice, conv, "still away?")
+    m1 = await send_text(alice, conv, "while you were away")
+    m2 = await send_text(alice, conv, "still away?")
     assert delivered(await alice.nothing_more()) == []
 
     bob = await harness.connect("bob")  # the unread summary carries m2 as last_message
@@ -464,8 +419,8 @@ async def test_delivered_when_offline_recipient_catches_up(autojump_clock: Any, 
 async def test_history_pages(
         autojump_clock: Any, harness: Harness, query: dict[str, Any], seqs: list[int],
         has_more: bool) -> None:
-    alice, bob, conv = await pair(harness)
-    sent = [await send(alice, conv, f"m{i}") for i in range(1, 8)]
+    alice, bob, conv = await joined_pair(harness)
+    sent = [await send_text(alice, conv, f"m{i}") for i in range(1, 8)]
 
     page = await history(bob, conv, **query)
     assert page["conversation_id"] == conv
@@ -476,9 +431,9 @@ async def test_history_pages(
 
 async def test_history_with_both_cursors_and_a_small_limit_stays_in_range(
         autojump_clock: Any, harness: Harness) -> None:
-    alice, bob, conv = await pair(harness)
+    alice, bob, conv = await joined_pair(harness)
     for i in range(1, 8):
-        await send(alice, conv, f"m{i}")
+        await send_text(alice, conv, f"m{i}")
     page = await history(bob, conv, after_seq=1, before_seq=6, limit=2)
     seqs = [m["seq"] for m in page["messages"]]
     assert len(seqs) == 2 and seqs == sorted(seqs) and set(seqs) <= {2, 3, 4, 5}
@@ -488,9 +443,9 @@ async def test_history_with_both_cursors_and_a_small_limit_stays_in_range(
 @pytest.mark.parametrize("settings", [{"limits": {"messages_per_minute": 0}}], indirect=True,
                          ids=["no_rate_limit"])
 async def test_history_default_limit_is_the_newest_50(autojump_clock: Any, harness: Harness) -> None:
-    alice, bob, conv = await pair(harness)
+    alice, bob, conv = await joined_pair(harness)
     for i in range(52):
-        await send(alice, conv, f"m{i}")
+        await send_text(alice, conv, f"m{i}")
     page = await history(bob, conv)
     assert [m["seq"] for m in page["messages"]] == list(range(3, 53))
     assert page["has_more"] is True
@@ -499,7 +454,7 @@ async def test_history_default_limit_is_the_newest_50(autojump_clock: Any, harne
 @pytest.mark.parametrize("limit", [0, 101, "x", -1, 1.5])
 async def test_history_rejects_a_limit_outside_1_to_100(
         autojump_clock: Any, harness: Harness, limit: Any) -> None:
-    alice, bob, conv = await pair(harness)
+    alice, bob, conv = await joined_pair(harness)
     ref = await bob.send("message:history", {"conversation_id": conv, "limit": limit})
     assert_error(await bob.expect("error"), "VALIDATION_ERROR", "limit", "message:history", ref)
 
@@ -515,7 +470,7 @@ async def test_acknowledged_messages_survive_a_restart_and_seq_continues(
             first = Harness(server, nursery, settings)
             alice = await first.connect("alice")
             conv = await first.conversation(alice, "bob")
-            sent = [await send(alice, conv, f"m{i}") for i in range(5)]
+            sent = [await send_text(alice, conv, f"m{i}") for i in range(5)]
             server.request_shutdown()
             closed = await alice.expect("connection:closed")
             assert closed["data"] == {"reason": "server_shutdown", "code": 1001, "timestamp": TS}
@@ -526,6 +481,6 @@ async def test_acknowledged_messages_survive_a_restart_and_seq_continues(
             page = await history(bob, conv)
             assert [(m["id"], m["seq"], m["content"]) for m in page["messages"]] == [
                 (m["id"], m["seq"], m["content"]) for m in sent]
-            assert (await send(bob, conv, "after the restart"))["seq"] == 6
+            assert (await send_text(bob, conv, "after the restart"))["seq"] == 6
             server.request_shutdown()
             await bob.expect("connection:closed")

@@ -1,48 +1,34 @@
 """The Prometheus metrics move with the traffic, and the scrape endpoint serves them."""
 from __future__ import annotations
 
-import re
 import urllib.request
 from typing import Any
 
 import trio
-from conftest import Harness, until
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
-    label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.escape(name) + (r"\{" + re.escape(label_text) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
-    match = re.search("^" + pattern + "$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
-
-async def send(client: Any, conversation_id: str, text: str) -> dict[str, Any]:
-    return await client.request("message:send", {"conversation_id": conversation_id, "content": text,
-                                                 "type": "text", "metadata": {}})
+from conftest import Harness, metric, send_text, until
 
 
 async def test_counters_follow_the_traffic(harness: Harness) -> None:
     metrics = harness.server.metrics
     alice = await harness.connect("alice")
     bob = await harness.connect("bob")
-    assert sample(metrics.text(), "winkr_connections") == 2
+    assert metric(metrics.text(), "winkr_connections") == 2
     conv = await harness.conversation(alice, "bob")
     await bob.request("conversation:join", {"conversation_id": conv})
     for i in range(3):
-        assert (await send(alice, conv, f"hello {i}"))["event"] == "message:new"
+        await send_text(alice, conv, f"hello {i}")
     await alice.request("message:send", {"conversation_id": conv, "type": "nope", "content": "x"})
     await alice.send_raw("not json")
     await alice.expect("error")
     text = metrics.text()
-    assert sample(text, "winkr_events_received_total", event="message:send") == 4
-    assert sample(text, "winkr_errors_total", code="INVALID_MESSAGE_TYPE") == 1
-    assert sample(text, "winkr_errors_total", code="VALIDATION_ERROR") == 1
-    assert sample(text, "winkr_frames_encoded_total", event="message:new") == 6  # ack + broadcast each
-    assert sample(text, "winkr_message_fanout_seconds_count") == 3
-    assert sample(text, "winkr_store_commit_seconds_count") >= 3
+    assert metric(text, "winkr_events_received_total", event="message:send") == 4
+    assert metric(text, "winkr_errors_total", code="INVALID_MESSAGE_TYPE") == 1
+    assert metric(text, "winkr_errors_total", code="VALIDATION_ERROR") == 1
+    assert metric(text, "winkr_frames_encoded_total", event="message:new") == 6  # ack + broadcast each
+    assert metric(text, "winkr_message_fanout_seconds_count") == 3
+    assert metric(text, "winkr_store_commit_seconds_count") >= 3
     await bob.close()
-    await until(lambda: sample(metrics.text(), "winkr_connections") == 1)
+    await until(lambda: metric(metrics.text(), "winkr_connections") == 1)
 
 
 async def test_refused_handshakes_are_counted(harness: Harness) -> None:
@@ -54,7 +40,7 @@ async def test_refused_handshakes_are_counted(harness: Harness) -> None:
             await harness.open_ws(headers=[("Authorization", "Bearer not-a-token")])
     except* ConnectionRejected:
         pass
-    assert sample(harness.server.metrics.text(), "winkr_handshakes_refused_total", code="UNAUTHORIZED") == 1
+    assert metric(harness.server.metrics.text(), "winkr_handshakes_refused_total", code="UNAUTHORIZED") == 1
 
 
 async def test_scrape_endpoint_serves_the_registry(harness: Harness) -> None:
@@ -66,7 +52,7 @@ async def test_scrape_endpoint_serves_the_registry(harness: Harness) -> None:
             return response.read().decode()
 
     text = await trio.to_thread.run_sync(scrape)
-    assert sample(text, "winkr_connections") == 1
+    assert metric(text, "winkr_connections") == 1
     assert "# TYPE winkr_store_commit_seconds histogram" in text
 
 
@@ -85,15 +71,15 @@ async def test_rooms_online_users_limits_and_closes_are_counted(tmp_path: Any) -
         await alice.send("typing:stop", {"conversation_id": conv})
         await alice.expect("error")
         text = server.metrics.text()
-        assert sample(text, "winkr_online_users") == 2
-        assert sample(text, "winkr_rooms") == 1
-        assert sample(text, "winkr_rate_limited_total", limit="1/minute") == 1
-        assert sample(text, "winkr_handshakes_accepted_total") == 2
+        assert metric(text, "winkr_online_users") == 2
+        assert metric(text, "winkr_rooms") == 1
+        assert metric(text, "winkr_rate_limited_total", limit="1/minute") == 1
+        assert metric(text, "winkr_handshakes_accepted_total") == 2
         await bob.close()
         await alice.nothing_more(10)  # past the presence grace period
         text = server.metrics.text()
-        assert sample(text, "winkr_online_users") == 1
-        assert sample(text, "winkr_connections_closed_total", reason="client_closed") == 1
+        assert metric(text, "winkr_online_users") == 1
+        assert metric(text, "winkr_connections_closed_total", reason="client_closed") == 1
         server.request_shutdown()
 
 
@@ -107,9 +93,9 @@ async def test_process_metrics_are_served_and_created_series_are_not(harness: Ha
     await harness.connect("alice")
     text = harness.server.metrics.text()
     assert "_created" not in text
-    assert sample(text, "winkr_info", version=__version__) == 1
+    assert metric(text, "winkr_info", version=__version__) == 1
     if sys.platform == "linux":
-        assert sample(text, "process_resident_memory_bytes") > 10_000_000
-        assert sample(text, "process_open_fds") >= 3
-        assert sample(text, "process_cpu_seconds_total") > 0
-        assert sample(text, "process_max_fds") > 0
+        assert metric(text, "process_resident_memory_bytes") > 10_000_000
+        assert metric(text, "process_open_fds") >= 3
+        assert metric(text, "process_cpu_seconds_total") > 0
+        assert metric(text, "process_max_fds") > 0

@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from processes import reply_to, wait_for_port
+from processes import reply_to
 from pyz_build import built_pyz
 from websockets.asyncio.client import connect
 
+from scripts._common import start_server
 from winkr import __version__
 from winkr.pyz_check import problem, this_machine
 
@@ -46,13 +47,10 @@ def test_pyz_builds_and_serves_from_outside_the_checkout(tmp_path: Path, pyz: Pa
     assert token.returncode == 0, token.stderr
     assert token.stdout.count(".") == 2, token.stdout  # a JWT
 
-    with open(tmp_path / "serve.stderr", "w") as stderr:
-        proc = subprocess.Popen([*python, "serve", "--port", "0", "--db", str(run_dir / "w.db")], cwd=run_dir,
-                                env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    server = start_server(["--db", str(run_dir / "w.db")], env=env, cwd=run_dir, log=tmp_path / "serve.stderr",
+                          timeout=START_TIMEOUT, command=python)
+    proc, url = server.proc, server.url
     try:
-        port, _ = wait_for_port(proc, tmp_path / "serve.stderr", START_TIMEOUT)
-        url = f"ws://127.0.0.1:{port}/ws"
-
         async def chat() -> None:
             async with connect(url, additional_headers={"Authorization": f"Bearer {token.stdout.strip()}"},
                                open_timeout=10) as ws:

@@ -15,12 +15,14 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 @pytest.mark.parametrize(("script", "args", "needs"), [
-    ("loadtest.py", ["--secret", "x" * 40, "--users", "4", "--duration", "1"], ["websockets", "pyjwt", "rich"]),
+    ("loadtest.py", ["--secret", "x" * 40, "--users", "4", "--duration", "1"],
+     ["websockets", "pyjwt", "rich", "winkr"]),
     ("crashtest.py", ["--cycles", "5"], ["websockets", "pyjwt", "winkr"]),
     ("soak.py", ["--duration", "5"], ["websockets", "pyjwt", "winkr"]),
-    ("connect_storm.py", ["--secret", "x" * 40, "--users", "2"], ["websockets", "pyjwt"]),
+    ("connect_storm.py", ["--secret", "x" * 40, "--users", "2"], ["websockets", "pyjwt", "winkr"]),
     ("bench_bigdb.py", ["--messages", "10"], ["websockets", "pyjwt", "winkr"]),
     ("bench_api.py", ["--requests", "10"], ["winkr"]),
+    ("flood.py", ["--flood", "10"], ["winkr"]),
 ])
 def test_a_script_without_its_modules_names_the_extra_at_once(tmp_path: Path, script: str, args: list[str],
                                                               needs: list[str]) -> None:

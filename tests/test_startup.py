@@ -14,23 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import wait_for_port
+from processes import Servers, environment, winkr
 
 from winkr import __version__
 
 SECRET = "startup-test-secret-0123456789abcdef0123456789"
-TIMEOUT = 30.0
-
-
-def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WINKR_")}
-    env.update(extra)
-    return env
-
-
-def winkr(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "winkr", *args], cwd=cwd, env=environment(**env),
-                          capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def one_line(stderr: str) -> str:
@@ -191,26 +179,17 @@ def test_check_config_reports_a_bad_setting(tmp_path: Path) -> None:
 
 # --- item 7: --log-format json means every line is JSON ------------------------------------------
 
-def test_json_log_format_writes_only_json_lines(tmp_path: Path) -> None:
-    stderr_path = tmp_path / "serve.stderr"
-    with open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "winkr", "serve", "--port", "0", "--log-format", "json",
-                                 "--db", str(tmp_path / "w.db")], cwd=tmp_path, env=environment(),
-                                stdout=subprocess.PIPE, stderr=stderr, text=True)
-    try:
-        port, lines = wait_for_port(proc, stderr_path, TIMEOUT)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
-            assert json.loads(response.read()) == {"status": "ok"}
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
+def test_json_log_format_writes_only_json_lines(tmp_path: Path, servers: Servers) -> None:
+    server = servers.start(tmp_path / "w.db", args=["--log-format", "json"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=10) as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=10) == 0
+    lines = server.lines
     stdout_lines = []
     while not lines.empty():
         stdout_lines.append(lines.get())
-    stderr_lines = stderr_path.read_text().splitlines()
+    stderr_lines = server.log_text().splitlines()
     assert stderr_lines, "the generated-secret warning and the shutdown are logged"
     for line in stderr_lines + stdout_lines:
         entry = json.loads(line)

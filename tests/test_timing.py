@@ -10,50 +10,16 @@ import sqlite3
 from typing import Any
 
 import jwt
-import orjson
 import pytest
 import trio
 import trio.testing
-from conftest import SECRET, TIMESTAMP, Client, Harness
-from trio_websocket import ConnectionClosed
-from wire_clients import RawClient, assert_closed_with, iso_seconds
+from conftest import SECRET, TIMESTAMP, Client, Harness, iso, joined_pair, named, still_works, until_closed
+from wire_clients import RawClient, assert_closed_with
 
 EPSILON = 0.05  # mock seconds: autojump lands exactly on deadlines
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-def named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [e for e in events if e["event"] == name]
-
-
-async def still_works(client: Client) -> None:
-    reply = await client.request("conversation:list")
-    assert reply["event"] == "conversation:list", reply
-
-
-async def joined_pair(harness: Harness) -> tuple[Client, Client, str]:
-    """alice and bob, in one conversation, both joined to its room; nothing left unread."""
-    alice = await harness.connect("alice")
-    bob = await harness.connect("bob")
-    conv = await harness.conversation(alice, "bob")
-    await bob.expect("conversation:created")
-    for client in (alice, bob):
-        reply = await client.request("conversation:join", {"conversation_id": conv})
-        assert reply["event"] == "conversation:joined", reply
-    return alice, bob, conv
-
-
-async def until_close(client: Client, timeout: float) -> tuple[list[dict[str, Any]], int]:
-    """Every event up to the server's close, and the close code."""
-    events = list(client.backlog)
-    client.backlog.clear()
-    with trio.fail_after(timeout):
-        with pytest.raises(ConnectionClosed) as info:
-            while True:
-                events.append(orjson.loads(await client.ws.get_message()))
-    return events, info.value.reason.code
-
 
 # --- typing (§6) ----------------------------------------------------------------------------
 
@@ -271,7 +237,7 @@ async def test_invalid_status_is_a_validation_error(autojump_clock: Any, harness
 async def test_token_expiry_closes_with_4001(autojump_clock: Any, harness: Harness) -> None:
     opened = trio.current_time()
     alice = await harness.connect("alice", token=harness.token("alice", ttl=120))
-    events, code = await until_close(alice, timeout=300)
+    events, code = await until_closed(alice, timeout=300)
     assert_closed_with(events, "token_expired", 4001)
     assert code == 4001
     assert 119.0 <= trio.current_time() - opened <= 121.0
@@ -288,13 +254,13 @@ async def test_refresh_extends_the_connection(autojump_clock: Any, harness: Harn
     reply = await alice.recv()
     assert reply["event"] == "auth:refreshed", reply
     assert reply["ref"] == ref
-    assert reply["data"]["expires_at"] == iso_seconds(exp)
+    assert reply["data"]["expires_at"] == iso(exp)
 
     await trio.sleep(120)  # past the first token's expiry
     assert alice.ws.closed is None
     await still_works(alice)
 
-    events, code = await until_close(alice, timeout=300)
+    events, code = await until_closed(alice, timeout=300)
     assert_closed_with(events, "token_expired", 4001)
     assert code == 4001
     assert 359.0 <= trio.current_time() - opened <= 361.0
@@ -311,7 +277,7 @@ async def test_refresh_for_another_user_is_forbidden(autojump_clock: Any, harnes
     assert error["data"]["request_event"] == "auth:refresh"
     await still_works(alice)
 
-    events, code = await until_close(alice, timeout=300)  # the old expiry still holds
+    events, code = await until_closed(alice, timeout=300)  # the old expiry still holds
     assert_closed_with(events, "token_expired", 4001)
     assert 119.0 <= trio.current_time() - opened <= 121.0
 
@@ -399,7 +365,7 @@ async def test_shutdown_closes_every_connection_with_1001(autojump_clock: Any, h
 
     harness.server.request_shutdown()
     for client in (alice, bob, alone):
-        events, code = await until_close(client, timeout=30)
+        events, code = await until_closed(client, timeout=30)
         assert_closed_with(events, "server_shutdown", 1001)
         assert code == 1001
 
@@ -410,7 +376,7 @@ async def test_shutdown_keeps_acknowledged_messages(autojump_clock: Any, harness
 
     harness.server.request_shutdown()
     for client in (alice, bob):
-        await until_close(client, timeout=30)  # however it closes; the data is what counts here
+        await until_closed(client, timeout=30)  # however it closes; the data is what counts here
     await trio.sleep(30)  # let the server finish stopping
     db = sqlite3.connect(harness.settings.db)
     try:

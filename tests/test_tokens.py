@@ -10,19 +10,30 @@ import base64
 import hashlib
 import hmac
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 import jwt
-import orjson
 import pytest
 import trio
 import trio.testing
-from conftest import SECRET, Client, Harness, error_body, make_settings, refused
+from conftest import (
+    SECRET,
+    Client,
+    Harness,
+    assert_unauthorized,
+    bearer,
+    claims_for,
+    error_body,
+    iso,
+    make_settings,
+    refused,
+    still_works,
+    until_closed,
+    welcomed,
+)
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
-from trio_websocket import ConnectionClosed
 
 ISSUER, AUDIENCE = "winkr-test", "chat"
 
@@ -85,13 +96,6 @@ def settings(request: Any, tmp_path: Any, rsa_keys: dict[str, str], ec_keys: dic
 
 # --- helpers ---------------------------------------------------------------------------
 
-def claims_for(harness: Harness, sub: Any = "alice", ttl: float = 3600, **extra: Any) -> dict[str, Any]:
-    """Claims valid now (drop one by passing it as None)."""
-    now = harness.server.clock()
-    claims: dict[str, Any] = {"sub": sub, "iat": int(now), "exp": int(now + ttl), **extra}
-    return {k: v for k, v in claims.items() if v is not None}
-
-
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
@@ -117,45 +121,15 @@ def tampered(token: str, **changes: Any) -> str:
     return f"{header}.{_b64(json.dumps(claims).encode())}.{signature}"
 
 
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("Authorization", f"Bearer {token}")]
-
-
-async def assert_unauthorized(harness: Harness, token: str) -> None:
-    rejection = await refused(harness, bearer(token))
-    assert rejection.status_code == 401, (rejection.status_code, rejection.body)
-    assert error_body(rejection)["data"]["code"] == "UNAUTHORIZED"
+async def assert_token_refused(harness: Harness, token: str) -> None:
+    assert_unauthorized(await refused(harness, bearer(token)))
 
 
 async def assert_accepted(harness: Harness, token: str, user_id: str = "alice",
                           headers: list[tuple[str, str]] | None = None) -> Client:
-    ws = await harness.open_ws(headers=bearer(token) + (headers or []))
-    client = Client(ws, user_id)
-    hello = await client.recv()
-    assert hello["event"] == "connection:established", hello
-    assert hello["data"]["user_id"] == user_id
+    client = await welcomed(await harness.open_ws(headers=bearer(token) + (headers or [])), user_id)
     await still_works(client)
     return client
-
-
-async def still_works(client: Client) -> None:
-    reply = await client.request("conversation:list")
-    assert reply["event"] == "conversation:list", reply
-
-
-def iso_of(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
-
-
-async def until_closed(client: Client, timeout: float) -> tuple[list[dict[str, Any]], int]:
-    """Every event up to the server's close frame, and its code."""
-    events = list(client.backlog)
-    client.backlog.clear()
-    with trio.fail_after(timeout):
-        with pytest.raises(ConnectionClosed) as info:
-            while True:
-                events.append(orjson.loads(await client.ws.get_message()))
-    return events, info.value.reason.code
 
 
 # --- the battery: HS256 configured (the default) -----------------------------------------
@@ -186,7 +160,7 @@ HS256_ATTACKS = {
 @pytest.mark.parametrize("attack", sorted(HS256_ATTACKS))
 async def test_hs256_attack_battery_is_refused_401(autojump_clock: Any, harness: Harness,
                                                    rsa_keys: dict[str, str], attack: str) -> None:
-    await assert_unauthorized(harness, HS256_ATTACKS[attack](harness, rsa_keys))
+    await assert_token_refused(harness, HS256_ATTACKS[attack](harness, rsa_keys))
     await assert_accepted(harness, harness.token("alice"))  # the good token still works
 
 
@@ -220,7 +194,7 @@ RS256_ATTACKS = {
 @pytest.mark.parametrize("attack", sorted(RS256_ATTACKS))
 async def test_rs256_attack_battery_is_refused_401(autojump_clock: Any, harness: Harness,
                                                    rsa_keys: dict[str, str], attack: str) -> None:
-    await assert_unauthorized(harness, RS256_ATTACKS[attack](harness, rsa_keys))
+    await assert_token_refused(harness, RS256_ATTACKS[attack](harness, rsa_keys))
     await assert_accepted(harness, harness.token("alice"))
 
 
@@ -257,7 +231,7 @@ ES256_ATTACKS = {
 async def test_es256_refuses_other_algorithms_and_keys(autojump_clock: Any, harness: Harness,
                                                        rsa_keys: dict[str, str], ec_keys: dict[str, str],
                                                        attack: str) -> None:
-    await assert_unauthorized(harness, ES256_ATTACKS[attack](harness, rsa_keys, ec_keys))
+    await assert_token_refused(harness, ES256_ATTACKS[attack](harness, rsa_keys, ec_keys))
 
 
 # --- iss and aud ---------------------------------------------------------------------------
@@ -277,7 +251,7 @@ ISS_AUD_REFUSED = {
 async def test_iss_and_aud_are_checked_when_configured(autojump_clock: Any, harness: Harness,
                                                        case: str) -> None:
     token = jwt.encode(claims_for(harness, **ISS_AUD_REFUSED[case]), SECRET, algorithm="HS256")
-    await assert_unauthorized(harness, token)
+    await assert_token_refused(harness, token)
 
 
 @pytest.mark.parametrize("settings", ["iss_aud"], indirect=True)
@@ -320,7 +294,7 @@ async def test_refresh_with_the_same_sub_extends_the_connection(autojump_clock: 
     ref = await alice.send("auth:refresh", {"token": new_token})
     reply = await alice.expect("auth:refreshed", ref=ref)
     assert reply["ref"] == ref
-    assert reply["data"] == {"expires_at": iso_of(expected_exp)}, reply
+    assert reply["data"] == {"expires_at": iso(expected_exp)}, reply
 
     # Past the old expiry the connection still serves ...
     assert [e for e in await alice.nothing_more(60) if e["event"] == "connection:closed"] == []

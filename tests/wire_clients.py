@@ -4,13 +4,13 @@ WebSocket (wsproto) that can ignore pings, delay its handshake or send bytes tha
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import trio
 import trio.testing
-from conftest import TIMESTAMP, Harness
+from conftest import TIMESTAMP, Client, Harness, bearer, welcomed
+from trio_websocket import wrap_client_stream
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, Request, TextMessage
@@ -24,11 +24,6 @@ def assert_closed_with(events: list[dict[str, Any]], reason: str, code: int) -> 
     assert last["data"]["code"] == code, last
     assert TIMESTAMP.match(last["data"]["timestamp"]), last
     assert "ref" not in last
-
-
-def iso_seconds(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + \
-        f"{int(round(ts * 1000)) % 1000:03d}Z"
 
 
 class RawClient:
@@ -163,6 +158,15 @@ class _PipeEnd(trio.abc.Stream):
         self.outgoing.close_send()
         self.incoming.close_receive()
         await trio.lowlevel.checkpoint()
+
+
+async def over_slow_link(harness: Harness, user_id: str, capacity: int) -> Client:
+    """A client whose socket takes only ``capacity`` unread bytes from the server."""
+    client_end, server_end = bounded_stream_pair(capacity)
+    harness.server.accept_stream(server_end)
+    ws = await wrap_client_stream(harness.nursery, client_end, "localhost", "/ws",
+                                  extra_headers=bearer(harness.token(user_id)))
+    return await welcomed(ws, user_id)
 
 
 def bounded_stream_pair(to_client_capacity: int) -> tuple[_PipeEnd, _PipeEnd]:
