@@ -91,3 +91,11 @@ def test_a_32_byte_secret_is_accepted_and_other_algorithms_ignore_it() -> None:
                                     "jwt_secret": "..."}, environ={})
     assert settings.jwt_algorithm == "RS256"
 
+
+
+def test_the_load_test_config_switches_every_rate_limit_off() -> None:
+    """deploy/loadtest.toml is what the README's load test runs against: no limit may refuse it."""
+    settings = load_settings(str(EXAMPLE.parent / "loadtest.toml"), environ={})
+    for field in attrs.fields(Limits):
+        if "per_" in field.name:
+            assert getattr(settings.limits, field.name) == 0, field.name
