@@ -1,13 +1,26 @@
-"""Test harness: the real server over trio's in-memory streams, a real SQLite file, and
-trio's MockClock with autojump, so timeouts of minutes take milliseconds."""
+"""Test harness: the real server over trio's in-memory streams, a real database, and
+trio's MockClock with autojump, so timeouts of minutes take milliseconds.
+
+Every test that runs a server runs on both engines: the ``engine`` fixture is parametrised
+``sqlite`` (a file in ``tmp_path``) and ``postgresql`` (a fresh schema in the database at
+``WINKR_TEST_POSTGRES_URL``, default ``postgresql://127.0.0.1:5432/test``, dropped after the
+test). ``settings`` depends on it, and ``make_settings`` refuses to build settings for a test
+that did not ask for it, so no server test can run on one engine by oversight. A test marked
+``sqlite_only`` runs on SQLite alone. Without a reachable PostgreSQL the ``postgresql`` half
+skips with one line, or fails when ``WINKR_TEST_REQUIRE_POSTGRES=1`` (``.ci/run`` sets it).
+"""
 from __future__ import annotations
 
 import inspect
 import itertools
+import os
+import secrets
+import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote
 
 import attrs
 import orjson
@@ -20,18 +33,125 @@ from winkr.auth import mint_token
 from winkr.clock import trio_wall_clock
 from winkr.config import Settings, load_settings
 from winkr.server import Server
+from winkr.store.engine import to_psycopg
 from winkr.store.writer import run_inline
 
 SECRET = "test-secret-please-ignore-0123456789abcdef"
 RECV_TIMEOUT = 30.0  # mock seconds: a missing event fails the test, instantly in real time
 
+POSTGRES_URL = os.environ.get("WINKR_TEST_POSTGRES_URL") or "postgresql://127.0.0.1:5432/test"
+REQUIRE_POSTGRES = os.environ.get("WINKR_TEST_REQUIRE_POSTGRES", "") not in ("", "0")
+ENGINES = ("sqlite", "postgresql")
+
+
+@attrs.frozen
+class EngineUnderTest:
+    """The engine of the running test: its name and, for PostgreSQL, the URL of its own schema."""
+
+    name: str
+    database_url: str | None = None  # None: SQLite in tmp_path
+
+
+_active_engine: list[EngineUnderTest] = []  # set by the `engine` fixture for the test's duration
+
 
 def make_settings(tmp_path: Any, **overrides: Any) -> Settings:
+    """Settings for a test server on the test's engine (the ``engine`` fixture must be active)."""
+    if not _active_engine:
+        raise RuntimeError("make_settings needs the `engine` fixture: add `engine` to the test's (or its "
+                           "fixture's) arguments, so that it runs on SQLite and PostgreSQL")
     limits = overrides.pop("limits", {})
     flags = {"db": str(tmp_path / "winkr.db"), "jwt_secret": SECRET, **overrides}
+    if _active_engine[-1].database_url is not None:
+        flags.setdefault("database_url", _active_engine[-1].database_url)
     if limits:
         flags["limits"] = limits
     return load_settings(None, flags, environ={})
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "sqlite_only: the test is about SQLite itself; no PostgreSQL run")
+    config.addinivalue_line("markers", "postgres_only: the test is about PostgreSQL itself (row locks, "
+                                       "advisory locks, reconnects); no SQLite run")
+
+
+def pytest_generate_tests(metafunc: Any) -> None:
+    if "engine" in metafunc.fixturenames:
+        engines = list(ENGINES)
+        if metafunc.definition.get_closest_marker("sqlite_only"):
+            engines = ["sqlite"]
+        elif metafunc.definition.get_closest_marker("postgres_only"):
+            engines = ["postgresql"]
+        metafunc.parametrize("engine", engines, indirect=True, ids=engines)
+
+
+_postgres: dict[str, Any] = {}  # "admin": a psycopg connection to POSTGRES_URL, or "error": why not
+
+
+def _postgres_admin() -> Any:
+    """One connection for creating and dropping the tests' schemas; skips (or fails, when
+    required) the test if PostgreSQL cannot be reached."""
+    if "admin" not in _postgres and "error" not in _postgres:
+        try:
+            import psycopg
+
+            _postgres["admin"] = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
+        except Exception as exc:  # noqa: BLE001 - ImportError or any connection failure: say which
+            _postgres["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+    if "error" in _postgres:
+        message = (f"PostgreSQL tests need a server at {POSTGRES_URL} (set WINKR_TEST_POSTGRES_URL): "
+                   f"{_postgres['error']}")
+        if REQUIRE_POSTGRES:
+            pytest.fail(message + " [WINKR_TEST_REQUIRE_POSTGRES is set: a skip is a failure]", pytrace=False)
+        pytest.skip(message)
+    return _postgres["admin"]
+
+
+def postgres_schema_url(schema: str) -> str:
+    """POSTGRES_URL with every connection's search_path set to ``schema``."""
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    return f"{POSTGRES_URL}{separator}options={quote(f'-c search_path={schema}')}"
+
+
+@pytest.fixture
+def engine(request: Any) -> Iterator[EngineUnderTest]:
+    """The database engine of this test (parametrised over ``ENGINES`` by pytest_generate_tests)."""
+    name = getattr(request, "param", "sqlite")
+    if name == "sqlite":
+        chosen = EngineUnderTest("sqlite")
+        _active_engine.append(chosen)
+        try:
+            yield chosen
+        finally:
+            _active_engine.remove(chosen)
+        return
+    admin = _postgres_admin()
+    schema = f"test_{secrets.token_hex(6)}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+    chosen = EngineUnderTest("postgresql", postgres_schema_url(schema))
+    _active_engine.append(chosen)
+    try:
+        yield chosen
+    finally:
+        _active_engine.remove(chosen)
+        admin.execute("SET lock_timeout = '10s'")
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def query(settings: Settings, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (``?`` placeholders) from the settings' database, on either engine, on
+    a connection of its own (autocommit: it sees what the server committed)."""
+    database = settings.database
+    if database.engine == "sqlite":
+        db = sqlite3.connect(database.path, isolation_level=None)
+        try:
+            return [tuple(row) for row in db.execute(sql, params)]
+        finally:
+            db.close()
+    import psycopg
+
+    with psycopg.connect(database.conninfo, autocommit=True) as connection:
+        return [tuple(row) for row in connection.execute(to_psycopg(sql), params)]
 
 
 @attrs.define
@@ -261,7 +381,7 @@ def watchdog() -> Any:
 
 
 @pytest.fixture
-def settings(tmp_path: Any) -> Settings:
+def settings(tmp_path: Any, engine: EngineUnderTest) -> Settings:
     return make_settings(tmp_path)
 
 

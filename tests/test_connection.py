@@ -445,7 +445,7 @@ def bounded_stream_pair(to_client_capacity: int) -> tuple[_PipeEnd, _PipeEnd]:
 
 
 @pytest.fixture
-async def small_queue_harness(autojump_clock: Any, tmp_path: Any) -> AsyncIterator[Harness]:
+async def small_queue_harness(autojump_clock: Any, tmp_path: Any, engine: Any) -> AsyncIterator[Harness]:
     settings = make_settings(tmp_path, limits={"outbound_queue": 4})
     async with trio.open_nursery() as nursery:
         server = await start_server(nursery, settings)

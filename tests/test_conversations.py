@@ -27,7 +27,7 @@ class _Timestamp:
 TS = _Timestamp()
 
 @pytest.fixture
-def settings(request: Any, tmp_path: Any) -> Any:
+def settings(request: Any, tmp_path: Any, engine: Any) -> Any:
     """The default settings, or overrides given with ``parametrize("settings", [...], indirect=True)``."""
     return make_settings(tmp_path, **getattr(request, "param", {}))
 

@@ -31,7 +31,7 @@ MESSAGE_FIELDS = {"id", "conversation_id", "sender_id", "content", "type", "crea
 
 
 @pytest.fixture
-def settings(request: Any, tmp_path: Any) -> Any:
+def settings(request: Any, tmp_path: Any, engine: Any) -> Any:
     """The default settings, or overrides given with ``parametrize("settings", [...], indirect=True)``."""
     return make_settings(tmp_path, **getattr(request, "param", {}))
 

@@ -7,7 +7,6 @@ the test function receives directly, not one requested by a fixture such as ``ha
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +16,7 @@ import orjson
 import pytest
 import trio
 import trio.testing
-from conftest import SECRET, Client, Harness
+from conftest import SECRET, Client, Harness, query
 from trio_websocket import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
@@ -497,12 +496,8 @@ async def test_shutdown_keeps_acknowledged_messages(autojump_clock: Any, harness
     for client in (alice, bob):
         await until_close(client, timeout=30)  # however it closes; the data is what counts here
     await trio.sleep(30)  # let the server finish stopping
-    db = sqlite3.connect(harness.settings.db)
-    try:
-        rows = {(conv_id, seq): content for conv_id, seq, content in db.execute(
-            "SELECT conversation_id, seq, content FROM messages WHERE conversation_id = ?", (conv,))}
-    finally:
-        db.close()
+    rows = {(conv_id, seq): content for conv_id, seq, content in query(
+        harness.settings, "SELECT conversation_id, seq, content FROM messages WHERE conversation_id = ?", (conv,))}
     assert rows == acknowledged
 
 

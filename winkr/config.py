@@ -14,6 +14,8 @@ from typing import Any
 import attrs
 import cattrs
 
+from winkr.store.url import DatabaseUrl, DatabaseUrlError, parse_database_url, sqlite_url
+
 UNBOUNDED_QUEUE = 1_000_000
 """Outbound queue size when the limit is switched off: bounded, but never reached."""
 
@@ -50,6 +52,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     db: str = "winkr.db"
+    # sqlite:///PATH or postgresql://...; unset: sqlite:///<db> (winkr.store.url, contract §17.11)
+    database_url: str | None = None
     jwt_secret: str | None = None
     jwt_algorithm: str = "HS256"
     jwt_public_key: str | None = None  # PEM text or a path to it, for RS256/ES256
@@ -79,9 +83,21 @@ class Settings:
     limits: Limits = Limits()
 
     @property
+    def database(self) -> DatabaseUrl:
+        """The database to use: ``database_url``, or the SQLite file ``db``."""
+        return parse_database_url(self.database_url if self.database_url else sqlite_url(self.db))
+
+    @property
+    def db_path(self) -> str:
+        """The SQLite file; with PostgreSQL, ``db`` (which then only names where the generated
+        secret and the run file go)."""
+        database = self.database
+        return database.path if database.engine == "sqlite" else self.db
+
+    @property
     def secret_path(self) -> Path:
         """Where a generated secret is kept: beside the database."""
-        return Path(self.db).with_suffix(Path(self.db).suffix + ".secret")
+        return Path(self.db_path).with_suffix(Path(self.db_path).suffix + ".secret")
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
@@ -210,6 +226,11 @@ def _check(settings: Settings, name: Any) -> None:
             raise ConfigError(f"{name(port)} must be between 0 and 65535 (0 picks a free port)")
     if settings.pii_policy not in ("mask", "reject", "allow"):
         raise ConfigError(f"{name('pii_policy')} must be mask, reject or allow")
+    if settings.database_url is not None:
+        try:
+            parse_database_url(settings.database_url)
+        except DatabaseUrlError as exc:
+            raise ConfigError(f"{name('database_url')}: {exc}") from None
     if settings.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
         raise ConfigError(f"{name('sqlite_synchronous')} must be NORMAL or FULL")
     if settings.log_format not in ("text", "json"):

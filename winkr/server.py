@@ -43,7 +43,7 @@ from winkr.reaper import open_reaper_channel, run_reaper
 from winkr.room import RoomServices
 from winkr.services import Services
 from winkr.store.checkpointer import run_checkpointer
-from winkr.store.schema import open_database
+from winkr.store.engine import Engine, open_engine
 from winkr.store.store import Store
 from winkr.store.writer import RunSync, run_store_writer
 from winkr.transport import WinkrWebSocket, wrap_server_stream
@@ -235,10 +235,11 @@ class Server:
         """Run until ``request_shutdown``; then close every connection and return. With
         ``listeners=None`` it listens on the configured host and port."""
         settings = self.settings
-        db = await self.run_sync(open_database, settings.db, settings.sqlite_synchronous)
+        engine = open_engine(settings.database, sqlite_synchronous=settings.sqlite_synchronous)
+        db = await self.run_sync(engine.open_writer)
         try:
             async with trio.open_nursery() as actors:
-                services = await self._start_actors(actors, Store(db))
+                services = await self._start_actors(actors, Store(db), engine)
                 self._gateway = gateway = Gateway(services, self.metrics, self.clock)
                 async with trio.open_nursery() as connections:
                     self._connections = connections
@@ -261,10 +262,11 @@ class Server:
             await self.run_sync(db.close)
         log.info("stopped")
 
-    async def _start_actors(self, nursery: trio.Nursery, store: Store) -> Services:
+    async def _start_actors(self, nursery: trio.Nursery, store: Store, engine: Engine) -> Services:
         settings, frames = self.settings, self.frames
         store_handle = await nursery.start(partial(run_store_writer, store, self.run_sync, metrics=self.metrics))
-        nursery.start_soon(run_checkpointer, settings.db, self.run_sync)
+        if engine.sqlite_path is not None:
+            nursery.start_soon(run_checkpointer, engine.sqlite_path, self.run_sync)
         limiter = await nursery.start(run_rate_limiter, self.clock)
         presence = await nursery.start(partial(run_presence, frames, store_handle, grace=settings.presence_grace,
                                                online_gauge=self.metrics.online_users))
