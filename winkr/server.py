@@ -43,7 +43,8 @@ from winkr.reaper import open_reaper_channel, run_reaper
 from winkr.room import RoomServices
 from winkr.services import Services
 from winkr.store.checkpointer import run_checkpointer
-from winkr.store.engine import Engine, open_engine
+from winkr.store.engine import Engine, Readers, open_engine
+from winkr.store.readers import READERS, ReaderHandle
 from winkr.store.store import Store
 from winkr.store.writer import RunSync, run_store_writer
 from winkr.transport import WinkrWebSocket, wrap_server_stream
@@ -237,9 +238,11 @@ class Server:
         settings = self.settings
         engine = open_engine(settings.database, sqlite_synchronous=settings.sqlite_synchronous)
         db = await self.run_sync(engine.open_writer)
+        readers: Readers | None = None
         try:
+            readers = await self.run_sync(engine.open_readers, READERS)
             async with trio.open_nursery() as actors:
-                services = await self._start_actors(actors, Store(db), engine)
+                services = await self._start_actors(actors, Store(db), engine, ReaderHandle(readers, self.run_sync))
                 self._gateway = gateway = Gateway(services, self.metrics, self.clock)
                 async with trio.open_nursery() as connections:
                     self._connections = connections
@@ -259,10 +262,13 @@ class Server:
                 actors.cancel_scope.cancel()
         finally:
             self._gateway = None
+            if readers is not None:
+                await self.run_sync(readers.close)
             await self.run_sync(db.close)
         log.info("stopped")
 
-    async def _start_actors(self, nursery: trio.Nursery, store: Store, engine: Engine) -> Services:
+    async def _start_actors(self, nursery: trio.Nursery, store: Store, engine: Engine,
+                            readers: ReaderHandle) -> Services:
         settings, frames = self.settings, self.frames
         store_handle = await nursery.start(partial(run_store_writer, store, self.run_sync, metrics=self.metrics))
         if engine.sqlite_path is not None:
@@ -282,7 +288,7 @@ class Server:
         nursery.start_soon(run_reaper, store_handle, hub.room, self.clock, reaper_inbox)
         nursery.start_soon(self._sample_runtime)
         return Services(settings, frames, self.verifier, self.policy, store_handle, presence, hub, reaper, limiter,
-                        rates)
+                        rates, readers)
 
     async def _sample_runtime(self) -> None:
         """Keep the task-count gauge fresh (the scrape runs on another thread, so it cannot ask

@@ -11,6 +11,7 @@ from winkr.policy import PolicySettings
 from winkr.presence import PresenceHandle
 from winkr.ratelimit import Rate, RateLimiterHandle
 from winkr.reaper import ReaperHandle
+from winkr.store.readers import ReaderHandle
 from winkr.store.writer import StoreHandle
 
 
@@ -26,3 +27,4 @@ class Services:
     reaper: ReaperHandle
     limiter: RateLimiterHandle
     message_rates: tuple[Rate, ...]  # the message windows switched on (counted by the store)
+    readers: ReaderHandle  # pure reads beside the writer (winkr.store.readers)

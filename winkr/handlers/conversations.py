@@ -79,6 +79,6 @@ async def list_(conn: ConnectionContext, request: Empty, ref: str | None) -> Non
     def work(store: Store) -> list[ConversationListing]:
         return store.list_conversations(user_id)
 
-    listings = await conn.services.store.call(work)
+    listings = await conn.services.readers.call(work)  # a pure read: beside the writer, not in its queue
     online = await conn.services.presence.online({p.id for c in listings for p in c.participants})
     await conn.reply("conversation:list", {"conversations": [listing_object(c, online) for c in listings]}, ref)
