@@ -22,6 +22,7 @@ KNOWN = {
     "rich": ("rich", "load"),
     "jwt": ("pyjwt", "load"),  # a dependency of winkr itself, so of every extra
     "winkr": ("winkr", "load"),
+    "psycopg": ("psycopg[binary]", "cluster"),
 }
 
 
