@@ -71,6 +71,8 @@ def make_settings(tmp_path: Any, **overrides: Any) -> Settings:
 
 def pytest_configure(config: Any) -> None:
     config.addinivalue_line("markers", "sqlite_only: the test is about SQLite itself; no PostgreSQL run")
+    config.addinivalue_line("markers", "sqlite: the SQLite run of a test parametrised over engines")
+    config.addinivalue_line("markers", "postgresql: the PostgreSQL run of a test parametrised over engines")
     config.addinivalue_line("markers", "postgres_only: the test is about PostgreSQL itself (row locks, "
                                        "advisory locks, reconnects); no SQLite run")
 
@@ -82,7 +84,9 @@ def pytest_generate_tests(metafunc: Any) -> None:
             engines = ["sqlite"]
         elif metafunc.definition.get_closest_marker("postgres_only"):
             engines = ["postgresql"]
-        metafunc.parametrize("engine", engines, indirect=True, ids=engines)
+        # marked too, so that `pytest -m postgresql` (or `-m "not postgresql"`) runs one half
+        metafunc.parametrize("engine", [pytest.param(name, marks=getattr(pytest.mark, name)) for name in engines],
+                             indirect=True, ids=engines)
 
 
 _postgres: dict[str, Any] = {}  # "admin": a psycopg connection to POSTGRES_URL, or "error": why not
