@@ -92,22 +92,27 @@ def pytest_generate_tests(metafunc: Any) -> None:
 _postgres: dict[str, Any] = {}  # "admin": a psycopg connection to POSTGRES_URL, or "error": why not
 
 
-def _postgres_admin() -> Any:
-    """One connection for creating and dropping the tests' schemas; skips (or fails, when
-    required) the test if PostgreSQL cannot be reached."""
+def _postgres_problem() -> str | None:
+    """Why PostgreSQL cannot be used for tests (probed once), or None; keeps the connection
+    that creates and drops the tests' schemas."""
     if "admin" not in _postgres and "error" not in _postgres:
         try:
             import psycopg
 
             _postgres["admin"] = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
         except Exception as exc:  # noqa: BLE001 - ImportError or any connection failure: say which
-            _postgres["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
-    if "error" in _postgres:
-        message = (f"PostgreSQL tests need a server at {POSTGRES_URL} (set WINKR_TEST_POSTGRES_URL): "
-                   f"{_postgres['error']}")
-        if REQUIRE_POSTGRES:
-            pytest.fail(message + " [WINKR_TEST_REQUIRE_POSTGRES is set: a skip is a failure]", pytrace=False)
-        pytest.skip(message)
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _postgres["error"] = (f"no PostgreSQL at {POSTGRES_URL} (set WINKR_TEST_POSTGRES_URL): "
+                                  f"{type(exc).__name__}: {first_line}")
+    return _postgres.get("error")
+
+
+def _postgres_admin() -> Any:
+    """The admin connection; fails the test when PostgreSQL is unusable (the collection hook
+    has already marked the PostgreSQL half skipped unless WINKR_TEST_REQUIRE_POSTGRES is set)."""
+    problem = _postgres_problem()
+    if problem is not None:
+        pytest.fail(f"{problem} [WINKR_TEST_REQUIRE_POSTGRES is set: a skip is a failure]", pytrace=False)
     return _postgres["admin"]
 
 
@@ -267,11 +272,22 @@ def run_with_autojump(fn: Any, clock: Any = None, instruments: Any = ()) -> Any:
 
 
 def pytest_collection_modifyitems(items: list[Any]) -> None:
+    postgres_items = [item for item in items if item.get_closest_marker("postgresql")]
+    if postgres_items and not REQUIRE_POSTGRES and (problem := _postgres_problem()) is not None:
+        for item in postgres_items:
+            item.add_marker(pytest.mark.skip(reason=problem))
+        _postgres["skipped"] = len(postgres_items)
     for item in items:
         if not inspect.iscoroutinefunction(getattr(item, "function", None)):
             continue
         if not any("run" in marker.kwargs for marker in item.iter_markers("trio")):
             item.add_marker(pytest.mark.trio(run=run_with_autojump))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _postgres.get("skipped"):
+        terminalreporter.write_line(f"SKIPPED the PostgreSQL half ({_postgres['skipped']} tests): {_postgres['error']}",
+                                    yellow=True)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -262,9 +262,10 @@ class Server:
                 actors.cancel_scope.cancel()
         finally:
             self._gateway = None
-            if readers is not None:
-                await self.run_sync(readers.close)
-            await self.run_sync(db.close)
+            with trio.CancelScope(shield=True):  # connections are closed however serve ends
+                if readers is not None:
+                    await self.run_sync(readers.close)
+                await self.run_sync(db.close)
         log.info("stopped")
 
     async def _start_actors(self, nursery: trio.Nursery, store: Store, engine: Engine,
