@@ -366,3 +366,18 @@ def test_settings_url_for_the_tests_reaches_its_own_schema(tmp_path: Path, engin
     assert isinstance(open_engine(settings.database), PostgresEngine)
     [(schema,)] = query(settings, "SELECT current_schema()")
     assert schema.startswith("test_") and schema in settings.database.conninfo
+
+
+def test_a_store_on_a_bare_sqlite_connection_still_works(tmp_path: Path) -> None:
+    """``Store(open_database(path))``, as code written before the seam does."""
+    from winkr.store.schema import open_database
+
+    store = Store(open_database(str(tmp_path / "w.db")))
+    try:
+        [(created, error)] = _run_batch(store, [_Request(partial(_create, "alice", "bob"), None)])
+        assert error is None and created[1] is True
+        [(sent, error)] = _run_batch(store, [_Request(partial(
+            _send, created[0].id, [SendItem("alice", "text", "hi", {}, "c1", ())]), None)])
+        assert error is None and sent[0].message.seq == 1
+    finally:
+        store.db.close()

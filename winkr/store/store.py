@@ -10,6 +10,7 @@ savepoint back, and everything the request wrote (its ``seq`` counter too) goes 
 """
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -32,7 +33,7 @@ from winkr.records import (
     UnreadSummary,
     authorize,
 )
-from winkr.store.engine import Database
+from winkr.store.engine import Database, SqliteDatabase
 
 _MESSAGE_COLUMNS = ("conversation_id, seq, sender_id, type, content, metadata, client_message_id,"
                     " created_at, updated_at, deleted_at")
@@ -58,8 +59,10 @@ def _message(row: Sequence[Any], is_read: bool = False) -> StoredMessage:
 
 
 class Store:
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self, db: Database | sqlite3.Connection) -> None:
+        # A bare sqlite3 connection (as open_database returns) is wrapped: its owner's
+        # BEGIN IMMEDIATE/COMMIT go through store.db like any other statement.
+        self.db: Database = SqliteDatabase(db) if isinstance(db, sqlite3.Connection) else db
         self._participants: dict[str, tuple[str, ...]] = {}
 
     def forget_caches(self) -> None:
