@@ -9,7 +9,9 @@ means committed), stop the server. Rounds alternate the engines so drift on a sh
 hits both. With taskset available the server runs on CPU 0 and the load on CPU 1.
 
 Prints one line per run on stderr and one JSON line on stdout: per engine the median
-acknowledged msgs/s, send->ack p50/p99 (ms), and the PostgreSQL/SQLite ratio. Loopback only;
+acknowledged msgs/s, send->ack p50/p99 (ms), and the PostgreSQL/SQLite ratio. PostgreSQL
+commits with synchronous_commit=on (an fsync per commit); SQLite with the configured
+synchronous (NORMAL: no fsync per commit in WAL mode; --sqlite-synchronous FULL: one). Loopback only;
 every process it starts is killed by PID before it exits.
 
     python scripts/bench_engines.py --rounds 3 --users 200 --window 16 --duration 15
@@ -54,6 +56,7 @@ def run_once(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
         env["WINKR_DATABASE_URL"] = f"{args.postgres_url}{separator}options={quote(f'-c search_path={schema}')}"
     else:
         env["WINKR_DB"] = str(workdir / f"bench-{secrets.token_hex(4)}.db")
+        env["WINKR_SQLITE_SYNCHRONOUS"] = args.sqlite_synchronous
     server = subprocess.Popen([*pinned(0), sys.executable, "-m", "winkr", "serve", "--port", "0",
                                "--config", str(REPO / "deploy" / "loadtest.toml")],
                               cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -68,7 +71,7 @@ def run_once(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
             if match := LISTENING.search(line):
                 port = int(match.group(1))
         load = subprocess.run([*pinned(1), sys.executable, str(REPO / "scripts" / "loadtest.py"),
-                               "--url", f"ws://127.0.0.1:{port}/ws", "--secret", secret, "--users", str(args.users),
+                               "--url", f"ws://127.0.0.1:{port}/ws", f"--secret={secret}", "--users", str(args.users),
                                "--max", "--window", str(args.window), "--no-mix", "--duration", str(args.duration),
                                "--json-only"], capture_output=True, text=True, timeout=args.duration + 120, env=env)
         lines = [line for line in load.stdout.splitlines() if line.startswith("{")]
@@ -102,6 +105,8 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=16, help="messages in flight per sender")
     ap.add_argument("--duration", type=float, default=15.0)
     ap.add_argument("--postgres-url", default="postgresql://127.0.0.1:5432/test")
+    ap.add_argument("--sqlite-synchronous", choices=("NORMAL", "FULL"), default="NORMAL",
+                    help="FULL: SQLite fsyncs every commit, as PostgreSQL's synchronous_commit=on does")
     args = ap.parse_args()
     if not (1 <= args.rounds <= 20 and 2 <= args.users <= 2000 and 1 <= args.duration <= 600):
         ap.error("--rounds 1..20, --users 2..2000, --duration 1..600")
@@ -119,7 +124,8 @@ def main() -> int:
                 print(f"round {round_ + 1} {engine:10} {row}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    summary: dict[str, Any] = {"users": args.users, "window": args.window, "duration_s": args.duration}
+    summary: dict[str, Any] = {"users": args.users, "window": args.window, "duration_s": args.duration,
+                               "sqlite_synchronous": args.sqlite_synchronous}
     for engine, rows in runs.items():
         summary[engine] = {key: statistics.median(r[key] for r in rows if r[key] is not None)
                            for key in ("msgs_per_s", "ack_p50_ms", "ack_p99_ms")

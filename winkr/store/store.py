@@ -140,22 +140,17 @@ class Store:
 
     # --- messages ----------------------------------------------------------------------
 
-    def _take_seq(self, conversation_id: str) -> int:
-        """The next ``seq``, taken from the conversation's counter in this transaction."""
-        row = self.db.execute("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? "
-                              "RETURNING last_seq", (conversation_id,)).fetchone()
+    def _lock_conversation(self, conversation_id: str) -> int:
+        """The conversation's ``last_seq``, with its sends serialised until COMMIT: on PostgreSQL
+        a row lock that every node's send transaction takes first (before the idempotency
+        lookup, so a retry sent to two nodes at once is stored once); on SQLite the writer
+        already holds the database lock. ``NOT_FOUND`` for no such conversation."""
+        row = self.db.execute("SELECT last_seq FROM conversations WHERE id = ?" + self.db.dialect.for_update,
+                              (conversation_id,)).fetchone()
         if row is None:
             raise ProtocolError(NOT_FOUND, "conversation not found", field="conversation_id")
-        seq: int = row[0]
-        return seq
-
-    def _lock_conversation(self, conversation_id: str) -> None:
-        """Serialise this conversation's sends until COMMIT: on PostgreSQL a row lock that every
-        node's send transaction takes first (before the idempotency lookup, so a retry sent to
-        two nodes at once is stored once); on SQLite the writer already holds the database lock."""
-        if self.db.execute("SELECT last_seq FROM conversations WHERE id = ?" + self.db.dialect.for_update,
-                           (conversation_id,)).fetchone() is None:
-            raise ProtocolError(NOT_FOUND, "conversation not found", field="conversation_id")
+        last_seq: int = row[0]
+        return last_seq
 
     def last_seq(self, conversation_id: str) -> int:
         row = self.db.execute("SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
@@ -166,10 +161,14 @@ class Store:
         """Store a message with the next ``seq``; a repeated ``client_message_id`` returns the
         original and stores nothing. ``rates`` are the sender's message limits: checked and
         counted here, in the same transaction, so they hold across restarts."""
-        self._lock_conversation(conversation_id)
-        return self._insert_locked(conversation_id, item, now, rates)
+        result = self.insert_messages(conversation_id, [attrs.evolve(item, reached=())], now, rates)[0]
+        if isinstance(result, ProtocolError):
+            raise result
+        return result
 
-    def _insert_locked(self, conversation_id: str, item: SendItem, now: float, rates: tuple[Rate, ...]) -> SendResult:
+    def _insert_locked(self, conversation_id: str, item: SendItem, now: float, rates: tuple[Rate, ...],
+                       seq: int) -> SendResult:
+        """Store ``item`` at ``seq`` (the conversation is locked; the caller moves its counter)."""
         if item.client_message_id is not None:
             row = self.db.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND sender_id = ? "
@@ -178,7 +177,6 @@ class Store:
                 return SendResult(_message(row), True)
         if rates:
             self._count_messages(item.sender_id, rates, now)
-        seq = self._take_seq(conversation_id)
         ttl = item.metadata.get("ttl_seconds") if item.type == "photo_ephemeral" else None
         self.db.execute(
             f"INSERT INTO messages ({_MESSAGE_COLUMNS}, ttl_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
@@ -192,22 +190,39 @@ class Store:
                         rates: tuple[Rate, ...] = ()) -> list[SendResult | ProtocolError]:
         """A room's run of sends in one request, each with the deliveries to the recipients it
         reaches at once. A refusal (rate limit) writes nothing, so it needs no savepoint; it is
-        returned in its place."""
+        returned in its place.
+
+        The run's seqs come from the locked counter (``last_seq + 1`` …), which moves once at
+        the end of the run, in the same transaction as the inserts; the new messages'
+        deliveries go in one ``executemany``. On PostgreSQL every statement is a round trip,
+        so a run costs 2 per message (idempotency lookup, insert) plus 3."""
         results: list[SendResult | ProtocolError] = []
         try:
-            self._lock_conversation(conversation_id)
+            last_seq = self._lock_conversation(conversation_id)
         except ProtocolError as exc:
             return [exc] * len(items)
+        seq = last_seq
+        deliveries: list[Delivery] = []
         for item in items:
             try:
-                result = self._insert_locked(conversation_id, item, now, rates)
+                result = self._insert_locked(conversation_id, item, now, rates, seq + 1)
             except ProtocolError as exc:
                 results.append(exc)
                 continue
-            if not result.duplicate and item.reached:
-                result = attrs.evolve(result, deliveries=tuple(
-                    self.record_delivered_to(result.message, item.reached, now)))
+            if not result.duplicate:
+                seq += 1
+                reached = tuple(Delivery(conversation_id, seq, item.sender_id, recipient, now)
+                                for recipient in dict.fromkeys(item.reached) if recipient != item.sender_id)
+                if reached:  # a message stored just now has no deliveries yet: all of these are first ones
+                    result = attrs.evolve(result, deliveries=reached)
+                    deliveries += reached
             results.append(result)
+        if seq != last_seq:
+            self.db.execute("UPDATE conversations SET last_seq = ? WHERE id = ?", (seq, conversation_id))
+        if deliveries:
+            self.db.executemany("INSERT INTO deliveries (conversation_id, seq, user_id, delivered_at) "
+                                "VALUES (?, ?, ?, ?)",
+                                [(d.conversation_id, d.seq, d.recipient_id, d.delivered_at) for d in deliveries])
         return results
 
     def unread_count(self, conversation_id: str, user_id: str) -> int:
