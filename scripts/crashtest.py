@@ -80,7 +80,8 @@ class ServerProcess:
 
     def __init__(self, workdir: Path, db: Path, config: Path, secret: str, database_url: str | None = None) -> None:
         self.db, self.config = db, config
-        self.database = ["--database-url", database_url] if database_url else ["--db", str(db)]
+        # --db too with PostgreSQL: the run file (and a generated secret) go beside it, in workdir
+        self.database = ["--db", str(db), *(["--database-url", database_url] if database_url else [])]
         self.log_path = workdir / "server.log"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("WINKR_")}
         self.env["WINKR_JWT_SECRET"] = secret
