@@ -172,3 +172,24 @@ def test_check_config_names_the_postgresql_database(tmp_path: Path) -> None:
     result = winkr(["check-config", "--database-url", "sqlite://w.db"], tmp_path)
     assert result.returncode == 2 and "--database-url: 'sqlite://w.db': a SQLite URL has three slashes" in (
         result.stderr), result.stderr
+
+
+@pytest.mark.postgres_only
+def test_conversation_create_without_a_server_writes_postgresql(tmp_path: Path, pg_url: str) -> None:
+    result = winkr(["conversation", "create", "anna", "ben", "--database-url", pg_url], tmp_path)
+    assert result.returncode == 0, result.stderr
+    conversation = json.loads(result.stdout)
+    assert sorted(conversation["participant_ids"]) == ["anna", "ben"]
+    report = json.loads(winkr(["db", "check", "--database-url", pg_url], tmp_path).stdout)
+    assert report["tables"]["conversations"] == 1 and report["tables"]["participants"] == 2
+
+
+def test_an_absolute_sqlite_url_from_the_environment_is_the_database(tmp_path: Path) -> None:
+    database = tmp_path / "data" / "chat.db"
+    database.parent.mkdir()
+    url = f"sqlite:///{database}"  # database is absolute: four slashes in all
+    assert url.startswith("sqlite:////")
+    assert winkr(["conversation", "create", "anna", "ben"], tmp_path, WINKR_DATABASE_URL=url).returncode == 0
+    report = json.loads(winkr(["db", "check"], tmp_path, WINKR_DATABASE_URL=url).stdout)
+    assert report["engine"] == "sqlite" and report["path"] == str(database) and report["ok"] is True
+    assert not (tmp_path / "winkr.db").exists()  # not the default file
