@@ -141,6 +141,16 @@ def to_psycopg(sql: str) -> str:
     return "".join("%s" if piece == "?" else piece.replace("%", "%%") for piece in _LEXEMES.split(sql))
 
 
+def _pg_name(conninfo: str, name: str) -> dict[str, Any]:
+    """Connection keywords: ``application_name`` (shown in pg_stat_activity) unless the URL
+    sets one, and a connect timeout."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    given = conninfo_to_dict(conninfo)
+    return {"connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            **({} if "application_name" in given else {"application_name": name})}
+
+
 def _pg_session(connection: psycopg.Connection[Any]) -> None:
     # Acknowledge only what is flushed to disk (and to a synchronous standby, where configured).
     connection.execute("SET synchronous_commit = on")
@@ -244,7 +254,8 @@ class PostgresReaders:
         self.size = size
         self._pool: psycopg_pool.ConnectionPool[Any] = ConnectionPool(
             conninfo, min_size=1, max_size=size, open=True, configure=configure, name="winkr-readers",
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_SECONDS})
+            timeout=CONNECT_TIMEOUT_SECONDS,  # a read waits this long for a connection, then fails
+            kwargs={"autocommit": True, **_pg_name(conninfo, "winkr-reader")})
 
     def run(self, work: Callable[[Database], T]) -> T:
         with self._pool.connection() as connection:
@@ -313,7 +324,7 @@ class PostgresEngine:
     def connect(self) -> psycopg.Connection[Any]:
         import psycopg
 
-        connection = psycopg.connect(self.url.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+        connection = psycopg.connect(self.url.conninfo, autocommit=True, **_pg_name(self.url.conninfo, "winkr-writer"))
         _pg_session(connection)
         return connection
 
