@@ -381,3 +381,22 @@ def test_a_store_on_a_bare_sqlite_connection_still_works(tmp_path: Path) -> None
         assert error is None and sent[0].message.seq == 1
     finally:
         store.db.close()
+
+
+async def test_text_with_nul_is_refused_on_both_engines_and_nul_in_metadata_is_kept(
+        autojump_clock: Any, harness: Harness) -> None:
+    """PostgreSQL text cannot hold U+0000 (it answered INTERNAL_ERROR while SQLite stored it):
+    refused at the edge, the same on both. Metadata is stored as JSON text, where it is an
+    escape, so it round-trips on both."""
+    alice = await harness.connect("alice")
+    conv = await harness.conversation(alice, "bob")
+    for kind, extra in (("text", {}), ("photo", {"metadata": {"url": "https://cdn.example/p.jpg"}})):
+        reply = await alice.request("message:send", {"conversation_id": conv, "type": kind, "content": "a\x00b",
+                                                     **extra})
+        assert reply["event"] == "error", reply
+        assert reply["data"]["code"] == "VALIDATION_ERROR" and reply["data"]["details"]["field"] == "content"
+    reply = await alice.request("message:send", {"conversation_id": conv, "type": "text", "content": "ok",
+                                                 "metadata": {"k\x00": "v\x00"}})
+    assert reply["event"] == "message:new" and reply["data"]["message"]["metadata"] == {"k\x00": "v\x00"}, reply
+    page = await alice.request("message:history", {"conversation_id": conv})
+    assert [m["metadata"] for m in page["data"]["messages"]] == [{"k\x00": "v\x00"}]
