@@ -193,3 +193,15 @@ def test_an_absolute_sqlite_url_from_the_environment_is_the_database(tmp_path: P
     report = json.loads(winkr(["db", "check"], tmp_path, WINKR_DATABASE_URL=url).stdout)
     assert report["engine"] == "sqlite" and report["path"] == str(database) and report["ok"] is True
     assert not (tmp_path / "winkr.db").exists()  # not the default file
+
+
+def test_the_run_file_goes_beside_the_file_an_sqlite_url_names(tmp_path: Path, serve: Any) -> None:
+    """…so that `winkr conversation create` with the same URL finds the running server."""
+    database = tmp_path / "data" / "chat.db"
+    database.parent.mkdir()
+    proc, port = serve(["--database-url", f"sqlite:///{database}"])
+    run_file = Path(f"{database}.run.json")
+    assert json.loads(run_file.read_text())["url"] == f"ws://127.0.0.1:{port}/ws"
+    assert not (tmp_path / "winkr.db.run.json").exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0 and not run_file.exists()
