@@ -26,6 +26,7 @@ KNOWN = {
     "trio": ("winkr", "load"),  # winkr's own dependencies come with it
     "trio_websocket": ("winkr", "load"),
     "orjson": ("winkr", "load"),
+    "psycopg": ("psycopg[binary]", "cluster"),
 }
 
 

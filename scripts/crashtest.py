@@ -10,14 +10,18 @@ messages with a unique client_message_id, now and then mark the peer's messages 
 client_message_id) and carry on; this repeats for --cycles cycles, bounded by --max-seconds
 and --max-messages.
 
-Afterwards it opens the SQLite file read-only and checks:
+With --database-url postgresql://... it runs the same on PostgreSQL instead, in a schema of
+its own (crashtest_<random>, dropped afterwards unless --keep) of that database.
+
+Afterwards it opens the SQLite file read-only (or the PostgreSQL schema) and checks:
   * every acknowledged message (message:new carrying the sender's ref) is stored exactly
     once, at the acknowledged (conversation_id, seq), with its client_message_id and content;
   * per conversation, seq is 1..max with no gaps and no repeats;
   * no two messages share (conversation, sender, client_message_id);
   * every participants.last_read_seq <= the conversation's max seq, and is >= every read
     position the server acknowledged (message:viewed with ref);
-  * PRAGMA integrity_check is "ok" and PRAGMA foreign_key_check finds nothing.
+  * PRAGMA integrity_check is "ok" and PRAGMA foreign_key_check finds nothing (SQLite;
+    PostgreSQL enforces foreign keys itself).
 
 Prints one totals line on stderr and one JSON line on stdout. Exit status 1 on any loss,
 duplicate, gap, read regression, integrity failure or when nothing was acknowledged at all;
@@ -28,6 +32,7 @@ Examples
     python scripts/crashtest.py                              # 20 cycles, 20 users
     python scripts/crashtest.py --cycles 3 --users 10 --max-seconds 60
     python scripts/crashtest.py --cycles 100 --max-seconds 1800 --keep
+    python scripts/crashtest.py --cycles 5 --database-url postgresql://127.0.0.1:5432/test
 """
 from __future__ import annotations
 
@@ -67,8 +72,10 @@ REQUEST_TIMEOUT_S = 5.0
 class ServerProcess:
     """`winkr serve` on one database and config, started again after each kill -9."""
 
-    def __init__(self, workdir: Path, db: Path, config: Path, secret: str) -> None:
+    def __init__(self, workdir: Path, db: Path, config: Path, secret: str, database_url: str | None = None) -> None:
         self.db, self.config = db, config
+        # --db too with PostgreSQL: the run file (and a generated secret) go beside it, in workdir
+        self.database = ["--db", str(db), *(["--database-url", database_url] if database_url else [])]
         self.log_path = workdir / "server.log"
         self.env = server_environment(secret)
         self.running: RunningServer | None = None
@@ -78,7 +85,7 @@ class ServerProcess:
         assert self.running is None or self.running.proc.poll() is not None
         with open(self.log_path, "a") as log:
             log.write(f"--- start {time.strftime('%H:%M:%S')}\n")
-        self.running = start_server(["--db", str(self.db), "--config", str(self.config)], env=self.env,
+        self.running = start_server([*self.database, "--config", str(self.config)], env=self.env,
                                     log=self.log_path)
         return self.running.url
 
@@ -287,19 +294,31 @@ def open_readonly(db: Path, scratch: Path) -> tuple[sqlite3.Connection, str]:
         return sqlite3.connect(str(scratch / db.name)), "copy"
 
 
-def verify(run: Run, db: Path, scratch: Path) -> dict[str, Any]:
+_ROWS_SQL = "SELECT conversation_id, seq, sender_id, client_message_id, content FROM messages"
+_READS_SQL = ("SELECT p.conversation_id, p.user_id, p.last_read_seq, "
+              "(SELECT MAX(seq) FROM messages m WHERE m.conversation_id = p.conversation_id) "
+              "FROM participants p")
+
+
+def read_back(db: Path, scratch: Path, database_url: str | None) -> tuple[str, list[str], list[Any], list[Any],
+                                                                      list[Any]]:
+    """(how it was opened, integrity lines, foreign-key violations, message rows, read positions)."""
+    if database_url:
+        import psycopg
+
+        with psycopg.connect(database_url, autocommit=True) as pg:
+            return ("postgresql", ["ok"], [], pg.execute(_ROWS_SQL).fetchall(), pg.execute(_READS_SQL).fetchall())
     con, opened = open_readonly(db, scratch)
     try:
         integrity = [r[0] for r in con.execute("PRAGMA integrity_check")]
         fk = con.execute("PRAGMA foreign_key_check").fetchall()
-        rows = con.execute("SELECT conversation_id, seq, sender_id, client_message_id, content "
-                           "FROM messages").fetchall()
-        reads = con.execute(
-            "SELECT p.conversation_id, p.user_id, p.last_read_seq, "
-            "(SELECT MAX(seq) FROM messages m WHERE m.conversation_id = p.conversation_id) "
-            "FROM participants p").fetchall()
+        return opened, integrity, fk, con.execute(_ROWS_SQL).fetchall(), con.execute(_READS_SQL).fetchall()
     finally:
         con.close()
+
+
+def verify(run: Run, db: Path, scratch: Path, database_url: str | None = None) -> dict[str, Any]:
+    opened, integrity, fk, rows, reads = read_back(db, scratch, database_url)
 
     by_key = {(c, s): (sender, cmid, content) for c, s, sender, cmid, content in rows}
     seqs: dict[str, list[int]] = defaultdict(list)
@@ -368,7 +387,30 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None, help="random seed (kill moments, reads)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the temporary directory (database, server log) even on success")
+    ap.add_argument("--database-url", metavar="URL", default=None,
+                    help="run on PostgreSQL: postgresql://... of a database in which a schema of its own "
+                         "is made (needs winkr[cluster]); default a SQLite file in a temporary directory")
     return ap
+
+
+def make_schema(base_url: str) -> tuple[str, str]:
+    """A fresh schema in the PostgreSQL database at ``base_url``: (its name, a URL using it)."""
+    from urllib.parse import quote
+
+    import psycopg
+
+    schema = f"crashtest_{secrets.token_hex(4)}"
+    with psycopg.connect(base_url, autocommit=True) as pg:
+        pg.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in base_url else "?"
+    return schema, f"{base_url}{separator}options={quote(f'-c search_path={schema}')}"
+
+
+def drop_schema(base_url: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(base_url, autocommit=True) as pg:
+        pg.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     from scripts._deps import require
 
     require("crashtest.py", ["websockets.asyncio.client", "jwt", "winkr.auth"])
+    if args.database_url and not args.database_url.startswith(("postgresql://", "postgres://")):
+        ap.error("--database-url must be a postgresql:// URL (SQLite is the default)")
+    if args.database_url:
+        require("crashtest.py", ["psycopg"])
     if not 1 <= args.cycles <= 10_000:
         ap.error("--cycles must be between 1 and 10000")
     if args.users < 2 or args.users % 2 or args.users > 2000:
@@ -394,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     db, cfg = workdir / "winkr.db", workdir / "winkr.toml"
     cfg.write_text(limits_off_toml())
     secret = secrets.token_urlsafe(32)
-    server = ServerProcess(workdir, db, cfg, secret)
+    schema, database_url = make_schema(args.database_url) if args.database_url else (None, None)
+    server = ServerProcess(workdir, db, cfg, secret, database_url)
     run = Run(args, secret)
     clients = [Client(run, i) for i in range(args.users)]
     t0 = time.monotonic()
@@ -413,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cycle {cycles}: killed after {delay:.2f} s; sent {run.sent}, "
                   f"acknowledged {len(run.acks)}", file=sys.stderr, flush=True)
         server.kill()
-        result = verify(run, db, workdir)
+        result = verify(run, db, workdir, database_url)
     except KeyboardInterrupt:
         failures.append("interrupted")
     except Exception as e:  # noqa: BLE001 - reported, exit 1
@@ -450,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shutil.rmtree(workdir, ignore_errors=True)
         summary["workdir"] = None
+    if schema is not None:
+        if failures or args.keep:
+            summary["schema"] = schema
+        else:
+            drop_schema(args.database_url, schema)
 
     print(f"crashtest: cycles {cycles}, acknowledged {len(run.acks)}, "
           f"lost {result.get('lost', '?')}, duplicated {result.get('duplicated', '?')}, "

@@ -1,15 +1,28 @@
-"""Test harness: the real server over trio's in-memory streams, a real SQLite file, and
-trio's MockClock with autojump, so timeouts of minutes take milliseconds."""
+"""Test harness: the real server over trio's in-memory streams, a real database, and
+trio's MockClock with autojump, so timeouts of minutes take milliseconds.
+
+Every test that runs a server runs on both engines: the ``engine`` fixture is parametrised
+``sqlite`` (a file in ``tmp_path``) and ``postgresql`` (a fresh schema in the database at
+``WINKR_TEST_POSTGRES_URL``, default ``postgresql://127.0.0.1:5432/test``, dropped after the
+test). ``settings`` depends on it, and ``make_settings`` refuses to build settings for a test
+that did not ask for it, so no server test can run on one engine by oversight. A test marked
+``sqlite_only`` runs on SQLite alone. Without a reachable PostgreSQL the ``postgresql`` half
+skips with one line, or fails when ``WINKR_TEST_REQUIRE_POSTGRES=1`` (``.ci/run`` sets it).
+"""
 from __future__ import annotations
 
 import inspect
 import itertools
+import os
 import re
+import secrets
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import attrs
 import orjson
@@ -24,6 +37,7 @@ from winkr.auth import mint_token
 from winkr.clock import trio_wall_clock
 from winkr.config import Settings, load_settings
 from winkr.server import Server
+from winkr.store.engine import to_psycopg
 from winkr.store.writer import run_inline
 
 SECRET = "test-secret-please-ignore-0123456789abcdef"
@@ -49,13 +63,140 @@ RATE_LIMITS_OFF = {"messages_per_minute": 0, "messages_per_hour": 0, "messages_p
                    "conversations_per_day": 0, "inbound_events_per_second": 0}
 """``limits`` for ``make_settings`` that let one user send as much as a test needs."""
 
+POSTGRES_URL = os.environ.get("WINKR_TEST_POSTGRES_URL") or "postgresql://127.0.0.1:5432/test"
+REQUIRE_POSTGRES = os.environ.get("WINKR_TEST_REQUIRE_POSTGRES", "") not in ("", "0")
+ENGINES = ("sqlite", "postgresql")
+
+
+@attrs.frozen
+class EngineUnderTest:
+    """The engine of the running test: its name and, for PostgreSQL, the URL of its own schema."""
+
+    name: str
+    database_url: str | None = None  # None: SQLite in tmp_path
+
+
+_active_engine: list[EngineUnderTest] = []  # set by the `engine` fixture for the test's duration
+
 
 def make_settings(tmp_path: Any, **overrides: Any) -> Settings:
+    """Settings for a test server on the test's engine (the ``engine`` fixture must be active)."""
+    # Every trio test has an engine (pytest_generate_tests); a plain test builds settings only
+    # (or runs subprocess servers, which are SQLite ones): SQLite in tmp_path.
     limits = overrides.pop("limits", {})
     flags = {"db": str(tmp_path / "winkr.db"), "jwt_secret": SECRET, **overrides}
+    if _active_engine and _active_engine[-1].database_url is not None:
+        flags.setdefault("database_url", _active_engine[-1].database_url)
     if limits:
         flags["limits"] = limits
     return load_settings(None, flags, environ={})
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "sqlite_only: the test is about SQLite itself; no PostgreSQL run")
+    config.addinivalue_line("markers", "sqlite: the SQLite run of a test parametrised over engines")
+    config.addinivalue_line("markers", "postgresql: the PostgreSQL run of a test parametrised over engines")
+    config.addinivalue_line("markers", "postgres_only: the test is about PostgreSQL itself (row locks, "
+                                       "advisory locks, reconnects); no SQLite run")
+
+
+def pytest_generate_tests(metafunc: Any) -> None:
+    # Every trio test may run a server (harness, running, make_settings): all of them run on
+    # both engines, whether or not they name ``engine`` (a pure one merely runs twice).
+    if "engine" not in metafunc.fixturenames and inspect.iscoroutinefunction(metafunc.function):
+        metafunc.fixturenames.append("engine")
+    if "engine" in metafunc.fixturenames:
+        engines = list(ENGINES)
+        if metafunc.definition.get_closest_marker("sqlite_only"):
+            engines = ["sqlite"]
+        elif metafunc.definition.get_closest_marker("postgres_only"):
+            engines = ["postgresql"]
+        # marked too, so that `pytest -m postgresql` (or `-m "not postgresql"`) runs one half
+        metafunc.parametrize("engine", [pytest.param(name, marks=getattr(pytest.mark, name)) for name in engines],
+                             indirect=True, ids=engines)
+
+
+_postgres: dict[str, Any] = {}  # "admin": a psycopg connection to POSTGRES_URL, or "error": why not
+
+
+def _postgres_problem() -> str | None:
+    """Why PostgreSQL cannot be used for tests (probed once), or None; keeps the connection
+    that creates and drops the tests' schemas."""
+    if "admin" not in _postgres and "error" not in _postgres:
+        try:
+            import psycopg
+
+            _postgres["admin"] = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
+        except Exception as exc:  # noqa: BLE001 - ImportError or any connection failure: say which
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _postgres["error"] = (f"no PostgreSQL at {POSTGRES_URL} (set WINKR_TEST_POSTGRES_URL): "
+                                  f"{type(exc).__name__}: {first_line}")
+    return _postgres.get("error")
+
+
+def _postgres_admin() -> Any:
+    """The admin connection; fails the test when PostgreSQL is unusable (the collection hook
+    has already marked the PostgreSQL half skipped unless WINKR_TEST_REQUIRE_POSTGRES is set)."""
+    problem = _postgres_problem()
+    if problem is not None:
+        pytest.fail(f"{problem} [WINKR_TEST_REQUIRE_POSTGRES is set: a skip is a failure]", pytrace=False)
+    return _postgres["admin"]
+
+
+def postgres_schema_url(schema: str) -> str:
+    """POSTGRES_URL with every connection's search_path set to ``schema``."""
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    return f"{POSTGRES_URL}{separator}options={quote(f'-c search_path={schema}')}"
+
+
+@pytest.fixture(autouse=True)
+def _trio_tests_run_on_their_engine(request: Any) -> None:
+    """A trio test parametrised over engines without naming ``engine`` (pytest_generate_tests
+    adds it) still gets it, before its body calls ``make_settings``."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "engine" in callspec.params:
+        request.getfixturevalue("engine")
+
+
+@pytest.fixture
+def engine(request: Any) -> Iterator[EngineUnderTest]:
+    """The database engine of this test (parametrised over ``ENGINES`` by pytest_generate_tests)."""
+    name = getattr(request, "param", "sqlite")
+    if name == "sqlite":
+        chosen = EngineUnderTest("sqlite")
+        _active_engine.append(chosen)
+        try:
+            yield chosen
+        finally:
+            _active_engine.remove(chosen)
+        return
+    admin = _postgres_admin()
+    schema = f"test_{secrets.token_hex(6)}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+    chosen = EngineUnderTest("postgresql", postgres_schema_url(schema))
+    _active_engine.append(chosen)
+    try:
+        yield chosen
+    finally:
+        _active_engine.remove(chosen)
+        admin.execute("SET lock_timeout = '10s'")
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def query(settings: Settings, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (``?`` placeholders) from the settings' database, on either engine, on
+    a connection of its own (autocommit: it sees what the server committed)."""
+    database = settings.database
+    if database.engine == "sqlite":
+        db = sqlite3.connect(database.path, isolation_level=None)
+        try:
+            return [tuple(row) for row in db.execute(sql, params)]
+        finally:
+            db.close()
+    import psycopg
+
+    with psycopg.connect(database.conninfo, autocommit=True) as connection:
+        return [tuple(row) for row in connection.execute(to_psycopg(sql), params)]
 
 
 @attrs.define
@@ -301,11 +442,22 @@ def run_with_autojump(fn: Any, clock: Any = None, instruments: Any = ()) -> Any:
 
 
 def pytest_collection_modifyitems(items: list[Any]) -> None:
+    postgres_items = [item for item in items if item.get_closest_marker("postgresql")]
+    if postgres_items and not REQUIRE_POSTGRES and (problem := _postgres_problem()) is not None:
+        for item in postgres_items:
+            item.add_marker(pytest.mark.skip(reason=problem))
+        _postgres["skipped"] = len(postgres_items)
     for item in items:
         if not inspect.iscoroutinefunction(getattr(item, "function", None)):
             continue
         if not any("run" in marker.kwargs for marker in item.iter_markers("trio")):
             item.add_marker(pytest.mark.trio(run=run_with_autojump))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _postgres.get("skipped"):
+        terminalreporter.write_line(f"SKIPPED the PostgreSQL half ({_postgres['skipped']} tests): {_postgres['error']}",
+                                    yellow=True)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -419,8 +571,9 @@ def watchdog() -> Any:
 
 
 @pytest.fixture
-def settings(request: Any, tmp_path: Any) -> Settings:
-    """The default settings, or overrides given with ``parametrize("settings", [{...}], indirect=True)``."""
+def settings(request: Any, tmp_path: Any, engine: EngineUnderTest) -> Settings:
+    """The default settings on the test's engine, or overrides given with
+    ``parametrize("settings", [{...}], indirect=True)``."""
     return make_settings(tmp_path, **getattr(request, "param", {}))
 
 

@@ -346,7 +346,7 @@ async def test_binary_frame_over_32_kib_is_also_too_large(autojump_clock: Any, h
 # --- slow consumers ----------------------------------------------------------------------
 
 @pytest.fixture
-async def small_queue_harness(autojump_clock: Any, tmp_path: Any) -> AsyncIterator[Harness]:
+async def small_queue_harness(autojump_clock: Any, tmp_path: Any, engine: Any) -> AsyncIterator[Harness]:
     settings = make_settings(tmp_path, limits={"outbound_queue": 4})
     async with trio.open_nursery() as nursery:
         server = await start_server(nursery, settings)

@@ -9,6 +9,9 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from conftest import POSTGRES_URL
 
 from scripts import crashtest
 
@@ -23,10 +26,14 @@ def _run(args: list[str], timeout: float) -> tuple[int, dict, str]:
     return proc.returncode, json.loads(lines[-1]), proc.stderr
 
 
-def test_crashtest_short_run_loses_nothing() -> None:
+def test_crashtest_short_run_loses_nothing(engine: Any) -> None:
+    """On SQLite (a file of its own) and on PostgreSQL (a schema of its own, dropped after)."""
+    database = ["--database-url", POSTGRES_URL] if engine.name == "postgresql" else []
     code, summary, err = _run([str(SCRIPTS / "crashtest.py"), "--cycles", "3", "--users", "6",
-                               "--max-seconds", "60", "--max-delay", "1.5"], timeout=90)
+                               "--max-seconds", "60", "--max-delay", "1.5", *database], timeout=90)
     assert code == 0, (summary, err[-2000:])
+    assert summary["db_opened"] in (("postgresql",) if database else ("read-only", "copy"))
+    assert "schema" not in summary  # dropped after a passing run
     assert summary["cycles"] == 3
     assert summary["acknowledged"] > 0
     assert summary["lost"] == 0

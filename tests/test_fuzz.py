@@ -382,7 +382,7 @@ async def run_fuzz(tmp_path: Any, watchdog: dict[str, Any], caplog: Any, limits:
 # --- the properties -------------------------------------------------------------------------
 
 
-async def test_arbitrary_frames_never_break_the_connection(autojump_clock: Any, tmp_path: Any,
+async def test_arbitrary_frames_never_break_the_connection(autojump_clock: Any, tmp_path: Any, engine: Any,
                                                            watchdog: dict[str, Any], caplog: Any) -> None:
     """Default limits: rate limiting is part of what the frames run into — all but the inbound
     budget, which pauses reading after a refusal (tests/test_abuse.py covers it), while this
@@ -392,7 +392,7 @@ async def test_arbitrary_frames_never_break_the_connection(autojump_clock: Any, 
 
 
 async def test_arbitrary_frames_with_limits_off_never_break_the_connection(
-        autojump_clock: Any, tmp_path: Any, watchdog: dict[str, Any], caplog: Any) -> None:
+        autojump_clock: Any, tmp_path: Any, engine: Any, watchdog: dict[str, Any], caplog: Any) -> None:
     """Limits off, so that every frame reaches the handlers (none is merely rate limited)."""
     await run_fuzz(tmp_path, watchdog, caplog, RATE_LIMITS_OFF, frame_strategy, max_examples=150)
 
@@ -407,7 +407,7 @@ async def test_well_formed_requests_with_random_values_get_success_or_a_seed_err
 @pytest.mark.parametrize("depth", [1, 10, 100, 250, 300, 1000])
 @pytest.mark.parametrize("shape", ["list", "object"])
 async def test_deeply_nested_metadata_is_relayed_or_refused_never_an_internal_error(
-        autojump_clock: Any, tmp_path: Any, watchdog: dict[str, Any], caplog: Any, depth: int,
+        autojump_clock: Any, tmp_path: Any, engine: Any, watchdog: dict[str, Any], caplog: Any, depth: int,
         shape: str) -> None:
     """A ~1-6 KB frame whose metadata nests ``depth`` levels (orjson reads up to 1024 but
     writes only ~254): once made the room fail on its fan-out and took the server down."""

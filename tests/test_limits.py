@@ -142,7 +142,7 @@ async def test_the_minute_window_is_shared_by_two_connections_of_one_user(
     ({"messages_per_day": 4}, "4/day", 86400.0),
 ], ids=["hour", "hour_with_minute_on", "day", "day_with_minute_and_hour_on"])
 async def test_hour_and_day_windows_hold_across_a_restart(
-        autojump_clock: Any, tmp_path: Any, watchdog: dict[str, Any], limits: dict[str, int],
+        autojump_clock: Any, tmp_path: Any, engine: Any, watchdog: dict[str, Any], limits: dict[str, int],
         label: str, period: float) -> None:
     count = int(label.split("/")[0])
     settings = make_settings(tmp_path, limits=limits)
@@ -233,7 +233,7 @@ async def test_new_conversations_per_day_and_getting_an_existing_pair_back_is_fr
 
 
 async def test_new_conversations_day_window_holds_across_a_restart(
-        autojump_clock: Any, tmp_path: Any, watchdog: dict[str, Any]) -> None:
+        autojump_clock: Any, tmp_path: Any, engine: Any, watchdog: dict[str, Any]) -> None:
     settings = make_settings(tmp_path, limits={"conversations_per_day": 2})
     async with running(settings, watchdog) as first:
         alice = await connect(first, "alice")

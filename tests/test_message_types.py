@@ -354,7 +354,7 @@ async def test_ephemeral_photo_default_ttl_is_10_seconds(autojump_clock: Any, ha
     assert 10.0 - 1e-6 <= trio.current_time() - read_at <= 10.1
 
 
-async def test_ephemeral_photo_deadline_survives_a_restart(autojump_clock: Any, tmp_path: Any,
+async def test_ephemeral_photo_deadline_survives_a_restart(autojump_clock: Any, tmp_path: Any, engine: Any,
                                                            watchdog: dict[str, Any]) -> None:
     settings = make_settings(tmp_path)
     async with running(settings, watchdog) as first:
@@ -382,7 +382,7 @@ async def test_ephemeral_photo_deadline_survives_a_restart(autojump_clock: Any, 
 
 
 async def test_ephemeral_photo_whose_deadline_passed_while_down_is_erased_at_start(
-        autojump_clock: Any, tmp_path: Any, watchdog: dict[str, Any]) -> None:
+        autojump_clock: Any, tmp_path: Any, engine: Any, watchdog: dict[str, Any]) -> None:
     settings = make_settings(tmp_path)
     async with running(settings, watchdog) as first:
         alice, bob, conv = await joined_pair(first)

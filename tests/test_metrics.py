@@ -56,7 +56,7 @@ async def test_scrape_endpoint_serves_the_registry(harness: Harness) -> None:
     assert "# TYPE winkr_store_commit_seconds histogram" in text
 
 
-async def test_rooms_online_users_limits_and_closes_are_counted(tmp_path: Any) -> None:
+async def test_rooms_online_users_limits_and_closes_are_counted(tmp_path: Any, engine: Any) -> None:
     from conftest import make_settings, start_server
 
     settings = make_settings(tmp_path, limits={"typing_per_minute": 1})

@@ -3,13 +3,12 @@
 Real server code over in-memory streams, a real SQLite file, MockClock."""
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 import orjson
 import pytest
 import trio
-from conftest import Client, Harness, assert_error, concerning, make_settings, running, settle
+from conftest import Client, Harness, assert_error, concerning, make_settings, query, running, settle
 from test_conversations import TS
 
 from winkr.store.store import Store
@@ -405,11 +404,10 @@ async def test_report_replies_and_keeps_a_snapshot_that_outlives_deletion(
         assert (data["conversation_id"], data["message_id"], data["reported_at"]) == (conv, message["id"], TS)
         deleted = await bob.request("message:delete", {"conversation_id": conv, "message_id": message["id"]})
         assert deleted["event"] == "message:deleted"
-    db = sqlite3.connect(settings.db)
-    row = db.execute("SELECT reporter_id, reason, note, message_sender_id, message_content, message_deleted "
-                     "FROM reports WHERE id = ?", (data["report_id"],)).fetchone()
-    assert row == ("alice", "harassment", "again and again", "bob", "something nasty", 0)
-    assert db.execute("SELECT content FROM messages").fetchone() == ("",)  # erased; the report keeps it
+    rows = query(settings, "SELECT reporter_id, reason, note, message_sender_id, message_content, message_deleted "
+                 "FROM reports WHERE id = ?", (data["report_id"],))
+    assert rows == [("alice", "harassment", "again and again", "bob", "something nasty", 0)]
+    assert query(settings, "SELECT content FROM messages") == [("",)]  # erased; the report keeps it
 
 
 @pytest.mark.parametrize("data, code, field", [
@@ -598,20 +596,19 @@ async def test_webhook_events_are_written_in_the_transaction_of_their_cause(
     await block(alice, "bob")
     await alice.request("message:report", {"conversation_id": pair, "message_id": message["id"], "reason": "spam"})
 
-    with sqlite3.connect(settings.db) as db:
-        rows = db.execute("SELECT type, payload FROM webhook_events WHERE type != 'message.created' "
-                          "ORDER BY rowid").fetchall()
-    calls = [(type_, orjson.loads(payload)) for type_, payload in rows]
-    assert all(body["type"] == type_ and body["timestamp"] == TS for type_, body in calls)
-    data = [(type_, body["data"]) for type_, body in calls]
-    assert data[:1] == [("conversation.closed", {"conversation_id": unmatched, "closed_by": "alice",
-                                                 "closed_at": TS})]
-    assert [type_ for type_, _ in data] == ["conversation.closed", "user.blocked", "conversation.closed",
-                                            "message.reported"]
-    assert data[1][1] == {"blocker_id": "alice", "blocked_id": "bob", "closed_conversation_ids": [pair],
-                          "blocked_at": TS}
-    assert data[2][1] == {"conversation_id": pair, "closed_by": "alice", "closed_at": TS}
-    reported = data[3][1]
+    rows = query(settings, "SELECT type, payload FROM webhook_events WHERE type != 'message.created'")
+    bodies = [orjson.loads(payload) for _, payload in rows]
+    assert all(body["type"] == type_ and body["timestamp"] == TS for (type_, _), body in zip(rows, bodies))
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for body in bodies:
+        by_type.setdefault(body["type"], []).append(body["data"])
+    assert sorted(by_type) == ["conversation.closed", "message.reported", "user.blocked"]
+    assert sorted(by_type["conversation.closed"], key=lambda d: d["conversation_id"] != unmatched) == [
+        {"conversation_id": unmatched, "closed_by": "alice", "closed_at": TS},
+        {"conversation_id": pair, "closed_by": "alice", "closed_at": TS}]
+    assert by_type["user.blocked"] == [{"blocker_id": "alice", "blocked_id": "bob", "closed_conversation_ids": [pair],
+                                        "blocked_at": TS}]
+    [reported] = by_type["message.reported"]
     assert reported.keys() == {"report_id", "reporter_id", "reason", "note", "conversation_id", "message",
                                "reported_at"}
     assert (reported["reporter_id"], reported["reason"], reported["note"]) == ("alice", "spam", None)

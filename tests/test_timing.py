@@ -6,14 +6,13 @@ the test function receives directly, not one requested by a fixture such as ``ha
 """
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 import jwt
 import pytest
 import trio
 import trio.testing
-from conftest import SECRET, TIMESTAMP, Client, Harness, iso, joined_pair, named, still_works, until_closed
+from conftest import SECRET, TIMESTAMP, Client, Harness, iso, joined_pair, named, query, still_works, until_closed
 from wire_clients import RawClient, assert_closed_with
 
 EPSILON = 0.05  # mock seconds: autojump lands exactly on deadlines
@@ -378,12 +377,8 @@ async def test_shutdown_keeps_acknowledged_messages(autojump_clock: Any, harness
     for client in (alice, bob):
         await until_closed(client, timeout=30)  # however it closes; the data is what counts here
     await trio.sleep(30)  # let the server finish stopping
-    db = sqlite3.connect(harness.settings.db)
-    try:
-        rows = {(conv_id, seq): content for conv_id, seq, content in db.execute(
-            "SELECT conversation_id, seq, content FROM messages WHERE conversation_id = ?", (conv,))}
-    finally:
-        db.close()
+    rows = {(conv_id, seq): content for conv_id, seq, content in query(
+        harness.settings, "SELECT conversation_id, seq, content FROM messages WHERE conversation_id = ?", (conv,))}
     assert rows == acknowledged
 
 

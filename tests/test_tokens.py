@@ -70,7 +70,7 @@ def ec_keys() -> dict[str, str]:
 # --- settings per test -----------------------------------------------------------------
 
 @pytest.fixture
-def settings(request: Any, tmp_path: Any, rsa_keys: dict[str, str], ec_keys: dict[str, str]) -> Any:
+def settings(request: Any, tmp_path: Any, engine: Any, rsa_keys: dict[str, str], ec_keys: dict[str, str]) -> Any:
     """``parametrize("settings", ["rs256" | "es256" | "es256_key_file" | "iss_aud" |
     "origins"], indirect=True)``; the default configuration otherwise."""
     kind = getattr(request, "param", "hs256")

@@ -32,7 +32,7 @@ import attrs
 import httpx
 import pytest
 import trio
-from conftest import SECRET, Harness, make_settings, until
+from conftest import SECRET, Harness, make_settings, query, until
 from processes import reply_to, wait_for_port
 from receiver import Receiver
 from standardwebhooks import Webhook
@@ -216,8 +216,7 @@ async def send(client: Any, conv: str, content: str, **extra: Any) -> dict[str, 
 
 
 def outbox_rows(settings: Settings) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(settings.db) as db:
-        return db.execute("SELECT id, type, payload, attempts FROM webhook_events").fetchall()
+    return query(settings, "SELECT id, type, payload, attempts FROM webhook_events")
 
 
 # --- settings --------------------------------------------------------------------------------

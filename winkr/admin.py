@@ -38,20 +38,20 @@ async def create_conversation_through_server(url: str, service_token: str, user_
 def create_conversation_directly(settings: Settings, user_ids: list[str]) -> dict[str, Any]:
     """Create it in the database itself: only while no server runs on it. Raises
     ``ProtocolError`` for what the store refuses."""
-    from winkr.store.schema import open_database
+    from winkr.store.engine import open_engine
     from winkr.store.store import Store
 
-    db = open_database(settings.db, settings.sqlite_synchronous)
+    db = open_engine(settings.database, sqlite_synchronous=settings.sqlite_synchronous).open_writer()
     try:
         store = Store(db)
-        db.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
             conversation, _ = store.create_conversation(
                 user_ids[0], user_ids, is_service=True, max_participants=settings.max_participants,
                 now=time.time())
-            db.execute("COMMIT")
+            db.commit()
         except BaseException:
-            db.execute("ROLLBACK")
+            db.rollback()
             raise
     finally:
         db.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
-import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from winkr import __version__, preflight, sdnotify
 from winkr.auth import load_or_create_secret, mint_token
 from winkr.config import ConfigError, Settings, load_settings
 from winkr.logs import json_line, setup_logging
+from winkr.store.engine import database_errors
 
 log = logging.getLogger("winkr")
 
@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="TOML configuration file")
     common.add_argument("--db", help="SQLite database file (default ./winkr.db)")
+    common.add_argument("--database-url", metavar="URL",
+                        help="sqlite:///relative/path, sqlite:////absolute/path or postgresql://... "
+                             "(default: sqlite:///<--db>; env WINKR_DATABASE_URL)")
 
     parser = argparse.ArgumentParser(prog="winkr", description="Winkr realtime chat service")
     parser.add_argument("--version", action="version",
@@ -73,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    flags: dict[str, Any] = {"db": args.db}
+    flags: dict[str, Any] = {"db": args.db, "database_url": args.database_url}
     for name in ("host", "port", "log_format", "log_level", "metrics_port", "api_port"):
         flags[name] = getattr(args, name, None)
     return load_settings(args.config, flags)
@@ -117,9 +120,23 @@ def _leaf(error: BaseException) -> BaseException:
 
 # --- winkr serve ------------------------------------------------------------------------------------
 
+def _database_problem(settings: Settings) -> str | None:
+    """Why the configured database cannot be used by this process (SQLite: its folder;
+    PostgreSQL: its client library), or None. PostgreSQL itself is contacted at start."""
+    if settings.database.engine == "sqlite":
+        return preflight.database_problem(settings.database.path)
+    from winkr.store.engine import MissingExtra, require_cluster_extra
+
+    try:
+        require_cluster_extra()
+    except MissingExtra as exc:
+        return str(exc)
+    return None
+
+
 def _serve(settings: Settings, config_file: str | None) -> int:
     """Check, bind, then create: a port in use or a missing folder leaves nothing behind."""
-    problems = [p for p in (preflight.database_problem(settings.db), *preflight.key_problems(settings)) if p]
+    problems = [p for p in (_database_problem(settings), *preflight.key_problems(settings)) if p]
     if problems:
         return _fail(settings, problems[0])
     sockets: list[socket.socket] = []
@@ -195,9 +212,10 @@ def _serve_on(settings: Settings, config_file: str | None, sockets: list[socket.
     try:
         trio.run(run)
     except* SchemaTooNew as group:
-        status = _fail(settings, f"{settings.db}: {_leaf(group)}; upgrade winkr or restore a backup")
-    except* sqlite3.Error as group:
-        status = _fail(settings, f"cannot open the database {Path(settings.db).absolute()}: {_leaf(group)}")
+        status = _fail(settings, f"{_database_name(settings)}: {_leaf(group)}; upgrade winkr or restore a backup")
+    except* database_errors() as group:
+        status = _fail(settings, f"cannot open the database {_database_name(settings)}: "
+                                 f"{_one_line(_leaf(group))}")
     except* OSError as group:
         status = _fail(settings, f"cannot start: {_leaf(group)}")
     except* Exception as group:  # a bug: the traceback goes to the log, in the log's format (JSON too)
@@ -206,6 +224,23 @@ def _serve_on(settings: Settings, config_file: str | None, sockets: list[socket.
     finally:
         remove_run_file(settings)
     return status
+
+
+def _database_name(settings: Settings) -> str:
+    """The database for an error line: the SQLite file's absolute path, or the URL without its password."""
+    database = settings.database
+    return str(Path(database.path).absolute()) if database.engine == "sqlite" else database.redacted()
+
+
+def _failures(*others: type[Exception]) -> tuple[type[Exception], ...]:
+    """``others`` and the loaded database drivers' errors (evaluated when an exception is matched,
+    so a driver imported meanwhile counts)."""
+    return (*others, *database_errors())
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 # --- winkr token ----------------------------------------------------------------------------------
@@ -271,10 +306,16 @@ def _check_config(settings: Settings, config_file: str | None) -> int:
                         f"ws://{settings.host}:{settings.port}/ws, {settings.jwt_algorithm}, "
                         f"metrics {'off' if settings.metrics_port is None else settings.metrics_port}, "
                         f"log {settings.log_format}"))
-    problem = preflight.database_problem(settings.db)
-    lines.append(("error", problem) if problem else
-                 ("ok", f"database {Path(settings.db).absolute()} "
-                        f"({'exists' if Path(settings.db).exists() else 'created at first start'}), folder writable"))
+    problem = _database_problem(settings)
+    if problem:
+        lines.append(("error", problem))
+    elif settings.database.engine == "sqlite":
+        path = Path(settings.database.path)
+        lines.append(("ok", f"database {path.absolute()} "
+                            f"({'exists' if path.exists() else 'created at first start'}), folder writable"))
+    else:
+        lines.append(("ok", f"database {settings.database.redacted()} (PostgreSQL client installed; "
+                            "the server is contacted at start, migrations run then)"))
     lines += [("error", problem) for problem in preflight.key_problems(settings)]
     if settings.jwt_algorithm == "HS256":
         try:
@@ -310,33 +351,42 @@ def _create_conversation(settings: Settings, user_ids: list[str], config_file: s
             secret = _signing_secret(settings, config_file, "conversation create")
             token = mint_token(settings, secret, "winkr-cli", ttl=60, now=time.time(), service=True)
             conversation = trio.run(create_conversation_through_server, url, token, user_ids)
-        elif (problem := preflight.database_problem(settings.db)) is not None:
+        elif (problem := _database_problem(settings)) is not None:
             return _fail(settings, problem)
         else:
             conversation = create_conversation_directly(settings, user_ids)
     except ProtocolError as exc:
         return _fail(settings, exc.message)
-    except (preflight.StartupError, OSError, ValueError, sqlite3.Error) as exc:
-        return _fail(settings, str(exc))
+    except _failures(preflight.StartupError, OSError, ValueError) as exc:
+        return _fail(settings, _one_line(exc))
     print(orjson.dumps(conversation).decode())
     return 0
 
 
 def _db(settings: Settings, args: argparse.Namespace) -> int:
-    """``winkr db backup|check``: one JSON object on stdout; 2 for a database newer than the code."""
+    """``winkr db backup|check``: one JSON object on stdout; 2 for a database newer than the
+    code, for ``backup`` of PostgreSQL, or without the PostgreSQL client."""
     from winkr.store import maintenance
     from winkr.store.schema import SchemaTooNew
 
+    database = settings.database
+    if database.engine != "sqlite":
+        if args.action == "backup":
+            return _fail(settings, "winkr db backup copies a SQLite file; back up PostgreSQL with its own tools, "
+                                   f"e.g. pg_dump --format=custom --file=winkr.dump '{database.redacted()}'")
+        if (problem := _database_problem(settings)) is not None:
+            return _fail(settings, problem)
     try:
         if args.action == "backup":
-            result = maintenance.backup(settings.db, args.path, force=args.force)
+            result = maintenance.backup(database.path, args.path, force=args.force)
         else:
-            result = maintenance.check(settings.db)
+            result = maintenance.check_database(database)
     except SchemaTooNew as exc:
-        print(f"winkr: {settings.db}: {exc}", file=sys.stderr)
+        print(f"winkr: {_database_name(settings) if database.engine != 'sqlite' else database.path}: {exc}",
+              file=sys.stderr)
         return 2
-    except (OSError, sqlite3.Error) as exc:
-        print(f"winkr: {exc}", file=sys.stderr)
+    except _failures(OSError) as exc:
+        print(f"winkr: {_one_line(exc)}", file=sys.stderr)
         return 1
     print(orjson.dumps(result).decode())
     return 0 if result.get("ok", True) else 1

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import attrs
 import cattrs
 
+from winkr.store.url import DatabaseUrl, DatabaseUrlError, parse_database_url, sqlite_url
+
 WEBHOOK_EVENTS = ("message.created", "message.reported", "user.blocked", "conversation.closed")
 """Every webhook event type (contract §14); ``webhook_events`` defaults to all of them."""
 WEBHOOK_SECRET_PREFIX = "whsec_"
@@ -52,6 +54,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     db: str = "winkr.db"
+    # sqlite:///PATH or postgresql://...; unset: sqlite:///<db> (winkr.store.url, contract §17.11)
+    database_url: str | None = None
     jwt_secret: str | None = None
     jwt_algorithm: str = "HS256"
     jwt_public_key: str | None = None  # PEM text or a path to it, for RS256/ES256
@@ -92,14 +96,26 @@ class Settings:
     limits: Limits = Limits()
 
     @property
+    def database(self) -> DatabaseUrl:
+        """The database to use: ``database_url``, or the SQLite file ``db``."""
+        return parse_database_url(self.database_url if self.database_url else sqlite_url(self.db))
+
+    @property
+    def db_path(self) -> str:
+        """The SQLite file; with PostgreSQL, ``db`` (which then only names where the generated
+        secret and the run file go)."""
+        database = self.database
+        return database.path if database.engine == "sqlite" else self.db
+
+    @property
     def secret_path(self) -> Path:
         """Where a generated secret is kept: beside the database."""
-        return Path(self.db).with_suffix(Path(self.db).suffix + ".secret")
+        return Path(self.db_path).with_suffix(Path(self.db_path).suffix + ".secret")
 
     @property
     def api_key_path(self) -> Path:
         """Where a generated server-API key is kept: beside the database."""
-        return Path(self.db).with_suffix(Path(self.db).suffix + ".api-key")
+        return Path(self.db_path).with_suffix(Path(self.db_path).suffix + ".api-key")
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
@@ -245,6 +261,11 @@ def _check(settings: Settings, name: Any) -> None:
         raise ConfigError(f"{name('api_keys')} must not hold an empty key or one with spaces around it")
     if settings.pii_policy not in ("mask", "reject", "allow"):
         raise ConfigError(f"{name('pii_policy')} must be mask, reject or allow")
+    if settings.database_url is not None:
+        try:
+            parse_database_url(settings.database_url)
+        except DatabaseUrlError as exc:
+            raise ConfigError(f"{name('database_url')}: {exc}") from None
     if settings.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
         raise ConfigError(f"{name('sqlite_synchronous')} must be NORMAL or FULL")
     if settings.log_format not in ("text", "json"):

@@ -1,9 +1,10 @@
 """The run file: how tools find the server that owns a database while it runs.
 
-``winkr serve`` writes ``<db>.run.json`` (``{"pid", "url"}``) once it listens and removes it
-on exit, so ``winkr conversation create`` goes through the running server's actors (over its
-WebSocket, as a service account) instead of writing the database behind its back. A run
-file left by a killed server is recognised by its dead ``pid``.
+``winkr serve`` writes ``<db>.run.json`` (``{"pid", "url"}``; beside the SQLite file, or
+``db`` with PostgreSQL) once it listens and removes it on exit, so ``winkr conversation
+create`` goes through the running server's actors (over its WebSocket, as a service account)
+instead of writing the database behind its back. A run file left by a killed server is
+recognised by its dead ``pid``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from winkr.config import Settings
 
 
 def run_file(settings: Settings) -> Path:
-    return Path(settings.db).with_suffix(Path(settings.db).suffix + ".run.json")
+    return Path(settings.db_path).with_suffix(Path(settings.db_path).suffix + ".run.json")
 
 
 def local_url(host: str, port: int) -> str:

@@ -46,7 +46,8 @@ from winkr.revocations import run_revocations
 from winkr.room import RoomServices
 from winkr.services import Services
 from winkr.store.checkpointer import run_checkpointer
-from winkr.store.schema import open_database
+from winkr.store.engine import Engine, Readers, open_engine
+from winkr.store.readers import READERS, ReaderHandle
 from winkr.store.store import Store
 from winkr.store.writer import RunSync, run_store_writer
 from winkr.transport import WinkrWebSocket, wrap_server_stream
@@ -249,10 +250,13 @@ class Server:
         """Run until ``request_shutdown``; then close every connection and return. With
         ``listeners=None`` it listens on the configured host and port."""
         settings = self.settings
-        db = await self.run_sync(open_database, settings.db, settings.sqlite_synchronous)
+        engine = open_engine(settings.database, sqlite_synchronous=settings.sqlite_synchronous)
+        db = await self.run_sync(engine.open_writer)
+        readers: Readers | None = None
         try:
+            readers = await self.run_sync(engine.open_readers, READERS)
             async with trio.open_nursery() as actors:
-                services = await self._start_actors(actors, Store(db))
+                services = await self._start_actors(actors, Store(db), engine, ReaderHandle(readers, self.run_sync))
                 self._gateway = gateway = Gateway(services, self.metrics, self.clock)
                 api_stop = trio.Event()
                 async with trio.open_nursery() as api:
@@ -278,7 +282,10 @@ class Server:
                 actors.cancel_scope.cancel()
         finally:
             self._gateway = None
-            await self.run_sync(db.close)
+            with trio.CancelScope(shield=True):  # connections are closed however serve ends
+                if readers is not None:
+                    await self.run_sync(readers.close)
+                await self.run_sync(db.close)
         log.info("stopped")
 
     def _readiness(self) -> str | None:
@@ -300,10 +307,12 @@ class Server:
             self.api_port = await nursery.start(serve_api, self.api_app, sockets, stop)
             log.info("server API on http://%s:%d", settings.api_host, self.api_port)
 
-    async def _start_actors(self, nursery: trio.Nursery, store: Store) -> Services:
+    async def _start_actors(self, nursery: trio.Nursery, store: Store, engine: Engine,
+                            readers: ReaderHandle) -> Services:
         settings, frames = self.settings, self.frames
         store_handle = await nursery.start(partial(run_store_writer, store, self.run_sync, metrics=self.metrics))
-        nursery.start_soon(run_checkpointer, settings.db, self.run_sync)
+        if engine.sqlite_path is not None:
+            nursery.start_soon(run_checkpointer, engine.sqlite_path, self.run_sync)
         limiter = await nursery.start(run_rate_limiter, self.clock)
         presence = await nursery.start(partial(run_presence, frames, store_handle, grace=settings.presence_grace,
                                                online_gauge=self.metrics.online_users))
@@ -325,7 +334,7 @@ class Server:
         nursery.start_soon(self._sample_runtime)
         revocations = await nursery.start(run_revocations, store_handle)
         return Services(settings, frames, self.verifier, self.policy, store_handle, presence, hub, reaper, limiter,
-                        rates, webhooks, revocations)
+                        rates, webhooks, revocations, readers)
 
     async def _sample_runtime(self) -> None:
         """Keep the task-count gauge fresh (the scrape runs on another thread, so it cannot ask

@@ -12,6 +12,7 @@ from winkr.presence import PresenceHandle
 from winkr.ratelimit import Rate, RateLimiterHandle
 from winkr.reaper import ReaperHandle
 from winkr.revocations import RevocationsHandle
+from winkr.store.readers import ReaderHandle
 from winkr.store.writer import StoreHandle
 from winkr.webhooks import WebhookHandle
 
@@ -30,3 +31,4 @@ class Services:
     message_rates: tuple[Rate, ...]  # the message windows switched on (counted by the store)
     webhooks: WebhookHandle  # enabled event types for enqueue; nudge after a commit that enqueued
     revocations: RevocationsHandle
+    readers: ReaderHandle  # pure reads beside the writer (winkr.store.readers)

@@ -99,7 +99,7 @@ async def conversation_listing(services: Services, user_id: str) -> list[dict[st
     def work(store: Store) -> list[ConversationListing]:
         return store.list_conversations(user_id)
 
-    listings = await services.store.call(work)
+    listings = await services.readers.call(work)  # a pure read: beside the writer, not in its queue
     online = await services.presence.online({p.id for c in listings for p in c.participants})
     return [listing_object(c, online) for c in listings]
 

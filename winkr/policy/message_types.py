@@ -101,6 +101,8 @@ def _is_number(value: object) -> bool:
 def _check_content(type_: str, content: object, encrypted: bool, settings: PolicySettings) -> str:
     if content is not None and not isinstance(content, str):
         raise _invalid("content", "content must be a string")
+    if content is not None and "\x00" in content:  # PostgreSQL text cannot hold it; no client means it
+        raise _invalid("content", "content must not contain NUL characters (U+0000)")
     # Blank means nothing visible: whitespace and invisible characters (zero-width spaces,
     # bidi overrides, Hangul fillers...) only. A blank caption is no caption.
     if content is None or is_blank(content):

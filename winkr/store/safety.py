@@ -8,7 +8,6 @@ module because it is its own subject. Methods return records, never wire dicts, 
 """
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from collections.abc import Iterable
 from itertools import combinations
@@ -28,13 +27,14 @@ from winkr.records import (
     StoredMessage,
     UserSettings,
 )
+from winkr.store.engine import Database
 
 SERVICE_CLOSER = "service"
 """``closed_by`` of a conversation closed through the server API (or a service account)."""
 
 
 class SafetyQueries:
-    db: sqlite3.Connection
+    db: Database
 
     if TYPE_CHECKING:  # provided by Store
         def participants(self, conversation_id: str) -> tuple[str, ...] | None: ...

@@ -1,6 +1,8 @@
 """The synchronous store: every SQL statement of the service lives here.
 
-It runs only inside the store writer's thread (one connection, one owner), so its cache
+It runs on both engines through :class:`winkr.store.engine.Database` (portable SQL with
+``?`` placeholders; ``self.db.dialect`` for the few fragments that differ: docs/architecture.md
+"Dialect rules"). It runs only inside the store writer's thread (one connection, one owner), so its cache
 (participants, which never change once a conversation exists) is a plain attribute. Methods
 return the records of ``winkr.records`` — never wire-format dicts — and raise
 ``ProtocolError`` for what the client got wrong; the writer then rolls that request's
@@ -31,6 +33,7 @@ from winkr.records import (
     UnreadSummary,
     authorize,
 )
+from winkr.store.engine import Database, SqliteDatabase
 from winkr.store.safety import SafetyQueries
 
 _MESSAGE_COLUMNS = ("conversation_id, seq, sender_id, type, content, metadata, client_message_id,"
@@ -66,8 +69,10 @@ class Store(SafetyQueries):
     """Every SQL statement; the safety ones (blocks, closing, reports, settings, revocations)
     come from ``SafetyQueries`` (``winkr/store/safety.py``)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    def __init__(self, db: Database | sqlite3.Connection) -> None:
+        # A bare sqlite3 connection (as open_database returns) is wrapped: its owner's
+        # BEGIN IMMEDIATE/COMMIT go through store.db like any other statement.
+        self.db: Database = SqliteDatabase(db) if isinstance(db, sqlite3.Connection) else db
         self._participants: dict[str, tuple[str, ...]] = {}
 
     def forget_caches(self) -> None:
@@ -141,8 +146,13 @@ class Store(SafetyQueries):
         if per_day:
             self._count_conversation(creator, per_day, now)
         conversation_id = str(uuid.uuid4())
-        self.db.execute("INSERT INTO conversations (id, created_at, created_by, pair_key) "
-                        "VALUES (?, ?, ?, ?)", (conversation_id, now, creator, key))
+        # ON CONFLICT: another node may have created the pair since the lookup (PostgreSQL waits
+        # for its commit on the unique index); then that one is the conversation.
+        if self.db.execute("INSERT INTO conversations (id, created_at, created_by, pair_key) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT (pair_key) DO NOTHING RETURNING id",
+                           (conversation_id, now, creator, key)).fetchone() is None:
+            row = self.db.execute("SELECT id, created_at FROM conversations WHERE pair_key = ?", (key,)).fetchone()
+            return Conversation(row[0], ordered, row[1]), False
         self.db.executemany("INSERT INTO participants (conversation_id, user_id) VALUES (?, ?)",
                             [(conversation_id, user) for user in ordered])
         self.db.executemany("INSERT INTO users (id, username) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
@@ -151,14 +161,17 @@ class Store(SafetyQueries):
 
     # --- messages ----------------------------------------------------------------------
 
-    def _take_seq(self, conversation_id: str) -> int:
-        """The next ``seq``, taken from the conversation's counter in this transaction."""
-        row = self.db.execute("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? "
-                              "RETURNING last_seq", (conversation_id,)).fetchone()
-        if row is None:
+    def _lock_conversation(self, conversation_id: str) -> int:
+        """The conversation's ``last_seq``, with its sends serialised until COMMIT: on PostgreSQL
+        a row lock that every node's send transaction takes first (before the idempotency
+        lookup, so a retry sent to two nodes at once is stored once); on SQLite the writer
+        already holds the database lock. ``NOT_FOUND`` for no such conversation."""
+        row = self.db.execute("SELECT last_seq, closed_at FROM conversations WHERE id = ?"
+                              + self.db.dialect.for_update, (conversation_id,)).fetchone()
+        if row is None or row[1] is not None:  # a closed conversation is gone for everyone (§12)
             raise ProtocolError(NOT_FOUND, "conversation not found", field="conversation_id")
-        seq: int = row[0]
-        return seq
+        last_seq: int = row[0]
+        return last_seq
 
     def last_seq(self, conversation_id: str) -> int:
         row = self.db.execute("SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
@@ -169,6 +182,14 @@ class Store(SafetyQueries):
         """Store a message with the next ``seq``; a repeated ``client_message_id`` returns the
         original and stores nothing. ``rates`` are the sender's message limits: checked and
         counted here, in the same transaction, so they hold across restarts."""
+        result = self.insert_messages(conversation_id, [attrs.evolve(item, reached=())], now, rates)[0]
+        if isinstance(result, ProtocolError):
+            raise result
+        return result
+
+    def _insert_locked(self, conversation_id: str, item: SendItem, now: float, rates: tuple[Rate, ...],
+                       seq: int) -> SendResult:
+        """Store ``item`` at ``seq`` (the conversation is locked; the caller moves its counter)."""
         if item.client_message_id is not None:
             row = self.db.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND sender_id = ? "
@@ -177,11 +198,11 @@ class Store(SafetyQueries):
                 return SendResult(_message(row), True)
         if rates and item.counted:
             self._count_messages(item.sender_id, rates, now)
-        seq = self._take_seq(conversation_id)
+        ttl = item.metadata.get("ttl_seconds") if item.type == "photo_ephemeral" else None
         self.db.execute(
-            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}, ttl_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
             (conversation_id, seq, item.sender_id, item.type, item.content, orjson.dumps(item.metadata).decode(),
-             item.client_message_id, now, now))
+             item.client_message_id, now, now, ttl))
         message = StoredMessage(conversation_id, seq, item.sender_id, item.type, item.content, item.metadata,
                                 item.client_message_id, now, now)
         return SendResult(message, False)
@@ -190,22 +211,39 @@ class Store(SafetyQueries):
                         rates: tuple[Rate, ...] = ()) -> list[SendResult | ProtocolError]:
         """A room's run of sends in one request, each with the deliveries to the recipients it
         reaches at once. A refusal (rate limit) writes nothing, so it needs no savepoint; it is
-        returned in its place. In a closed conversation every send is ``NOT_FOUND``."""
+        returned in its place. In a closed conversation every send is ``NOT_FOUND``.
+
+        The run's seqs come from the locked counter (``last_seq + 1`` …), which moves once at
+        the end of the run, in the same transaction as the inserts; the new messages'
+        deliveries go in one ``executemany``. On PostgreSQL every statement is a round trip,
+        so a run costs 2 per message (idempotency lookup, insert) plus 3."""
         results: list[SendResult | ProtocolError] = []
         try:
-            self.require_open(conversation_id)
-        except ProtocolError as closed:
-            return [closed] * len(items)
+            last_seq = self._lock_conversation(conversation_id)
+        except ProtocolError as exc:
+            return [exc] * len(items)
+        seq = last_seq
+        deliveries: list[Delivery] = []
         for item in items:
             try:
-                result = self.insert_message(conversation_id, item, now, rates)
+                result = self._insert_locked(conversation_id, item, now, rates, seq + 1)
             except ProtocolError as exc:
                 results.append(exc)
                 continue
-            if not result.duplicate and item.reached:
-                result = attrs.evolve(result, deliveries=tuple(
-                    self.record_delivered_to(result.message, item.reached, now)))
+            if not result.duplicate:
+                seq += 1
+                reached = tuple(Delivery(conversation_id, seq, item.sender_id, recipient, now)
+                                for recipient in dict.fromkeys(item.reached) if recipient != item.sender_id)
+                if reached:  # a message stored just now has no deliveries yet: all of these are first ones
+                    result = attrs.evolve(result, deliveries=reached)
+                    deliveries += reached
             results.append(result)
+        if seq != last_seq:
+            self.db.execute("UPDATE conversations SET last_seq = ? WHERE id = ?", (seq, conversation_id))
+        if deliveries:
+            self.db.executemany("INSERT INTO deliveries (conversation_id, seq, user_id, delivered_at) "
+                                "VALUES (?, ?, ?, ?)",
+                                [(d.conversation_id, d.seq, d.recipient_id, d.delivered_at) for d in deliveries])
         return results
 
     def unread_count(self, conversation_id: str, user_id: str) -> int:
@@ -215,12 +253,13 @@ class Store(SafetyQueries):
     def unread_counts(self, conversation_id: str, user_ids: Iterable[str]) -> dict[str, int]:
         return {user: self.unread_count(conversation_id, user) for user in user_ids}
 
-    def _message_seq(self, conversation_id: str, message_id_: str) -> tuple[int, float | None]:
-        """The seq of an existing message and its ``deleted_at``; ``NOT_FOUND`` otherwise."""
+    def _message_seq(self, conversation_id: str, message_id_: str, lock: bool = False) -> tuple[int, float | None]:
+        """The seq of an existing message and its ``deleted_at`` (row locked until COMMIT with
+        ``lock``); ``NOT_FOUND`` otherwise."""
         seq = parse_message_id(conversation_id, message_id_)
         row = None if seq is None else self.db.execute(
-            "SELECT deleted_at FROM messages WHERE conversation_id = ? AND seq = ?",
-            (conversation_id, seq)).fetchone()
+            "SELECT deleted_at FROM messages WHERE conversation_id = ? AND seq = ?"
+            + (self.db.dialect.for_update if lock else ""), (conversation_id, seq)).fetchone()
         if seq is None or row is None:
             raise ProtocolError(NOT_FOUND, "message not found", field="message_id")
         return seq, row[0]
@@ -230,7 +269,7 @@ class Store(SafetyQueries):
         self.require_open(conversation_id)
         seq, _ = self._message_seq(conversation_id, message_id_)
         row = self.db.execute("SELECT last_read_seq FROM participants WHERE conversation_id = ? AND "
-                              "user_id = ?", (conversation_id, reader)).fetchone()
+                              "user_id = ?" + self.db.dialect.for_update, (conversation_id, reader)).fetchone()
         if row is None:  # a service account: it may post, but it has no read position
             raise ProtocolError(FORBIDDEN, "only participants can mark messages read",
                                 field="conversation_id")
@@ -241,7 +280,7 @@ class Store(SafetyQueries):
             "SELECT DISTINCT sender_id FROM messages WHERE conversation_id = ? AND seq > ? AND seq <= ? "
             "AND sender_id != ?", (conversation_id, old, seq, reader)))
         expiries = tuple(row[0] for row in self.db.execute(
-            "UPDATE messages SET expires_at = ? + coalesce(json_extract(metadata, '$.ttl_seconds'), 10) "
+            "UPDATE messages SET expires_at = ? + coalesce(ttl_seconds, 10) "
             "WHERE conversation_id = ? AND seq > ? AND seq <= ? AND sender_id != ? "
             "AND type = 'photo_ephemeral' AND deleted_at IS NULL AND expires_at IS NULL "
             "RETURNING expires_at", (now, conversation_id, old, seq, reader)))
@@ -254,7 +293,7 @@ class Store(SafetyQueries):
         """Erase content and metadata, keep a tombstone. Returns ``deleted_at``."""
         if deleted_by != "system":  # the reaper still erases ephemeral photos of a closed conversation
             self.require_open(conversation_id)
-        seq, deleted_at = self._message_seq(conversation_id, message_id_)
+        seq, deleted_at = self._message_seq(conversation_id, message_id_, lock=True)
         if deleted_at is not None:
             raise ProtocolError(NOT_FOUND, "message already deleted", field="message_id")
         self.db.execute("UPDATE messages SET content = '', metadata = '{}', deleted_at = ?, deleted_by = ?, "
@@ -269,9 +308,10 @@ class Store(SafetyQueries):
 
     def expire_due(self, now: float) -> list[tuple[str, str]]:
         """Erase every ephemeral message whose time has come: ``[(conversation_id, message_id)]``."""
+        # SKIP LOCKED: on PostgreSQL another node's reaper may be erasing some of them right now.
         due = [(c, message_id(c, seq)) for c, seq in self.db.execute(
-            "SELECT conversation_id, seq FROM messages WHERE expires_at IS NOT NULL AND expires_at <= ?",
-            (now,)).fetchall()]
+            "SELECT conversation_id, seq FROM messages WHERE expires_at IS NOT NULL AND expires_at <= ?"
+            + self.db.dialect.skip_locked, (now,)).fetchall()]
         for conversation_id, mid in due:
             self.delete_message(conversation_id, mid, "system", now)
         return due
@@ -373,7 +413,8 @@ class Store(SafetyQueries):
             if not rate.count:
                 continue
             key = f"{sender_id}\x1fmessages/{rate.period}"
-            row = self.db.execute("SELECT tat FROM rate_state WHERE key = ?", (key,)).fetchone()
+            row = self.db.execute("SELECT tat FROM rate_state WHERE key = ?" + self.db.dialect.for_update,
+                                  (key,)).fetchone()
             allowed, tat, retry_after = gcra(row[0] if row else None, now, rate)
             if not allowed:
                 raise rate_limited(rate, retry_after, "messages")

@@ -1,9 +1,13 @@
-"""The store writer actor: the only owner of the SQLite connection.
+"""The store writer actor: the only owner of the writer's database connection (either engine).
 
 Requests wait in a bounded inbox. The writer takes everything waiting (up to
 ``max_batch``), runs it in ONE transaction on a worker thread, each request inside its own
 savepoint, commits once, and only then answers each request (group commit). A request's
 answer therefore always means "durable".
+
+On PostgreSQL other nodes write too: a batch that deadlocks with another node's (row locks
+taken in a different order) is rolled back and run again, up to ``TRANSIENT_RETRIES`` times,
+so a request's work must not act outside the database (it may run more than once).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("winkr.store")
 
 T = TypeVar("T")
+TRANSIENT_RETRIES = 3
 RunSync = Callable[..., Awaitable[Any]]
 """How blocking work runs: ``trio.to_thread.run_sync`` in production, inline under MockClock."""
 
@@ -60,26 +65,40 @@ class StoreHandle:
 
 
 def _run_batch(store: Store, batch: list[_Request]) -> list[tuple[Any, BaseException | None]]:
-    """One transaction, one savepoint per request. Runs on the writer's thread."""
+    """One transaction (run again after a transient failure), one savepoint per request. Runs
+    on the writer's thread."""
+    for attempt in range(TRANSIENT_RETRIES + 1):
+        try:
+            return _run_batch_once(store, batch)
+        except Exception as exc:
+            if attempt == TRANSIENT_RETRIES or not store.db.is_transient(exc):
+                raise
+            log.warning("store batch of %d rolled back (%s); running it again", len(batch), type(exc).__name__)
+    raise AssertionError("unreachable")
+
+
+def _run_batch_once(store: Store, batch: list[_Request]) -> list[tuple[Any, BaseException | None]]:
     db = store.db
     results: list[tuple[Any, BaseException | None]] = []
-    db.execute("BEGIN IMMEDIATE")
+    db.begin()
     try:
         for request in batch:
             db.execute("SAVEPOINT request")
             try:
                 value = request.work(store)
             except Exception as exc:  # noqa: BLE001 - one request's failure must not fail the batch
+                if db.is_transient(exc):
+                    raise  # another node holds what we need: the whole batch goes again
                 db.execute("ROLLBACK TO request")
                 db.execute("RELEASE request")
                 results.append((None, exc))
             else:
                 db.execute("RELEASE request")
                 results.append((value, None))
-        db.execute("COMMIT")
+        db.commit()
     except BaseException:
         if db.in_transaction:
-            db.execute("ROLLBACK")
+            db.rollback()
         store.forget_caches()
         raise
     return results
