@@ -54,6 +54,17 @@ def test_token_prints_only_a_verifiable_token(tmp_path: Path) -> None:
     assert not (tmp_path / "w.db.secret").exists()  # a configured secret is never replaced
 
 
+@pytest.mark.parametrize("args", [
+    ["bob "], [""], ["a\u200bb"], ["x" * 65], ["bob", "--avatar-url", "javascript:alert(1)"],
+    ["bob", "--username", "tab\there"], ["bob", "--ttl", "-5"], ["bob", "--ttl", "0"], ["bob", "--ttl", "1e20"],
+], ids=repr)
+def test_token_refuses_to_print_a_token_the_server_would_refuse(tmp_path: Path, args: list[str]) -> None:
+    """Found by probing: each of these printed a token, and the server answered it with 401."""
+    result = winkr(["token", *args, "--db", str(tmp_path / "w.db")], tmp_path, WINKR_JWT_SECRET=SECRET)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("winkr: "), result.stderr
+
+
 # --- the generated secret ----------------------------------------------------------------------
 
 def test_generated_secret_is_private_and_used_by_token(tmp_path: Path, servers: Servers) -> None:
