@@ -110,6 +110,20 @@ def test_conversation_create_prints_one_json_object(tmp_path: Path) -> None:
     assert TIMESTAMP.match(conversation["created_at"]), conversation
 
 
+@pytest.mark.parametrize("user_ids", [["bob ", "anna"], ["anna", "b\u200bob"], ["anna", "x" * 65]], ids=repr)
+def test_conversation_create_without_a_server_refuses_ids_the_server_refuses(
+        tmp_path: Path, user_ids: list[str]) -> None:
+    """Found by probing: with no server running, the CLI wrote these straight into the database
+    (through a running server they were refused with VALIDATION_ERROR)."""
+    db = tmp_path / "w.db"
+    result = winkr(["conversation", "create", *user_ids, "--db", str(db)], tmp_path, WINKR_JWT_SECRET=SECRET)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr.startswith("winkr: participant_ids."), result.stderr
+    if db.exists():
+        with sqlite3.connect(db) as check:
+            assert check.execute("SELECT count(*) FROM conversations").fetchone() == (0,)
+
+
 # --- winkr serve, end to end, and graceful shutdown -----------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
