@@ -129,8 +129,7 @@ _converter.register_structure_hook_func(
 
 # Durations a server waits on: a deadline of 0 (ping_interval) made a connection's writer spin,
 # and NaN crashed the server at its first use. presence_grace and shutdown_timeout may be 0.
-_POSITIVE_SECONDS = ("handshake_timeout", "ping_interval", "pong_timeout", "typing_timeout",
-                     "webhook_timeout_seconds", "webhook_max_age_hours")
+_POSITIVE_SECONDS = ("handshake_timeout", "ping_interval", "pong_timeout", "typing_timeout")
 _SECONDS_OR_ZERO = ("presence_grace", "shutdown_timeout")
 
 
@@ -298,6 +297,10 @@ def _check_webhooks(settings: Settings) -> None:
                               "base64 of 32 random bytes)") from None
     if unknown := sorted(set(settings.webhook_events) - set(WEBHOOK_EVENTS)):
         raise ConfigError(f"webhook_events: unknown {', '.join(unknown)}; known: {', '.join(WEBHOOK_EVENTS)}")
+    for hours_or_seconds in ("webhook_timeout_seconds", "webhook_max_age_hours"):
+        value = getattr(settings, hours_or_seconds)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{hours_or_seconds} must be a finite number > 0")
     if not settings.webhook_url:
         return
     url = urlsplit(settings.webhook_url)
