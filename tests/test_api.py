@@ -433,3 +433,23 @@ async def test_ids_with_a_slash_are_addressed_percent_encoded(
     assert (truth["user_id"], truth["online"]) == ("team/alice", True)
     assert (await api.post("/v1/users/team%2Falice/blocks", json={"user_id": "x/y"})).status_code == 201
     assert (await api.delete("/v1/users/team%2Falice/blocks/x%2Fy")).status_code == 204
+
+
+@pytest.mark.parametrize(("method", "path", "field"), [
+    ("GET", "/v1/users/%FF/presence", "user_id"),
+    ("GET", "/v1/users/%ED%A0%80/conversations", "user_id"),  # a UTF-8-encoded surrogate
+    ("POST", "/v1/users/al%C3ice/disconnect", "user_id"),
+    ("DELETE", "/v1/users/alice/blocks/%FE", "blocked_id"),
+    ("GET", "/v1/conversations/%FF", "conversation_id"),
+])
+async def test_path_ids_that_are_not_utf8_are_refused_not_replaced(
+        autojump_clock: Any, harness: Harness, api: httpx.AsyncClient, method: str, path: str, field: str) -> None:
+    # Decoded with U+FFFD replacements, %FF and %FE were two more spellings of the user "\ufffd".
+    error(await api.request(method, path), 400, "VALIDATION_ERROR", field)
+
+
+async def test_a_user_id_that_is_u_fffd_itself_is_addressed_as_its_utf8(
+        autojump_clock: Any, harness: Harness, api: httpx.AsyncClient) -> None:
+    await harness.connect("\ufffd")
+    truth = (await api.get("/v1/users/%EF%BF%BD/presence")).json()
+    assert (truth["user_id"], truth["online"]) == ("\ufffd", True)

@@ -54,6 +54,17 @@ def test_token_prints_only_a_verifiable_token(tmp_path: Path) -> None:
     assert not (tmp_path / "w.db.secret").exists()  # a configured secret is never replaced
 
 
+@pytest.mark.parametrize("args", [
+    ["bob "], [""], ["a\u200bb"], ["x" * 65], ["bob", "--avatar-url", "javascript:alert(1)"],
+    ["bob", "--username", "tab\there"], ["bob", "--ttl", "-5"], ["bob", "--ttl", "0"], ["bob", "--ttl", "1e20"],
+], ids=repr)
+def test_token_refuses_to_print_a_token_the_server_would_refuse(tmp_path: Path, args: list[str]) -> None:
+    """Found by probing: each of these printed a token, and the server answered it with 401."""
+    result = winkr(["token", *args, "--db", str(tmp_path / "w.db")], tmp_path, WINKR_JWT_SECRET=SECRET)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("winkr: "), result.stderr
+
+
 # --- the generated secret ----------------------------------------------------------------------
 
 def test_generated_secret_is_private_and_used_by_token(tmp_path: Path, servers: Servers) -> None:
@@ -97,6 +108,20 @@ def test_conversation_create_prints_one_json_object(tmp_path: Path) -> None:
     assert isinstance(conversation["id"], str) and conversation["id"]
     assert sorted(conversation["participant_ids"]) == ["anna", "ben"]
     assert TIMESTAMP.match(conversation["created_at"]), conversation
+
+
+@pytest.mark.parametrize("user_ids", [["bob ", "anna"], ["anna", "b\u200bob"], ["anna", "x" * 65]], ids=repr)
+def test_conversation_create_without_a_server_refuses_ids_the_server_refuses(
+        tmp_path: Path, user_ids: list[str]) -> None:
+    """Found by probing: with no server running, the CLI wrote these straight into the database
+    (through a running server they were refused with VALIDATION_ERROR)."""
+    db = tmp_path / "w.db"
+    result = winkr(["conversation", "create", *user_ids, "--db", str(db)], tmp_path, WINKR_JWT_SECRET=SECRET)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr.startswith("winkr: participant_ids."), result.stderr
+    if db.exists():
+        with sqlite3.connect(db) as check:
+            assert check.execute("SELECT count(*) FROM conversations").fetchone() == (0,)
 
 
 # --- winkr serve, end to end, and graceful shutdown -----------------------------------------------

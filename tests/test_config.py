@@ -99,3 +99,47 @@ def test_the_load_test_config_switches_every_rate_limit_off() -> None:
     for field in attrs.fields(Limits):
         if "per_" in field.name:
             assert getattr(settings.limits, field.name) == 0, field.name
+
+
+# --- durations and numbers a running server cannot use (found by probing winkr serve) ----------
+
+@pytest.mark.parametrize("text", [
+    # ping_interval = 0 made every connection's writer spin: no reply was ever written.
+    "ping_interval = 0", "pong_timeout = 0", "handshake_timeout = 0", "typing_timeout = 0",
+    # a NaN deadline crashed the whole server at the first typing:start (exit 1).
+    "typing_timeout = nan", "presence_grace = nan", "ping_interval = inf", 'handshake_timeout = "inf"',
+    "presence_grace = -1", "shutdown_timeout = -0.5", "webhook_timeout_seconds = inf",
+    "webhook_max_age_hours = inf",
+    # booleans and fractions are not integers (they were read as port 1 and port 80)
+    "port = true", "port = 80.9", "metrics_port = 9108.5", "[limits]\nmessages_per_minute = 1.5",
+    "[limits]\nmessages_per_minute = true", "typing_timeout = true",
+    # an empty database name crashed `winkr check-config` with a traceback
+    'db = ""', 'db = "  "',
+])
+def test_settings_a_server_cannot_run_with_are_refused(tmp_path: Path, text: str) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text(text + "\n")
+    name = text.split("=")[0].strip().split("\n")[-1]
+    with pytest.raises(ConfigError, match=name):
+        load_settings(str(config), environ={})
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({"WINKR_TYPING_TIMEOUT": "nan"}, "WINKR_TYPING_TIMEOUT must be a finite number > 0"),
+    ({"WINKR_PING_INTERVAL": "0"}, "WINKR_PING_INTERVAL must be a finite number > 0"),
+    ({"WINKR_PRESENCE_GRACE": "-inf"}, "WINKR_PRESENCE_GRACE must be a finite number >= 0"),
+    ({"WINKR_PORT": "80.5"}, "invalid setting WINKR_PORT='80.5': expected an integer"),
+])
+def test_duration_errors_name_the_variable(environ: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings(None, environ=environ)
+    assert expected in str(error.value)
+
+
+def test_whole_numbers_and_zero_where_it_means_none_are_accepted(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text("presence_grace = 0\nshutdown_timeout = 0\nping_interval = 15\ntyping_timeout = 2.5\n"
+                      "[limits]\nmessages_per_minute = 0\n")
+    settings = load_settings(str(config), environ={"WINKR_PONG_TIMEOUT": "12.5", "WINKR_PORT": "8081"})
+    assert (settings.presence_grace, settings.ping_interval, settings.typing_timeout) == (0, 15.0, 2.5)
+    assert settings.pong_timeout == 12.5 and settings.port == 8081 and settings.limits.messages_per_minute == 0

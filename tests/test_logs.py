@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import orjson
+import trio
 from conftest import Harness, refused, until
 
 from winkr.logs import JsonFormatter, TextFormatter
@@ -38,3 +39,24 @@ async def test_connection_and_refusal_records_carry_fields_but_no_secrets(harnes
     assert closed[0]["connection_id"] == opened[0]["connection_id"]
     assert refusals[0]["status"] == 401 and refusals[0]["code"] == "UNAUTHORIZED"
     assert all({"ts", "level", "logger", "msg"} <= e.keys() for e in entries)
+
+
+async def test_a_flood_of_refused_handshakes_logs_one_line_per_address_and_code_per_minute(
+        harness: Harness, caplog: Any) -> None:
+    """Found by probing: every refused handshake, the per-address 429s included, was one INFO
+    line, so one client on loopback wrote ~800 lines (120 KB) a second. The count stays exact
+    in winkr_handshakes_refused_total; the log keeps one line per address and code a minute."""
+    caplog.set_level(logging.INFO)
+
+    def refusals() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == "handshake refused"]
+
+    for _ in range(5):
+        await refused(harness, headers=[("Authorization", "Bearer forged.token.value")])
+    await refused(harness)  # another reason, the same code: the client could vary the reason at will
+    await refused(harness, path="/elsewhere")  # another code
+    assert [(r.status, r.code) for r in refusals()] == [(401, "UNAUTHORIZED"), (404, "NOT_FOUND")]  # type: ignore[attr-defined]
+    await trio.sleep(61)
+    await refused(harness, headers=[("Authorization", "Bearer forged.token.value")])
+    later = refusals()[-1]
+    assert len(refusals()) == 3 and later.suppressed == 5  # type: ignore[attr-defined]

@@ -38,9 +38,12 @@ async def create_conversation_through_server(url: str, service_token: str, user_
 def create_conversation_directly(settings: Settings, user_ids: list[str]) -> dict[str, Any]:
     """Create it in the database itself: only while no server runs on it. Raises
     ``ProtocolError`` for what the store refuses."""
+    from winkr.protocol.requests import ConversationCreate, structure_request
     from winkr.store.engine import open_engine
     from winkr.store.store import Store
 
+    # The ids go through the protocol's own rules, as conversation:create reads them.
+    user_ids = list(structure_request(ConversationCreate, {"participant_ids": user_ids}).participant_ids)
     db = open_engine(settings.database, sqlite_synchronous=settings.sqlite_synchronous).open_writer()
     try:
         store = Store(db)

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import jwt
 import orjson
 import trio
 
 from winkr import __version__, preflight, sdnotify
-from winkr.auth import load_or_create_secret, mint_token
+from winkr.auth import load_or_create_secret, mint_token, principal_from_claims
 from winkr.config import ConfigError, Settings, load_settings
+from winkr.errors import ProtocolError
 from winkr.logs import json_line, setup_logging
 from winkr.store.engine import database_errors
 
@@ -268,9 +270,15 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
         secret = _signing_secret(settings, args.config, "token")
     except preflight.StartupError as exc:
         return _fail(settings, str(exc))
+    now = time.time()
     try:
-        token = mint_token(settings, secret, args.user_id, ttl=args.ttl, now=time.time(),
+        token = mint_token(settings, secret, args.user_id, ttl=args.ttl, now=now,
                            username=args.username, avatar_url=args.avatar_url, service=args.service)
+        # The server's own claim rules: never print a token it would answer with 401.
+        principal_from_claims(jwt.decode(token, options={"verify_signature": False}), now)
+    except ProtocolError as exc:
+        return _fail(settings, f"the server would refuse this token ({exc.message}): check USER_ID, "
+                               "--username, --avatar-url and --ttl")
     except (ValueError, OSError) as exc:
         return _fail(settings, str(exc))
     print(token)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -118,12 +119,34 @@ class Settings:
         return Path(self.db_path).with_suffix(Path(self.db_path).suffix + ".api-key")
 
 
+def _integer(value: Any, _: type) -> int:
+    """An integer setting: a TOML integer or digits (environment variables, flags). A boolean
+    or a fraction is refused rather than read as 1 or truncated (``port = 80.9``)."""
+    if isinstance(value, (bool, float)):
+        raise ValueError(value)
+    return int(value)
+
+
+def _number(value: Any, _: type) -> float:
+    """A number setting (seconds, hours): a TOML number or its text; never a boolean."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return float(value)
+
+
 _converter = cattrs.Converter(forbid_extra_keys=True)
+_converter.register_structure_hook(int, _integer)
+_converter.register_structure_hook(float, _number)
 _converter.register_structure_hook_func(
     lambda t: t == tuple[str, ...],
     # A comma-separated string (environment variables) or a TOML array.
     lambda v, _: tuple(s.strip() for s in v.split(",") if s.strip()) if isinstance(v, str) else tuple(map(str, v)),
 )
+
+# Durations a server waits on: a deadline of 0 (ping_interval) made a connection's writer spin,
+# and NaN crashed the server at its first use. presence_grace and shutdown_timeout may be 0.
+_POSITIVE_SECONDS = ("handshake_timeout", "ping_interval", "pong_timeout", "typing_timeout")
+_SECONDS_OR_ZERO = ("presence_grace", "shutdown_timeout")
 
 
 class ConfigError(Exception):
@@ -253,6 +276,13 @@ def _check(settings: Settings, name: Any) -> None:
         if size < MIN_SECRET_BYTES:
             raise ConfigError(f"{name('jwt_secret')} is {size} bytes: an HS256 secret needs at least "
                               f"{MIN_SECRET_BYTES} random bytes; make one with {SECRET_HINT}")
+    if not settings.db.strip():
+        raise ConfigError(f"{name('db')} must name the SQLite database file (default winkr.db)")
+    for duration in _POSITIVE_SECONDS + _SECONDS_OR_ZERO:
+        value = getattr(settings, duration)
+        bound = "> 0" if duration in _POSITIVE_SECONDS else ">= 0"
+        if not math.isfinite(value) or value < 0 or (value == 0 and duration in _POSITIVE_SECONDS):
+            raise ConfigError(f"{name(duration)} must be a finite number {bound}")
     for port in ("port", "metrics_port", "api_port"):
         value = getattr(settings, port)
         if value is not None and not 0 <= value <= 65535:
@@ -288,10 +318,10 @@ def _check_webhooks(settings: Settings) -> None:
                               "base64 of 32 random bytes)") from None
     if unknown := sorted(set(settings.webhook_events) - set(WEBHOOK_EVENTS)):
         raise ConfigError(f"webhook_events: unknown {', '.join(unknown)}; known: {', '.join(WEBHOOK_EVENTS)}")
-    if not settings.webhook_timeout_seconds > 0:
-        raise ConfigError("webhook_timeout_seconds must be > 0")
-    if not settings.webhook_max_age_hours > 0:
-        raise ConfigError("webhook_max_age_hours must be > 0")
+    for hours_or_seconds in ("webhook_timeout_seconds", "webhook_max_age_hours"):
+        value = getattr(settings, hours_or_seconds)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{hours_or_seconds} must be a finite number > 0")
     if not settings.webhook_url:
         return
     url = urlsplit(settings.webhook_url)

@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
 
 import orjson
@@ -84,6 +85,31 @@ class ThrottledLog:
             message += f" (and {suppressed} more like it in the last {now - logged_at:.0f} s)"
         self._log.error(message, *args, exc_info=exc)
     logging.captureWarnings(True)  # a library's warning is a log record too, in the same format
+
+
+class ThrottledLines:
+    """Log lines at most once per key per ``interval`` seconds, for lines a client can cause at
+    will (a refused handshake): the first of a key is logged, the rest are counted and the
+    count rides on the next line of that key (field ``suppressed``). Keys are bounded like
+    :class:`ThrottledLog`'s. ``clock`` is in seconds (trio time in the server, so tests can
+    move it). Owned by one actor; used only from the trio thread."""
+
+    def __init__(self, logger: logging.Logger, clock: Callable[[], float], interval: float = 60.0) -> None:
+        self._log = logger
+        self._clock = clock
+        self._interval = interval
+        self._last: dict[Hashable, tuple[float, int]] = {}  # key -> (logged at, suppressed)
+
+    def info(self, key: Hashable, message: str, **fields: object) -> None:
+        now = self._clock()
+        logged_at, suppressed = self._last.get(key, (-math.inf, 0))
+        if now - logged_at < self._interval:
+            self._last[key] = (logged_at, suppressed + 1)
+            return
+        if len(self._last) > 1000:  # bounded: forget the oldest keys
+            self._last = dict(sorted(self._last.items(), key=lambda item: item[1][0])[-500:])
+        self._last[key] = (now, 0)
+        self._log.info(message, extra={**fields, "suppressed": suppressed} if suppressed else fields)
 
 
 def json_line(message: str, *, logger: str = "winkr", level: int = logging.INFO, **fields: object) -> str:

@@ -36,6 +36,7 @@ from winkr.errors import (
 )
 from winkr.handlers.registry import EVENTS
 from winkr.hub import HubHandle, run_hub
+from winkr.logs import ThrottledLines
 from winkr.metrics import Metrics
 from winkr.policy import PolicySettings, default_blocked_words
 from winkr.presence import run_presence
@@ -99,6 +100,7 @@ class Gateway:
         self.services = services
         self.metrics = metrics
         self.clock = clock
+        self._refusal_log = ThrottledLines(log, trio.current_time)
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one stream until its connection ends; never raises (one bad stream must not
@@ -201,8 +203,10 @@ class Gateway:
         if error.code == RATE_LIMITED:
             self.metrics.rate_limited.labels(str(error.details["limit"])).inc()
             headers.append((b"retry-after", retry_after_header(float(error.details["retry_after"])).encode()))
-        log.info("handshake refused", extra={"ip": ip, "status": refusal.status, "code": error.code,
-                                             "reason": error.message})
+        # One line per address and code a minute (the reason can vary at the client's will: not
+        # in the key); winkr_handshakes_refused_total keeps the exact count.
+        self._refusal_log.info((ip, refusal.status, error.code), "handshake refused",
+                               ip=ip, status=refusal.status, code=error.code, reason=error.message)
         await request.reject(refusal.status, extra_headers=headers, body=refusal_body(error))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 import orjson
 import trio
@@ -83,8 +83,17 @@ def error_response(exc: ProtocolError, headers: dict[str, str] | None = None) ->
 # --- input ------------------------------------------------------------------------------------
 
 
+def _path_id(request: Request, name: str) -> str:
+    """A path parameter, percent-decoded as UTF-8; bytes that are not UTF-8 are refused (decoded
+    with replacements, ``%FF`` and ``%FE`` would both name the id ``"\ufffd"``)."""
+    try:
+        return unquote(request.path_params[name], errors="strict")
+    except UnicodeDecodeError:
+        raise ProtocolError(VALIDATION_ERROR, f"{name} must be percent-encoded UTF-8", field=name) from None
+
+
 def _conversation_id(request: Request) -> str:
-    value = unquote(request.path_params["conversation_id"])
+    value = _path_id(request, "conversation_id")
     if not 0 < len(value) <= MAX_ID_CHARS or not value.isprintable():
         raise ProtocolError(VALIDATION_ERROR, f"conversation_id must be a printable string of 1-{MAX_ID_CHARS} "
                             "characters", field="conversation_id")
@@ -92,7 +101,7 @@ def _conversation_id(request: Request) -> str:
 
 
 def _user_id(request: Request, name: str = "user_id") -> str:
-    value = unquote(request.path_params[name])
+    value = _path_id(request, name)
     problem = user_id_problem(value)
     if problem is not None:
         raise ProtocolError(VALIDATION_ERROR, f"{name} {problem}", field=name)
@@ -289,7 +298,8 @@ class PathSegments:
             raw = scope.get("raw_path")
             if isinstance(raw, bytes):
                 path = raw.split(b"?", 1)[0].decode("latin-1")
-                segments = [quote(unquote(part), safe="") for part in path.split("/")]
+                # unquote_to_bytes: bytes that are not UTF-8 stay as they are, for the endpoint to refuse.
+                segments = [quote(unquote_to_bytes(part), safe="") for part in path.split("/")]
                 scope = {**scope, "path": "/".join(segments)}
         await self.app(scope, receive, send)
 
