@@ -22,6 +22,10 @@ KNOWN = {
     "rich": ("rich", "load"),
     "jwt": ("pyjwt", "load"),  # a dependency of winkr itself, so of every extra
     "winkr": ("winkr", "load"),
+    "picows": ("picows", "bench"),
+    "uvloop": ("uvloop", "bench"),
+    "socketio": ("python-socketio", "bench"),
+    "uvicorn": ("uvicorn[standard]", "bench"),
 }
 
 
@@ -36,13 +40,14 @@ def missing(modules: list[str]) -> list[tuple[str, str]]:
     return found
 
 
-def require(script: str, modules: list[str]) -> None:
-    """Return when every module imports; otherwise one line on stderr and exit status 2."""
+def require(script: str, modules: list[str], extra: str | None = None) -> None:
+    """Return when every module imports; otherwise one line on stderr and exit status 2.
+    ``extra`` names the one extra to install when the script has its own (``bench``)."""
     absent = missing(modules)
     if not absent:
         return
     distributions = sorted({KNOWN.get(name, (name, "load"))[0] for name, _ in absent})
-    extras = sorted({KNOWN.get(name, (name, "load"))[1] for name, _ in absent})
+    extras = [extra] if extra else sorted({KNOWN.get(name, (name, "load"))[1] for name, _ in absent})
     # "No module named 'x'" says nothing the list does not; anything else (a broken install) is shown.
     odd = [reason for _, reason in absent if not reason.startswith("No module named")]
     spec = f"{ROOT}[{','.join(extras)}]"
