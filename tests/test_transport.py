@@ -8,7 +8,8 @@ from typing import Any
 import trio
 import trio.testing
 from trio_websocket import wrap_client_stream
-from wsproto.handshake import H11Handshake
+from wsproto import WSConnection
+from wsproto.connection import Connection
 
 from winkr.transport import Pong, WinkrWebSocket, send_frames, send_ping, wrap_server_stream
 
@@ -41,9 +42,9 @@ async def test_the_handshake_state_is_let_go_once_open_and_frames_still_flow() -
         request = await wrap_server_stream(nursery, server_stream, message_queue_size=8,
                                            max_message_size=1 << 20, receive_buffer_size=4096)
         ws = request._connection
-        assert isinstance(ws._wsproto.handshake, H11Handshake)  # needed until accepted
+        assert isinstance(ws._wsproto, WSConnection)  # the handshake is needed until accepted
         await request.accept()
-        assert not isinstance(ws._wsproto.handshake, H11Handshake)
+        assert type(ws._wsproto) is Connection  # open: the frames' protocol alone
         nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
