@@ -3,11 +3,13 @@ streams: the handshake state is let go once the connection is open (memory per i
 connection, issue 10), frames still flow both ways, and a ping's pong is a flag."""
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import trio
 import trio.testing
-from trio_websocket import wrap_client_stream
+from conftest import Harness
+from trio_websocket import WebSocketRequest, wrap_client_stream
 from wsproto import WSConnection
 from wsproto.connection import Connection
 
@@ -70,3 +72,16 @@ async def test_a_pong_sets_the_flag_of_its_ping() -> None:
         assert await server.get_message() == "reply"
         assert pong.arrived and pong.is_set()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_served_connection_holds_nothing_of_its_handshake(harness: Harness) -> None:
+    """Thousands of idle connections: the request head, its headers and the handshake's h11
+    state are let go once the connection is open (issue 10)."""
+    alice = await harness.connect("alice")
+    await alice.request("user:status", {"status": "online"})  # a served, working connection
+    gc.collect()
+    served = [o for o in gc.get_objects() if isinstance(o, WinkrWebSocket) and not o.closed]
+    assert served
+    assert all(type(ws._wsproto) is Connection for ws in served)
+    held = [o for o in gc.get_objects() if isinstance(o, WebSocketRequest) and o._connection in served]
+    assert held == []
