@@ -25,6 +25,7 @@ target's ratio to the relay of the same repeat (median over repeats).
     .venv-bench/bin/python scripts/bench/run.py       # every shape, every target, twice
     .venv-bench/bin/python scripts/bench/run.py --shapes realistic --targets relay,winkr --repeats 3
     .venv-bench/bin/python scripts/bench/run.py --profile realistic   # py-spy on winkr (not measured)
+    .venv-bench/bin/python scripts/bench/profile_summary.py bench-profile/realistic.raw.txt
 
 Bounded: each load-generator run is given warm-up + duration + 120 s, each server 30 s to
 start; everything talks to 127.0.0.1 only; every process started is stopped by its PID.
@@ -161,17 +162,20 @@ class SocketIO(Target):
 class Winkr(Target):
     name = "winkr"
 
-    def __init__(self, bench: Path, workdir: Path, metrics_port: int | None = None) -> None:
+    def __init__(self, bench: Path, workdir: Path, metrics_port: int | None = None,
+                 wrapper: Path | None = None) -> None:
         super().__init__(bench, workdir)
         self.env["WINKR_JWT_SECRET"] = secrets.token_urlsafe(48)  # a throwaway for this run
         self.map = workdir / "map.json"
         self.metrics_port = metrics_port
+        self.wrapper = wrapper  # a script that runs the CLI instrumented (counted_server.py)
 
     def server_argv(self) -> list[str]:
         db = self.workdir / "bench.db"
         for path in self.workdir.glob("bench.db*"):
             path.unlink()  # a fresh database for every run
-        argv = [sys.executable, "-m", "winkr", "serve", "--port", str(self.port), "--db", str(db),
+        command = [str(self.wrapper)] if self.wrapper else ["-m", "winkr"]
+        argv = [sys.executable, *command, "serve", "--port", str(self.port), "--db", str(db),
                 "--config", str(HERE / "winkr_bench.toml"), "--log-level", "WARNING"]
         if self.metrics_port is not None:
             argv += ["--metrics-port", str(self.metrics_port)]
@@ -223,7 +227,25 @@ def run_one(args: argparse.Namespace, bench: Path, workdir: Path, shape: str, ta
         raise RuntimeError(f"loadgen failed ({done.returncode}): {done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return {"shape": shape, "target": target_name, "repeat": repeat, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "loadavg": load_average(), "result": result}
+            "loadavg": load_average(), "cpu_pressure_after": cpu_pressure(), "result": result}
+
+
+def cpu_pressure() -> float | None:
+    """The share of the last 10 s in which some runnable task waited for a CPU (PSI), in %."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        return float(first.split()[1].split("=")[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def wait_for_quiet(limit: float, patience: float) -> float | None:
+    """Wait (up to ``patience`` seconds) until CPU pressure falls to ``limit`` %: other work on
+    these 2 shared cores skews a run far beyond ±20 %. Returns the pressure at the start."""
+    deadline = time.monotonic() + patience
+    while (pressure := cpu_pressure()) is not None and pressure > limit and time.monotonic() < deadline:
+        time.sleep(2)
+    return pressure
 
 
 def load_average() -> float | None:
@@ -312,36 +334,85 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def profile(args: argparse.Namespace, bench: Path, workdir: Path, shape: str) -> None:
-    """Run winkr in ``shape`` once under py-spy (raw collapsed stacks, per thread), with the
-    metrics endpoint on, and write the profile and the counters' deltas into ``--profile-dir``."""
+    """Two winkr runs of ``shape``, written into ``--profile-dir``:
+
+    1. under py-spy (raw collapsed stacks, per thread): ``SHAPE.raw.txt``, and loadgen's line,
+       ``SHAPE.loadgen.json`` (the server's CPU per message);
+    2. with a trio instrument counting task steps (``counted_server.py``) and the metrics
+       endpoint on: per ``message:send`` received in a steady window, the task steps by task,
+       the frames encoded by event, the socket writes, the store requests and commits:
+       ``SHAPE.counts.json``.
+    """
     out_dir = Path(args.profile_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_port = free_port()
-    target = make_target("winkr", bench, workdir, metrics_port)
     lg_args, pairs, warm, timeout = loadgen_argv(args, shape)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    target = make_target("winkr", bench, workdir)
+    if args.quiet:
+        wait_for_quiet(args.quiet, args.patience)
     with target.running() as pid:
         target.prepare(shape, pairs, warm)
-        before = scrape(metrics_port)
-        argv = [sys.executable, str(bench / "loadgen.py"), *lg_args, "--url", target.url(), "--server-pid", str(pid),
-                "--label", f"profile/{shape}", *target.adapter_args()]
-        loadgen = subprocess.Popen(pinned(LOAD_CPU, argv), env=target.env, stdout=subprocess.PIPE, text=True)
+        loadgen = start_loadgen(bench, target, pid, lg_args, f"profile/{shape}")
         time.sleep(args.warmup + 1.5)  # connected and past the warm-up
         spy = subprocess.run(pinned(LOAD_CPU, [py_spy, "record", "--pid", str(pid), "--duration",
                                                str(max(1, int(args.duration - 2))), "--rate", str(args.rate),
-                                               "--format", "raw", "--threads", "--nonblocking",
+                                               "--format", "raw", "--threads",
+                                               *(["--nonblocking"] if args.nonblocking else []),
                                                "--output", str(out_dir / f"{shape}.raw.txt")]),
                              capture_output=True, text=True, timeout=args.duration + 60)
         stdout, _ = loadgen.communicate(timeout=timeout)
-        after = scrape(metrics_port)
     if spy.returncode != 0:
         print(f"py-spy failed: {spy.stderr[-1000:]}", file=sys.stderr)
     result = json.loads(stdout.strip().splitlines()[-1])
-    delta = {k: after[k] - before.get(k, 0.0) for k in after
-             if k.startswith("winkr_") and after[k] - before.get(k, 0.0)}
-    (out_dir / f"{shape}.metrics.json").write_text(json.dumps(delta, indent=1, sort_keys=True))
     (out_dir / f"{shape}.loadgen.json").write_text(json.dumps(result))
     print(json.dumps({"profile": str(out_dir / f"{shape}.raw.txt"), "loadgen": figures(shape, result)}))
+
+    metrics_port = free_port()
+    counted = Winkr(bench, workdir, metrics_port, wrapper=HERE / "counted_server.py")
+    counted.env["WINKR_COUNT_DIR"] = str(workdir)
+    if args.quiet:
+        wait_for_quiet(args.quiet, args.patience)
+    with counted.running() as pid:
+        counted.prepare(shape, pairs, warm)
+        loadgen = start_loadgen(bench, counted, pid, lg_args, f"count/{shape}")
+        sends = 'winkr_events_received_total{event="message:send"}'
+        deadline = time.monotonic() + 120
+        while scrape(metrics_port).get(sends, 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(args.warmup)
+        before, steps_before = scrape(metrics_port), dump_steps(pid, workdir, 1)
+        time.sleep(max(1.0, args.duration - 2))
+        after, steps_after = scrape(metrics_port), dump_steps(pid, workdir, 2)
+        loadgen.communicate(timeout=timeout)
+    messages = after.get(sends, 0) - before.get(sends, 0)
+    per_message = {k: round((after[k] - before.get(k, 0.0)) / messages, 3) for k in sorted(after)
+                   if k.startswith("winkr_") and "bucket" not in k and after[k] - before.get(k, 0.0)}
+    steps = {k: round((v - steps_before.get(k, 0)) / messages, 3) for k, v in steps_after.items()
+             if v - steps_before.get(k, 0)}
+    counts = {"messages": messages, "per_message": per_message,
+              "task_steps_per_message": dict(sorted(steps.items(), key=lambda kv: -kv[1])),
+              "task_steps_per_message_total": round(sum(steps.values()), 2)}
+    (out_dir / f"{shape}.counts.json").write_text(json.dumps(counts, indent=1))
+    print(json.dumps({"counts": str(out_dir / f"{shape}.counts.json"),
+                      "task_steps_per_message": counts["task_steps_per_message_total"]}))
+
+
+def start_loadgen(bench: Path, target: Target, pid: int, lg_args: list[str], label: str) -> subprocess.Popen[str]:
+    argv = [sys.executable, str(bench / "loadgen.py"), *lg_args, "--url", target.url(), "--server-pid", str(pid),
+            "--label", label, *target.adapter_args()]
+    return subprocess.Popen(pinned(LOAD_CPU, argv), env=target.env, stdout=subprocess.PIPE, text=True)
+
+
+def dump_steps(pid: int, workdir: Path, n: int, timeout: float = 30.0) -> dict[str, int]:
+    """Ask counted_server.py for its task-step counts so far (SIGUSR1) and read them."""
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while not (workdir / f"done-{n}").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("counted_server.py did not write its counts")
+        time.sleep(0.05)
+    steps: dict[str, int] = json.loads((workdir / f"steps-{n}.json").read_text())
+    return steps
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -358,11 +429,18 @@ def main() -> None:
     ap.add_argument("--idle-conns", type=int, default=2000)
     ap.add_argument("--shared", help="the folder with loadgen.py, relay_trio.py, winkr_adapter.py "
                                      "(default: ../shared/bench beside the checkout)")
+    ap.add_argument("--quiet", type=float, default=10.0,
+                    help="before each run, wait until CPU pressure (/proc/pressure/cpu avg10) is at most this "
+                         "%% (0: do not wait)")
+    ap.add_argument("--patience", type=float, default=120.0, help="longest wait for --quiet, seconds")
     ap.add_argument("--out", default="", help="append every run's JSON line to this file")
     ap.add_argument("--summarize", metavar="JSONL", help="only print the tables of a previous --out file")
     ap.add_argument("--profile", choices=SHAPES, help="instead of measuring: one winkr run under py-spy")
     ap.add_argument("--profile-dir", default="bench-profile")
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    ap.add_argument("--nonblocking", action="store_true",
+                    help="py-spy does not pause the server per sample (less intrusive; idle threads are "
+                         "then told apart less reliably)")
     args = ap.parse_args()
     if args.summarize:
         print(summarize([json.loads(line) for line in Path(args.summarize).read_text().splitlines() if line]))
@@ -386,15 +464,18 @@ def main() -> None:
             order = targets if repeat % 2 == 0 else targets[::-1]
             for shape in shapes:
                 for target in order:
+                    pressure = wait_for_quiet(args.quiet, args.patience) if args.quiet else None
                     try:
                         record = run_one(args, bench, workdir, shape, target, repeat)
+                        record["cpu_pressure_before"] = pressure
                     except (RuntimeError, subprocess.SubprocessError) as exc:
                         print(f"run.py: {shape}/{target}/{repeat} failed: {exc}", file=sys.stderr)
                         continue
                     records.append(record)
                     line = json.dumps(record)
                     print(json.dumps({"shape": shape, "target": target, "repeat": repeat,
-                                      **figures(shape, record["result"]), "loadavg": record["loadavg"]}),
+                                      **figures(shape, record["result"]), "loadavg": record["loadavg"],
+                                      "cpu_pressure": [pressure, record["cpu_pressure_after"]]}),
                           flush=True)
                     if args.out:
                         with open(args.out, "a") as f:
