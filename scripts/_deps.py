@@ -27,6 +27,10 @@ KNOWN = {
     "trio_websocket": ("winkr", "load"),
     "orjson": ("winkr", "load"),
     "psycopg": ("psycopg[binary]", "cluster"),
+    "picows": ("picows", "bench"),
+    "uvloop": ("uvloop", "bench"),
+    "socketio": ("python-socketio", "bench"),
+    "uvicorn": ("uvicorn[standard]", "bench"),
 }
 
 
@@ -46,13 +50,14 @@ def missing(modules: list[str]) -> list[tuple[str, str]]:
     return found
 
 
-def require(script: str, modules: list[str]) -> None:
-    """Return when every module imports; otherwise one line on stderr and exit status 2."""
+def require(script: str, modules: list[str], extra: str | None = None) -> None:
+    """Return when every module imports; otherwise one line on stderr and exit status 2.
+    ``extra`` names the one extra to install when the script has its own (``bench``)."""
     absent = missing(modules)
     if not absent:
         return
     distributions = sorted({_source(name)[0] for name, _ in absent})
-    extras = sorted({_source(name)[1] for name, _ in absent})
+    extras = [extra] if extra else sorted({_source(name)[1] for name, _ in absent})
     # "No module named 'x'" says nothing the list does not; anything else (a broken install) is shown.
     odd = [reason for _, reason in absent if not reason.startswith("No module named")]
     spec = f"{ROOT}[{','.join(extras)}]"

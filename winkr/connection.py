@@ -34,7 +34,7 @@ from winkr.protocol.wire import settings_object
 from winkr.ratelimit import Limits, Rate, rate_limited
 from winkr.room import Depart, RoomHandle, RoomMessage, RoomRetired
 from winkr.services import Services
-from winkr.transport import WinkrWebSocket, abort, send_frames, send_ping
+from winkr.transport import Pong, WinkrWebSocket, abort, send_frames, send_ping
 
 log = logging.getLogger("winkr.connection")
 _failures = ThrottledLog(log)
@@ -234,7 +234,7 @@ class Connection:
         metrics = self._services.frames.metrics
         stall_limit = 2 * settings.limits.slow_consumer_seconds or math.inf
         next_ping = trio.current_time() + settings.ping_interval
-        pong: trio.Event | None = None
+        pong: Pong | None = None
         pong_deadline = math.inf
         try:
             while True:
@@ -260,12 +260,14 @@ class Connection:
                     self._outbox.drained()
                     continue
                 now = trio.current_time()
-                if pong is not None and not pong.is_set():
-                    if now >= pong_deadline:
-                        self._outbox.request_close("pong_timeout")
-                        pong_deadline = math.inf
-                    next_ping = now + settings.ping_interval  # the last ping is still out: wait
-                    continue
+                if pong is not None:
+                    if not pong.arrived:
+                        if now >= pong_deadline:
+                            self._outbox.request_close("pong_timeout")
+                            pong_deadline = math.inf
+                        next_ping = now + settings.ping_interval  # the last ping is still out: wait
+                        continue
+                    pong, pong_deadline = None, math.inf  # answered: hold nothing until the next ping
                 if now >= next_ping:
                     pong = await send_ping(self.ws)
                     pong_deadline = now + settings.pong_timeout

@@ -20,10 +20,10 @@ docs/architecture.md, "Flow control".
 """
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Hashable
 
 import trio
+from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, reschedule, wait_task_rescheduled
 
 CoalesceKey = Hashable
 """What makes two frames "the same state": a newer one replaces an older one still queued."""
@@ -40,18 +40,25 @@ class _Slot:
 
 
 class Outbox:
+    """Memory per connection matters here (thousands of idle connections each hold one): the
+    queue is a list (an empty deque allocates a 64-slot block, ~700 bytes), the coalescing index
+    exists only while a keyed frame waits, and the writer waits as a parked task rather than on
+    a ``trio.Event`` made for every wait (docs/performance.md, issue 10)."""
+
     __slots__ = ("_queue", "_keyed", "_chars", "_max_frames", "_max_chars", "_slow_seconds", "_closed",
-                 "_wakeup", "_room", "close_request", "_writing_since", "_interrupt")
+                 "_writer", "_room", "close_request", "_writing_since", "_interrupt")
 
     def __init__(self, max_frames: int, max_bytes: int, slow_seconds: float) -> None:
-        self._queue: deque[str | _Slot] = deque()
-        self._keyed: dict[CoalesceKey, _Slot] = {}
+        # Oldest first; the writer takes a prefix at once (``receive_batch``), so a list's cost
+        # of deleting from the front is one move of what is left per batch.
+        self._queue: list[str | _Slot] = []
+        self._keyed: dict[CoalesceKey, _Slot] | None = None
         self._chars = 0
         self._max_frames = max_frames or 1_000_000  # 0 switches the frame rule off
         self._max_chars = max_bytes or 1 << 40
         self._slow_seconds = slow_seconds
         self._closed = False
-        self._wakeup: trio.Event | None = None  # the writer waits for frames or a close request
+        self._writer: Task | None = None  # the writer, while it waits for frames or the close
         self._room: trio.Event | None = None  # the connection waits for room in ``put``
         self.close_request: str | None = None  # a reason another actor asked the connection to close with
         self._writing_since: float | None = None  # when the writer's current write began
@@ -65,12 +72,15 @@ class Outbox:
         if self._closed or self.close_request is not None:
             return False
         if key is not None:
-            slot = self._keyed.get(key)
+            keyed = self._keyed
+            if keyed is None:
+                keyed = self._keyed = {}
+            slot = keyed.get(key)
             if slot is not None:
                 self._chars += len(frame) - len(slot.frame)
                 slot.frame = frame
                 return True
-            slot = self._keyed[key] = _Slot(frame, key)
+            slot = keyed[key] = _Slot(frame, key)
             self._queue.append(slot)
         else:
             self._queue.append(frame)
@@ -116,7 +126,7 @@ class Outbox:
     def discard(self) -> None:
         """Drop every queued frame (a slow client's backlog: the data is in storage)."""
         self._queue.clear()
-        self._keyed.clear()
+        self._keyed = None
         self._chars = 0
 
     def close(self) -> None:
@@ -132,26 +142,37 @@ class Outbox:
         """Wait for frames and take up to ``max_frames`` of them (and about ``max_chars``).
         Raises ``trio.EndOfChannel`` when closed and drained. Cancelling the wait loses nothing."""
         while not self._queue and not self._closed:
-            self._wakeup = trio.Event()
-            try:
-                await self._wakeup.wait()
-            finally:
-                self._wakeup = None
+            if self._writer is not None:
+                raise trio.BusyResourceError("another task is already waiting for this outbox")
+            self._writer = current_task()
+            await wait_task_rescheduled(self._abort_wait)
         await trio.lowlevel.checkpoint_if_cancelled()
-        if not self._queue:
+        queue = self._queue
+        if not queue:
             raise trio.EndOfChannel
         batch: list[str] = []
         chars = 0
-        while self._queue and len(batch) < max_frames and chars < max_chars:
-            entry = self._queue.popleft()
+        taken = 0
+        for entry in queue:
+            if taken == max_frames or chars >= max_chars:
+                break
+            taken += 1
             if isinstance(entry, _Slot):
+                assert self._keyed is not None  # a slot waits: it is indexed
                 del self._keyed[entry.key]
                 entry = entry.frame
             batch.append(entry)
             chars += len(entry)
+        del queue[:taken]
+        if self._keyed is not None and not self._keyed:
+            self._keyed = None
         self._chars -= chars
         self._writing_since = trio.current_time()
         return batch
+
+    def _abort_wait(self, _: RaiseCancelT) -> Abort:
+        self._writer = None  # the wait was cancelled (a timer, the close): nothing was taken
+        return Abort.SUCCEEDED
 
     def drained(self) -> None:
         """The writer finished a socket write: the client is reading."""
@@ -163,8 +184,15 @@ class Outbox:
         return len(self._queue) >= self._max_frames or self._chars >= self._max_chars // 2
 
     def _wake_writer(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
+        writer = self._writer
+        if writer is not None:
+            self._writer = None
+            reschedule(writer)
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    @property
+    def queued_chars(self) -> int:
+        """Characters of the frames waiting (what the byte bound counts)."""
+        return self._chars

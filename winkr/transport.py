@@ -5,14 +5,19 @@
   wsproto state and writes them in one ``send_all`` under the connection's stream lock —
   exactly what ``send_message`` does per frame.
 - A ping without a task waiting for its pong.
+- Less held per open connection (thousands of them sit idle): once the handshake is done, the
+  connection talks to wsproto's ``Connection`` directly and the handshake state (its h11
+  connection, buffers and event queue, ~1.5 KB) is let go; a ping's pong is a flag, not a
+  ``trio.Event``.
 - A clean close on a protocol violation: trio-websocket drops the TCP connection without a
   close frame when the client breaks RFC 6455 (invalid UTF-8 in a text frame, a bad opcode,
   an unmasked frame). :class:`WinkrWebSocket` sends ``connection:closed`` and a close frame
   with 1007 (invalid payload) or 1002 (protocol error) first.
 
 This reaches into trio-websocket's internals (``_wsproto``, ``_stream``, ``_stream_lock``,
-``_send``, ``_pings``, ``_close_web_socket``, ``_close_stream``), which is why setup.cfg pins
-trio-websocket below 0.13; ``tests/test_connection.py`` exercises every piece.
+``_send``, ``_pings``, ``_accept``, ``_close_web_socket``, ``_close_stream``) and wsproto's
+``WSConnection.connection``, which is why setup.cfg pins trio-websocket below 0.13;
+``tests/test_connection.py`` and ``tests/test_transport.py`` exercise every piece.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Ping, TextMessage
+from wsproto.events import CloseConnection, Ping, Request, TextMessage
 
 # RFC 6455 close codes of violations wsproto detects in what the client sent.
 _VIOLATIONS = {1007: "invalid_payload", 1009: "message_too_large"}
@@ -35,6 +40,16 @@ class WinkrWebSocket(WebSocketConnection):
 
     goodbye: Callable[[str, int], str] | None = None  # (reason, code) -> the connection:closed frame
     protocol_error: tuple[int, str] | None = None  # (code, reason) once a violation closed it
+
+    async def _accept(self, request: Request, subprotocol: str | None,
+                      extra_headers: list[tuple[bytes, bytes]]) -> None:
+        await super()._accept(request, subprotocol, extra_headers)
+        # Open: from here wsproto's WSConnection only forwards to its Connection, which has the
+        # same interface (send, receive_data, events, state, client). Talking to it directly
+        # lets the handshake (h11 state, buffers, an event queue: ~1.5 KB) go, and saves a
+        # layer of calls and generators on every frame in and out.
+        if isinstance(self._wsproto, WSConnection) and self._wsproto.connection is not None:
+            self._wsproto = self._wsproto.connection  # type: ignore[assignment]
 
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         # wsproto reports a frame it could not parse as a CloseConnection while the connection
@@ -81,15 +96,32 @@ async def send_frames(ws: WebSocketConnection, frames: list[str]) -> None:
             raise ConnectionClosed(ws.closed) from None
 
 
-async def send_ping(ws: WebSocketConnection) -> trio.Event:
-    """Send a ping without waiting for its pong: the returned event is set when the pong (or
+class Pong:
+    """Whether a ping's pong (or a later one) has arrived; trio-websocket calls ``set`` on it.
+    Nobody waits on it (the outbox writer looks at it when its timer fires), so it is a flag,
+    not a ``trio.Event`` (an object and a set per ping)."""
+
+    __slots__ = ("arrived",)
+
+    def __init__(self) -> None:
+        self.arrived = False
+
+    def set(self) -> None:
+        self.arrived = True
+
+    def is_set(self) -> bool:
+        return self.arrived
+
+
+async def send_ping(ws: WebSocketConnection) -> Pong:
+    """Send a ping without waiting for its pong: the returned flag is set when the pong (or
     a later one) arrives. ``ws.ping()`` would need a task per connection to wait in; the
-    outbox writer checks this event at its next wake-up instead."""
+    outbox writer checks the flag at its next wake-up instead."""
     if ws.closed:
         raise ConnectionClosed(ws.closed)
     payload = secrets.token_bytes(8)
-    pong = trio.Event()
-    ws._pings[payload] = pong  # trio-websocket sets it on the matching pong
+    pong = Pong()
+    ws._pings[payload] = pong  # type: ignore[assignment]  # trio-websocket only calls set() on it
     await ws._send(Ping(payload=payload))
     return pong
 
