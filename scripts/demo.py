@@ -80,7 +80,10 @@ class DemoHandler(BaseHTTPRequestHandler):
         if self.minter is None:
             self._json(HTTPStatus.NOT_FOUND, {"error": "token minting is off (start with --mint-demo-tokens)"})
             return
-        if not is_loopback(self.client_address[0]):
+        # The Host header too: a page on another site could reach a loopback address through
+        # DNS rebinding, but its requests still name that site's host.
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0] if self.headers.get("Host") else ""
+        if not is_loopback(self.client_address[0]) or not is_loopback(host):
             self._json(HTTPStatus.FORBIDDEN, {"error": "demo tokens are for loopback clients only"})
             return
         user = (parse_qs(urlsplit(self.path).query).get("user") or [""])[0]

@@ -60,7 +60,7 @@ RECV_TIMEOUT = 30.0  # mock seconds: a missing event fails the test, instantly i
 MAX_FRAME = 32 * 1024  # the default frame limit (contract §8)
 URL = "https://cdn.winkr.test/p/abc.jpg"  # a media URL the server accepts
 RATE_LIMITS_OFF = {"messages_per_minute": 0, "messages_per_hour": 0, "messages_per_day": 0, "typing_per_minute": 0,
-                   "conversations_per_day": 0, "inbound_events_per_second": 0}
+                   "conversations_per_day": 0, "inbound_events_per_second": 0, "status_changes_per_minute": 0}
 """``limits`` for ``make_settings`` that let one user send as much as a test needs."""
 
 POSTGRES_URL = os.environ.get("WINKR_TEST_POSTGRES_URL") or "postgresql://127.0.0.1:5432/test"

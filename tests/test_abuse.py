@@ -251,11 +251,29 @@ async def test_participant_ids_must_be_canonical(harness: Harness, user_id: str)
     assert_error(reply, "VALIDATION_ERROR", "participant_ids.0", "conversation:create")
 
 
-async def test_a_lone_surrogate_in_a_participant_id_is_refused(harness: Harness) -> None:
+@pytest.mark.parametrize("frame,field,ref,event", [
+    ('{"event":"conversation:create","ref":"s","data":{"participant_ids":["b\\ud800"]}}', "participant_ids.0",
+     "s", "conversation:create"),
+    ('{"event":"message:send","ref":"m","data":{"conversation_id":"c","type":"text","content":"hi \\udfff"}}',
+     "content", "m", "message:send"),
+    ('{"event":"message:send","ref":"k","data":{"metadata":{"\\ud83d":1}}}', None, "k", "message:send"),
+    ('{"event":"x\\ud800","ref":"e","data":{}}', "event", "e", None),
+    ('{"event":"conversation:list","ref":"\\ud800","data":{}}', "ref", None, "conversation:list"),
+])
+async def test_an_unpaired_surrogate_is_refused_naming_the_field(harness: Harness, frame: str, field: str | None,
+                                                                 ref: str | None, event: str | None) -> None:
+    """JSON may spell an unpaired surrogate; the frame is refused, naming the field and echoing
+    the ref (not "frame is not valid JSON"); the connection goes on."""
     alice = await harness.connect("alice")
-    await alice.send_raw('{"event":"conversation:create","ref":"s","data":{"participant_ids":["\\ud800"]}}')
+    await alice.send_raw(frame)
     reply = await alice.expect("error")
-    assert reply["data"]["code"] == "VALIDATION_ERROR"
+    assert reply["data"]["code"] == "VALIDATION_ERROR" and reply.get("ref") == ref, reply
+    assert reply["data"]["request_event"] == event, reply
+    if field is not None:
+        assert reply["data"]["details"]["field"] == field, reply
+    else:
+        assert reply["data"]["details"]["field"].startswith("metadata."), reply
+    assert (await alice.request("conversation:list"))["event"] == "conversation:list"
 
 
 # --- 4. token claims ----------------------------------------------------------------------------------
@@ -269,7 +287,7 @@ def _signed(harness: Harness, **claims: Any) -> str:
     {"username": "\ud800"}, {"avatar_url": "https://x.test/\udfff.png"}, {"sub": "al\ud800ice"},
     {"sub": "alice\x00"}, {"exp": float("nan")}, {"exp": float("inf")}, {"exp": 10**17}, {"exp": "soon"},
     {"iat": float("nan")}, {"username": 42}, {"username": "x" * 101}, {"avatar_url": "javascript:alert(1)"},
-    {"role": ["service"]},
+    {"role": ["service"]}, {"avatar_url": "https://"}, {"avatar_url": "http:///x.png"},
 ], ids=repr)
 async def test_every_claim_is_checked_before_the_upgrade(harness: Harness, claims: dict[str, Any]) -> None:
     """Once: a lone surrogate in username/avatar_url/sub got 101 then 1011 at every reconnect;
@@ -391,3 +409,37 @@ def test_a_flood_of_the_same_failure_logs_one_traceback(caplog: Any) -> None:
         throttled.exception(exc, "another kind")
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert [r.getMessage() for r in tracebacks] == ["request failed", "another kind"]
+
+
+async def test_status_changes_are_limited_per_user(harness: Harness) -> None:
+    """Each change reaches every contact: a user flapping on several connections is limited as
+    one user (breaker: 300 contacts, 5 connections slowed everyone's round trips)."""
+    first = await harness.connect("alice")
+    second = await harness.connect("alice")
+    for n in range(30):
+        reply = await (first if n % 2 else second).request("user:status", {"status": "away" if n % 2 else "busy"})
+        assert reply["event"] == "user:status_updated", reply
+    refused = await first.request("user:status", {"status": "online"})
+    assert_error(refused, "RATE_LIMITED", None, "user:status")
+    assert refused["data"]["details"]["limit"] == "30/minute" and refused["data"]["details"]["retry_after"] > 0
+
+
+async def test_a_long_conversation_list_costs_more_of_the_budget(tmp_path: Any) -> None:
+    """A list of many conversations costs one budget unit per five of them, so looping it is
+    refused sooner than looping a short one (breaker: 400 conversations, list loops)."""
+    async with running(make_settings(tmp_path, limits=RATE_LIMITS_OFF | {"inbound_events_per_second": 50})) as h:
+        busy, quiet = await h.connect("busy"), await h.connect("quiet")
+        await h.conversation(quiet, "someone")
+        for n in range(100):
+            await h.conversation(busy, f"match{n}")
+        answered = {}
+        for client in (busy, quiet):
+            for _ in range(40):
+                await client.send("conversation:list")
+            events, _ = await read_all(client)
+            lists = named(events, "conversation:list")
+            answered[client.user_id] = len(lists)
+            assert len(lists) + len(named(events, "error")) == 40
+        # quiet: 10 units a list (40 lists fit in the 500 burst); busy: 10 + 100/5 = 30 units.
+        assert answered["quiet"] == 40
+        assert answered["busy"] < 40

@@ -195,3 +195,11 @@ def test_serve_end_to_end_then_graceful_shutdown(tmp_path: Path, servers: Server
     finally:
         db_conn.close()
     assert row == ("hello over loopback",)
+
+
+def test_two_listeners_on_one_port_are_refused_naming_both(tmp_path: Path) -> None:
+    result = winkr(["serve", "--db", str(tmp_path / "w.db"), "--port", "0", "--metrics-port", "18123",
+                    "--api-port", "18123"], tmp_path, WINKR_JWT_SECRET=SECRET)
+    assert result.returncode == 2
+    assert "--metrics-port and --api-port are all 18123" in result.stderr
+    assert not (tmp_path / "w.db").exists()

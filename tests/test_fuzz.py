@@ -244,7 +244,7 @@ def expectation(frame: str | bytes) -> tuple[str, Any, Any]:
     try:
         obj = orjson.loads(frame)
     except orjson.JSONDecodeError:
-        return "unreadable", None, None
+        return _unpaired_surrogate_expectation(frame)
     if not isinstance(obj, dict):
         return "unreadable", None, None
     ref, event, data = obj.get("ref"), obj.get("event"), obj.get("data")
@@ -257,6 +257,27 @@ def expectation(frame: str | bytes) -> tuple[str, Any, Any]:
     if event not in SUCCESS and event not in TYPING:
         return "unknown_event", ref, event
     return "request", ref, event
+
+
+def _clean(value: Any, max_chars: int = 10**9) -> Any:
+    if isinstance(value, str) and len(value) <= max_chars and not any("\ud800" <= c <= "\udfff" for c in value):
+        return value
+    return None
+
+
+def _unpaired_surrogate_expectation(frame: str) -> tuple[str, Any, Any]:
+    """JSON that only orjson refuses (it spells an unpaired surrogate): the server reads it
+    with the standard library to name the field, echoing a clean ``ref`` and event."""
+    def no_constants(name: str) -> Any:
+        raise ValueError(name)
+
+    try:
+        obj = json.loads(frame, parse_constant=no_constants)
+    except (ValueError, RecursionError):
+        return "unreadable", None, None
+    if not isinstance(obj, dict):
+        return "unreadable", None, None
+    return "surrogate", _clean(obj.get("ref"), 64), _clean(obj.get("event"))
 
 
 def check_event(event: dict[str, Any], frame: Any) -> None:

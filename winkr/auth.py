@@ -112,7 +112,8 @@ def principal_from_claims(claims: dict[str, Any], now: float) -> Principal:
     issued_at = _time_claim(claims, "iat")
     username = _text_claim(claims, "username", MAX_USERNAME_CHARS)
     avatar_url = _text_claim(claims, "avatar_url", MAX_AVATAR_URL_CHARS)
-    if avatar_url is not None and (urlsplit(avatar_url).scheme not in ("https", "http") or " " in avatar_url):
+    if avatar_url is not None and (urlsplit(avatar_url).scheme not in ("https", "http")
+                                   or not urlsplit(avatar_url).hostname or " " in avatar_url):
         raise _invalid("avatar_url must be an http(s) URL")
     role = claims.get("role")
     if role is not None and not isinstance(role, str):

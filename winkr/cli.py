@@ -89,7 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings(args)
     except ConfigError as exc:
-        print(f"winkr: {exc}", file=sys.stderr)
+        if getattr(args, "log_format", None) == "json":  # as asked on the command line: every line JSON
+            print(json_line(f"winkr: {exc}", level=logging.ERROR), file=sys.stderr, flush=True)
+        else:
+            print(f"winkr: {exc}", file=sys.stderr)
         return 2
     if args.command == "check-config":
         return _check_config(settings, args.config)
@@ -139,6 +142,10 @@ def _database_problem(settings: Settings) -> str | None:
 def _serve(settings: Settings, config_file: str | None) -> int:
     """Check, bind, then create: a port in use or a missing folder leaves nothing behind."""
     problems = [p for p in (_database_problem(settings), *preflight.key_problems(settings)) if p]
+    ports = {"--port": settings.port, "--metrics-port": settings.metrics_port, "--api-port": settings.api_port}
+    taken = [flag for flag, port in ports.items() if port and list(ports.values()).count(port) > 1]
+    if taken:
+        problems.insert(0, f"{' and '.join(taken)} are all {ports[taken[0]]}: give each its own port")
     if problems:
         return _fail(settings, problems[0])
     sockets: list[socket.socket] = []

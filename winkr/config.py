@@ -47,6 +47,7 @@ class Limits:
     inbound_events_per_second: int = 50
     inbound_burst: int = 500
     joined_per_connection: int = 200
+    status_changes_per_minute: int = 30
     reports_per_day: int = 20  # message:report (contract §12)
 
 

@@ -123,6 +123,11 @@ class Connection:
         self._principal = principal
         self._set_expiry(principal.expires_at)
 
+    def charge(self, units: int) -> None:
+        rate = self._services.settings.limits.inbound_events_per_second
+        if rate and units > 0:
+            self._budget_tat = max(self._budget_tat, trio.current_time()) + units / rate
+
     def check_send_budget(self) -> None:
         now = self._services.frames.now()
         for rate in self._services.message_rates:

@@ -61,6 +61,10 @@ class ConnectionContext(Protocol):
     def refresh_principal(self, principal: Principal) -> None:
         """Adopt a refreshed token: its expiry becomes the connection's deadline."""
 
+    def charge(self, units: int) -> None:
+        """Take ``units`` more of the inbound budget for work whose cost showed only once done
+        (a long list): the connection's next frames wait until it is repaid."""
+
     def check_send_budget(self) -> None:
         """Raise ``RATE_LIMITED`` when this connection alone is already over a message limit."""
 

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from winkr.services import Services
 
 
+LIST_UNIT = 5
+"""Conversations in a ``conversation:list`` reply per unit of the inbound budget charged after it."""
+
+
 async def join(conn: ConnectionContext, request: ConversationRef, ref: str | None) -> None:
     """On the connection: within its join budget, ask the room; remember the room only once
     it accepted (a refused id is not kept)."""
@@ -107,4 +111,6 @@ async def conversation_listing(services: Services, user_id: str) -> list[dict[st
 async def list_(conn: ConnectionContext, request: Empty, ref: str | None) -> None:
     """The caller's conversations with participants' presence, unread counts and last messages."""
     listing = await conversation_listing(conn.services, conn.principal.user_id)
+    # Its cost grows with the user's conversations: one more unit per LIST_UNIT of them.
+    conn.charge(len(listing) // LIST_UNIT)
     await conn.reply("conversation:list", {"conversations": listing}, ref)

@@ -5,9 +5,14 @@ from winkr.clock import iso
 from winkr.errors import FORBIDDEN, UNAUTHORIZED, ProtocolError
 from winkr.handlers.context import ConnectionContext
 from winkr.protocol.requests import AuthRefresh, UserStatus
+from winkr.ratelimit import Rate, rate_limited
 
 
 async def status(conn: ConnectionContext, request: UserStatus, ref: str | None) -> None:
+    """Each change reaches every contact: the changes are limited per user (all connections)."""
+    rate = Rate(conn.services.settings.limits.status_changes_per_minute, "minute")
+    if rate.count and (wait := await conn.services.limiter.hit(f"status\x1f{conn.principal.user_id}", rate)):
+        raise rate_limited(rate, wait, "status changes")
     updated_at = await conn.services.presence.set_status(conn.peer, request.status)
     await conn.reply("user:status_updated", {"status": request.status, "updated_at": iso(updated_at)}, ref)
 

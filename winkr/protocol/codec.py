@@ -6,6 +6,7 @@ error reply can still echo them. ``encode`` builds a server frame once; broadcas
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
@@ -52,7 +53,8 @@ def parse_envelope(frame: str | bytes, max_bytes: int = 0) -> Envelope:
     try:
         obj = orjson.loads(frame)
     except orjson.JSONDecodeError:
-        raise EnvelopeError(VALIDATION_ERROR, "frame is not valid JSON") from None
+        _refuse_unreadable(frame)
+        raise  # unreachable: _refuse_unreadable always raises
     if not isinstance(obj, dict):
         raise EnvelopeError(VALIDATION_ERROR, "frame must be a JSON object")
     event = obj.get("event")
@@ -69,6 +71,55 @@ def parse_envelope(frame: str | bytes, max_bytes: int = 0) -> Envelope:
         raise EnvelopeError(VALIDATION_ERROR, "data must be a JSON object", request_event=event,
                             ref=ref, field="data")
     return Envelope(event, data, ref)
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _first_surrogate(value: Any, path: list[str]) -> str | None:
+    """The dotted path (from ``data``) of the first key or string with an unpaired surrogate."""
+    if isinstance(value, str):
+        return ".".join(path) if _has_surrogate(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _has_surrogate(key):
+                return ".".join([*path, key.encode("utf-8", "replace").decode()])
+            if (found := _first_surrogate(item, [*path, key])) is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if (found := _first_surrogate(item, [*path, str(index)])) is not None:
+                return found
+    return None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _refuse_unreadable(frame: str) -> None:
+    """Raise the ``EnvelopeError`` for a frame orjson refused. JSON may spell an unpaired
+    surrogate (``"\ud800"``), which orjson (rightly) refuses to decode: such a frame is read
+    again by the standard library so the error can still name the field and echo the ``ref``."""
+    try:
+        obj = json.loads(frame, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise EnvelopeError(VALIDATION_ERROR, "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise EnvelopeError(VALIDATION_ERROR, "frame must be a JSON object")
+    event, ref = obj.get("event"), obj.get("ref")
+    event = event if isinstance(event, str) and not _has_surrogate(event) else None
+    ref = ref if isinstance(ref, str) and len(ref) <= MAX_REF_CHARS and not _has_surrogate(ref) else None
+    field = _first_surrogate(obj.get("data"), [])
+    if field is None:
+        field = "event" if event is None and isinstance(obj.get("event"), str) else "ref" \
+            if ref is None and isinstance(obj.get("ref"), str) else None
+    if field is None:  # readable, yet not for orjson: integers past 64 bits, say
+        raise EnvelopeError(VALIDATION_ERROR, "frame is not valid JSON for this server (integers must fit in "
+                            "64 bits)", request_event=event, ref=ref)
+    raise EnvelopeError(VALIDATION_ERROR, f"{field or 'data'} contains an unpaired surrogate (\\ud800-\\udfff): "
+                        "send valid Unicode text", request_event=event, ref=ref, field=field or "data")
 
 
 def encode(event: str, data: dict[str, Any], timestamp: str, ref: str | None = None) -> str:
