@@ -323,7 +323,9 @@ def _masked_frame(opcode: int, payload: bytes, *, masked: bool = True) -> bytes:
     (_masked_frame(0x1, b'{"event":"\xc3\x28"}'), "invalid_payload", 1007),
     (_masked_frame(0x3, b"{}"), "protocol_error", 1002),  # a reserved opcode
     (_masked_frame(0x1, b"{}", masked=False), "protocol_error", 1002),  # clients must mask
-], ids=["raw-ff", "bad-utf8-sequence", "reserved-opcode", "unmasked"])
+    (_masked_frame(0x8, b"\x03\xe8\xff\xfe"), "invalid_payload", 1007),  # a close reason that is not UTF-8
+    (_masked_frame(0x9, b"x" * 126), "protocol_error", 1002),  # a control frame over 125 bytes
+], ids=["raw-ff", "bad-utf8-sequence", "reserved-opcode", "unmasked", "close-reason", "long-ping"])
 async def test_a_protocol_violation_is_closed_with_a_reason(harness: Harness, caplog: Any, frame: bytes,
                                                             reason: str, code: int) -> None:
     """Once: a text frame with invalid UTF-8 dropped the TCP connection with no close frame and

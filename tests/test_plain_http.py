@@ -109,3 +109,37 @@ async def test_websocket_upgrades_still_work_after_plain_requests(harness: Harne
     alice = await harness.connect("alice")  # the upgrade, replayed to trio-websocket
     reply: dict[str, Any] = await alice.request("conversation:list", {})
     assert reply["event"] == "conversation:list", reply
+
+
+KEY = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+UPGRADE = "Connection: Upgrade\r\nUpgrade: websocket\r\n"
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "hint", "header"), [
+    (f"GET /ws HTTP/1.1\r\nHost: h\r\n{UPGRADE}Sec-WebSocket-Version: 13\r\n\r\n".encode(), 400,
+     "Sec-WebSocket-Key", None),
+    (f"POST /ws HTTP/1.1\r\nHost: h\r\n{UPGRADE}{KEY}Sec-WebSocket-Version: 13\r\n\r\n".encode(), 405, "GET",
+     ("allow", "GET")),
+    (f"GET /ws HTTP/1.1\r\n{UPGRADE}{KEY}Sec-WebSocket-Version: 13\r\n\r\n".encode(), 400, "Host", None),
+    (f"GET /ws HTTP/1.1\r\nHost: h\r\n{UPGRADE}{KEY}Sec-WebSocket-Version: 8\r\n\r\n".encode(), 426, "version 13",
+     ("sec-websocket-version", "13")),
+], ids=["no-key", "post", "no-host", "version-8"])
+async def test_a_malformed_upgrade_gets_a_json_answer_that_says_what_is_missing(
+        harness: Harness, request_bytes: bytes, status: int, hint: str, header: tuple[str, str] | None) -> None:
+    """Once: wsproto's bare 400/426 with no body and no hint (breaker, issue 13)."""
+    got, headers, body, elapsed = await exchange(harness, request_bytes)
+    assert got == status and elapsed < 1
+    error = orjson.loads(body)
+    assert error["event"] == "error" and hint in error["data"]["message"], error
+    if header is not None:
+        assert headers[header[0]] == header[1]
+
+
+async def test_a_tls_handshake_on_the_plain_port_is_closed_at_once(harness: Harness) -> None:
+    """A client that expected wss:// here sends a TLS ClientHello: closed at once, not after
+    the 30 s handshake timeout."""
+    client, server_side = trio.testing.memory_stream_pair()
+    harness.server.accept_stream(server_side)
+    await client.send_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32))
+    with trio.fail_after(1):
+        assert await client.receive_some(100) == b""

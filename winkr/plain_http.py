@@ -65,17 +65,25 @@ class ReplayStream(trio.abc.Stream):
 
 
 _UPGRADE = re.compile(rb"^upgrade[ \t]*:[^\r\n]*websocket", re.IGNORECASE | re.MULTILINE)
+# What a WebSocket opening needs (RFC 6455 §4.1); checked by pattern, parsed only when one is missing.
+_GET = re.compile(rb"^GET ")
+_KEY = re.compile(rb"^sec-websocket-key[ \t]*:[ \t]*[A-Za-z0-9+/]{22}==[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+_VERSION = re.compile(rb"^sec-websocket-version[ \t]*:[ \t]*13[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+_HOST = re.compile(rb"^host[ \t]*:", re.IGNORECASE | re.MULTILINE)
+TLS_RECORD = 0x16  # a TLS ClientHello's first byte: the client expected wss:// here
 
 
 @attrs.frozen
 class Opening:
     """The request head a client opened with."""
 
-    is_websocket: bool  # an Upgrade: websocket request: trio-websocket takes it from here
+    is_websocket: bool  # a well-formed Upgrade: websocket request: trio-websocket takes it from here
     request: h11.Request | None  # a plain request, parsed; None: malformed, too large, or a WebSocket
     status: int  # 400 or 431 when the plain request could not be parsed, else 0
     connection: h11.Connection | None = attrs.field(eq=False, repr=False)
     data: bytes = attrs.field(repr=False)  # every byte read so far
+    upgrade_problem: tuple[int, str, tuple[tuple[str, str], ...]] | None = None  # a malformed upgrade's answer
+    is_tls: bool = False  # a TLS handshake on this plain port: nothing to answer, close at once
 
     def replay(self, stream: trio.abc.Stream) -> ReplayStream:
         """``stream`` as it was before the head was read (for ``wrap_server_stream``)."""
@@ -98,8 +106,11 @@ async def read_opening(stream: trio.abc.Stream) -> Opening | None:
             ended = True
             break
         data += chunk
+        if data[0] == TLS_RECORD:
+            return Opening(False, None, 0, None, bytes(data), is_tls=True)
     if end >= 0 and _UPGRADE.search(data, 0, end):
-        return Opening(True, None, 0, None, bytes(data))
+        problem = _upgrade_problem(bytes(data[:end + 2]))
+        return Opening(problem is None, None, 0, None, bytes(data), problem)
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     connection.receive_data(bytes(data))
     if ended:
@@ -115,6 +126,21 @@ async def read_opening(stream: trio.abc.Stream) -> Opening | None:
     return None  # ConnectionClosed: nothing was sent
 
 
+def _upgrade_problem(head: bytes) -> tuple[int, str, tuple[tuple[str, str], ...]] | None:
+    """Why an ``Upgrade: websocket`` head is not a WebSocket opening, as (status, message,
+    headers); None when it is (wsproto parses it then)."""
+    if not _GET.match(head):
+        return 405, "a WebSocket upgrade is a GET request", (("allow", "GET"),)
+    if not _HOST.search(head):
+        return 400, "a WebSocket upgrade needs a Host header", ()
+    if not _VERSION.search(head):
+        return 426, "only WebSocket version 13 (RFC 6455): send Sec-WebSocket-Version: 13", (
+            ("sec-websocket-version", "13"),)
+    if not _KEY.search(head):
+        return 400, "a WebSocket upgrade needs Sec-WebSocket-Key: base64 of 16 random bytes", ()
+    return None
+
+
 def _error(code: str, message: str) -> dict[str, object]:
     return {"event": "error", "data": {"code": code, "message": message}}
 
@@ -122,7 +148,10 @@ def _error(code: str, message: str) -> dict[str, object]:
 def plan_answer(opening: Opening) -> tuple[int, list[tuple[str, str]], dict[str, object]]:
     """The status, extra headers and JSON body for a request that is not a WebSocket upgrade."""
     request = opening.request
-    if request is None:  # (the upgrade case never comes here)
+    if opening.upgrade_problem is not None:
+        status, message, extra = opening.upgrade_problem
+        return status, list(extra), _error(VALIDATION_ERROR, message)
+    if request is None:  # (a well-formed upgrade never comes here)
         if opening.status == 431:
             return 431, [], _error(VALIDATION_ERROR, f"request head over {MAX_HEAD_BYTES} bytes: send a shorter one")
         return 400, [], _error(VALIDATION_ERROR, "malformed HTTP request")

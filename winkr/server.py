@@ -113,7 +113,9 @@ class Gateway:
                 with trio.move_on_after(settings.handshake_timeout):
                     # Plain HTTP (health checks, a browser) is answered here; upgrades go on.
                     opening = await plain_http.read_opening(stream)
-                    if opening is not None and not opening.is_websocket:
+                    if opening is not None and opening.is_tls:  # https/wss on the plain port
+                        log.debug("TLS handshake on the plain WebSocket port", extra={"ip": ip})
+                    elif opening is not None and not opening.is_websocket:
                         status = await plain_http.answer(stream, opening)
                         log.debug("plain HTTP request answered", extra={"ip": ip, "status": status})
                     elif opening is not None:
