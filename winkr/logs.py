@@ -52,6 +52,27 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # a library's warning is a log record too, in the same format
+
+
+class _Throttle:
+    """Per key, whether to log now: at most once per ``interval`` seconds; what was held back
+    in between is counted. Bounded: the oldest keys are forgotten past 1,000."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last: dict[Hashable, tuple[float, int]] = {}  # key -> (logged at, suppressed since)
+
+    def admit(self, key: Hashable, now: float) -> tuple[bool, int, float]:
+        """``(log it, how many were held back, seconds since the last one logged)``."""
+        logged_at, suppressed = self._last.get(key, (-math.inf, 0))
+        if now - logged_at < self._interval:
+            self._last[key] = (logged_at, suppressed + 1)
+            return False, suppressed + 1, now - logged_at
+        if len(self._last) > 1000:
+            self._last = dict(sorted(self._last.items(), key=lambda item: item[1][0])[-500:])
+        self._last[key] = (now, 0)
+        return True, suppressed, now - logged_at
 
 
 class ThrottledLog:
@@ -64,8 +85,7 @@ class ThrottledLog:
 
     def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
         self._log = logger
-        self._interval = interval
-        self._last: dict[tuple[str, str, int], tuple[float, int]] = {}  # kind -> (logged at, suppressed)
+        self._throttle = _Throttle(interval)
 
     def exception(self, exc: BaseException, message: str, *args: object) -> None:
         """Log ``message`` with ``exc``'s traceback, unless this kind was logged recently."""
@@ -73,43 +93,30 @@ class ThrottledLog:
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         kind = (type(exc).__qualname__, tb.tb_frame.f_code.co_filename if tb else "", tb.tb_lineno if tb else 0)
-        now = time.monotonic()
-        logged_at, suppressed = self._last.get(kind, (-math.inf, 0))
-        if now - logged_at < self._interval:
-            self._last[kind] = (logged_at, suppressed + 1)
+        log_it, suppressed, since = self._throttle.admit(kind, time.monotonic())
+        if not log_it:
             return
-        if len(self._last) > 1000:  # bounded: forget the oldest kinds
-            self._last = dict(sorted(self._last.items(), key=lambda item: item[1][0])[-500:])
-        self._last[kind] = (now, 0)
         if suppressed:
-            message += f" (and {suppressed} more like it in the last {now - logged_at:.0f} s)"
+            message += f" (and {suppressed} more like it in the last {since:.0f} s)"
         self._log.error(message, *args, exc_info=exc)
-    logging.captureWarnings(True)  # a library's warning is a log record too, in the same format
 
 
 class ThrottledLines:
     """Log lines at most once per key per ``interval`` seconds, for lines a client can cause at
     will (a refused handshake): the first of a key is logged, the rest are counted and the
-    count rides on the next line of that key (field ``suppressed``). Keys are bounded like
-    :class:`ThrottledLog`'s. ``clock`` is in seconds (trio time in the server, so tests can
-    move it). Owned by one actor; used only from the trio thread."""
+    count rides on the next line of that key (field ``suppressed``). ``clock`` is in seconds
+    (trio time in the server, so tests can move it). Owned by one actor; used only from the
+    trio thread."""
 
     def __init__(self, logger: logging.Logger, clock: Callable[[], float], interval: float = 60.0) -> None:
         self._log = logger
         self._clock = clock
-        self._interval = interval
-        self._last: dict[Hashable, tuple[float, int]] = {}  # key -> (logged at, suppressed)
+        self._throttle = _Throttle(interval)
 
     def info(self, key: Hashable, message: str, **fields: object) -> None:
-        now = self._clock()
-        logged_at, suppressed = self._last.get(key, (-math.inf, 0))
-        if now - logged_at < self._interval:
-            self._last[key] = (logged_at, suppressed + 1)
-            return
-        if len(self._last) > 1000:  # bounded: forget the oldest keys
-            self._last = dict(sorted(self._last.items(), key=lambda item: item[1][0])[-500:])
-        self._last[key] = (now, 0)
-        self._log.info(message, extra={**fields, "suppressed": suppressed} if suppressed else fields)
+        log_it, suppressed, _ = self._throttle.admit(key, self._clock())
+        if log_it:
+            self._log.info(message, extra={**fields, "suppressed": suppressed} if suppressed else fields)
 
 
 def json_line(message: str, *, logger: str = "winkr", level: int = logging.INFO, **fields: object) -> str:
