@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level")
     serve.add_argument("--metrics-port", type=int)
     serve.add_argument("--api-port", type=int, help="serve the server API (docs/server-api.md) on this port")
+    serve.add_argument("--broker-url", metavar="URL",
+                       help="redis://... joins the nodes sharing it and the database (default: one node; "
+                            "env WINKR_BROKER_URL)")
+    serve.add_argument("--node-id", help="this node's name among the others (default hostname-pid)")
 
     token = commands.add_parser("token", parents=[common], help="print a signed token for a user")
     token.add_argument("user_id")
@@ -79,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     flags: dict[str, Any] = {"db": args.db, "database_url": args.database_url}
-    for name in ("host", "port", "log_format", "log_level", "metrics_port", "api_port"):
+    for name in ("host", "port", "log_format", "log_level", "metrics_port", "api_port", "broker_url", "node_id"):
         flags[name] = getattr(args, name, None)
     return load_settings(args.config, flags)
 

@@ -95,7 +95,16 @@ class Settings:
     api_keys: tuple[str, ...] = ()  # none: one is generated beside the database (api_key_path)
     api_max_body_bytes: int = 64 * 1024
     max_report_note_chars: int = 500
+    # More than one node (contract §16, docs/architecture.md "More than one node"): empty or
+    # "memory" is one node; redis://... joins the nodes that share it and the database.
+    broker_url: str = ""
+    node_id: str = ""  # empty: hostname-pid, chosen at start (winkr.broker.default_node_id)
     limits: Limits = Limits()
+
+    @property
+    def clustered(self) -> bool:
+        """Whether a broker joins this node to others (``broker_url`` names a Redis)."""
+        return self.broker_url not in ("", "memory")
 
     @property
     def database(self) -> DatabaseUrl:
@@ -297,6 +306,12 @@ def _check(settings: Settings, name: Any) -> None:
             parse_database_url(settings.database_url)
         except DatabaseUrlError as exc:
             raise ConfigError(f"{name('database_url')}: {exc}") from None
+    if settings.clustered and urlsplit(settings.broker_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{name('broker_url')} must be empty (one node), memory, or a redis://, rediss:// "
+                          "or unix:// URL")
+    if settings.node_id and (settings.node_id != settings.node_id.strip() or "|" in settings.node_id
+                             or len(settings.node_id) > 100):
+        raise ConfigError(f"{name('node_id')} must be at most 100 characters without spaces around it or '|'")
     if settings.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
         raise ConfigError(f"{name('sqlite_synchronous')} must be NORMAL or FULL")
     if settings.log_format not in ("text", "json"):

@@ -162,6 +162,9 @@ class Metrics:
             "From the event (its commit) to the receiver's 2xx, retries included.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0,
                      3600.0, 6 * 3600.0, 24 * 3600.0), registry=r)
+        self.limiter_errors = Counter("winkr_limiter_errors_total",
+                                      "Rate-limit calls the cluster's Redis did not answer (typing and "
+                                      "status then allowed, new connections refused).", registry=r)
 
     def event_in(self, event: str | None) -> None:
         counts = self.events_in.counts

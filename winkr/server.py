@@ -7,10 +7,11 @@ which closes first on shutdown so that every connection can still say goodbye. T
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from urllib.parse import urlsplit
 
@@ -23,6 +24,7 @@ from winkr import plain_http
 from winkr.actor import Frames
 from winkr.auth import Principal, TokenVerifier, token_from_handshake
 from winkr.clock import WallClock, system_wall_clock
+from winkr.cluster import cluster_redis_url
 from winkr.config import Settings
 from winkr.connection import Connection
 from winkr.errors import (
@@ -41,7 +43,15 @@ from winkr.metrics import Metrics
 from winkr.policy import PolicySettings, default_blocked_words
 from winkr.presence import run_presence
 from winkr.protocol.codec import refusal_body
-from winkr.ratelimit import Rate, message_rates, rate_limited, run_rate_limiter
+from winkr.ratelimit import (
+    Limiter,
+    LimiterUnavailable,
+    Rate,
+    RateLimiterHandle,
+    message_rates,
+    rate_limited,
+    run_rate_limiter,
+)
 from winkr.reaper import open_reaper_channel, run_reaper
 from winkr.revocations import run_revocations
 from winkr.room import RoomServices
@@ -170,6 +180,15 @@ class Gateway:
                 "duration_s": round(trio.current_time() - started, 3)})
 
     async def _check_handshake(self, request: WebSocketRequest, ip: str) -> tuple[Principal, str | None]:
+        try:
+            return await self._check_handshake_limited(request, ip)
+        except LimiterUnavailable:
+            # A cluster's limiter cannot count new connections (Redis down): refuse them
+            # rather than accept unlimited ones; established connections go on (§17.9).
+            raise HandshakeRefused(503, ProtocolError(
+                CONNECTION_ERROR, "cannot accept new connections right now: retry later")) from None
+
+    async def _check_handshake_limited(self, request: WebSocketRequest, ip: str) -> tuple[Principal, str | None]:
         services, settings = self.services, self.services.settings
         limits = settings.limits
         ip_rate = Rate(limits.failed_handshakes_per_minute_per_ip, "minute")
@@ -199,14 +218,20 @@ class Gateway:
             raise HandshakeRefused(429, ProtocolError(
                 CONNECTION_ERROR, f"at most {limits.connections_per_user} open connections per user"))
         if conn_rate.count:
-            await services.limiter.hit(user_key, conn_rate)
+            try:
+                await services.limiter.hit(user_key, conn_rate)
+            except BaseException:  # the slot just taken is not going to be used
+                with trio.CancelScope(shield=True):
+                    await services.presence.release(principal.user_id)
+                raise
         return principal, found.subprotocol
 
     async def _refuse(self, request: WebSocketRequest, ip: str, refusal: HandshakeRefused) -> None:
         limits = self.services.settings.limits
         ip_rate = Rate(limits.failed_handshakes_per_minute_per_ip, "minute")
         if ip_rate.count:
-            await self.services.limiter.hit(f"failed\x1f{ip}", ip_rate)
+            with contextlib.suppress(LimiterUnavailable):  # uncounted while a cluster's Redis is down
+                await self.services.limiter.hit(f"failed\x1f{ip}", ip_rate)
         error = refusal.error
         self.metrics.handshakes_refused.labels(error.code).inc()
         headers = [(b"content-type", b"application/json")]
@@ -226,8 +251,9 @@ class Server:
     def __init__(self, settings: Settings, secret: str | None, *, clock: WallClock = system_wall_clock,
                  run_sync: RunSync = trio.to_thread.run_sync, api_sockets: list[socket.socket] | None = None,
                  webhook_transport: httpx.AsyncBaseTransport | None = None,
-                 webhook_backoff: Backoff = DEFAULT_BACKOFF) -> None:
+                 webhook_backoff: Backoff = DEFAULT_BACKOFF, limiter: Limiter | None = None) -> None:
         self.settings = settings
+        self.limiter = limiter  # tests: one shared by several nodes; None: chosen by the settings
         self.api_sockets = api_sockets  # bound by the CLI; None: bound here when api_port is set
         self.api_port: int | None = None
         self.api_app: ASGIApp | None = None  # the server API (served over HTTP when api_port is set)
@@ -327,7 +353,7 @@ class Server:
         store_handle = await nursery.start(partial(run_store_writer, store, self.run_sync, metrics=self.metrics))
         if engine.sqlite_path is not None:
             nursery.start_soon(run_checkpointer, engine.sqlite_path, self.run_sync)
-        limiter = await nursery.start(run_rate_limiter, self.clock)
+        limiter = self.limiter or await self._open_limiter(nursery)
         presence = await nursery.start(partial(run_presence, frames, store_handle, grace=settings.presence_grace,
                                                online_gauge=self.metrics.online_users))
         reaper, reaper_inbox = open_reaper_channel()
@@ -350,6 +376,21 @@ class Server:
         return Services(settings, frames, self.verifier, self.policy, store_handle, presence, hub, reaper, limiter,
                         rates, webhooks, revocations, readers)
 
+    async def _open_limiter(self, nursery: trio.Nursery) -> Limiter:
+        """The in-process limiter on one node; Redis's when the cluster shares one (closed
+        when ``nursery`` ends)."""
+        redis_url = cluster_redis_url(self.settings)
+        if redis_url is None:
+            in_process: RateLimiterHandle = await nursery.start(run_rate_limiter, self.clock)
+            return in_process
+        from winkr.redis_limiter import RedisLimiter  # the cluster extra: only when configured
+
+        threads = self.run_sync is trio.to_thread.run_sync  # else tests' inline calls
+        limiter = RedisLimiter.from_url(redis_url, on_error=self.metrics.limiter_errors.inc,
+                                        run_sync=None if threads else self.run_sync)
+        nursery.start_soon(partial(_close_when_cancelled, limiter.aclose))
+        return limiter
+
     async def _sample_runtime(self) -> None:
         """Keep the task-count gauge fresh (the scrape runs on another thread, so it cannot ask
         trio itself)."""
@@ -363,6 +404,14 @@ class Server:
         if self._connections is None:
             raise RuntimeError("the server is not running")
         self._connections.start_soon(self.gateway.handle_stream, stream)
+
+
+async def _close_when_cancelled(aclose: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await aclose()
 
 
 async def serve_forever(settings: Settings, secret: str, *, on_listening: Callable[[list[int]], None],
