@@ -97,6 +97,10 @@ class Metrics:
         self.limiter_errors = Counter("winkr_limiter_errors_total",
                                       "Rate-limit calls the cluster's Redis did not answer (typing and "
                                       "status then allowed, new connections refused).", registry=r)
+        self.proxy_headers_refused = Counter(
+            "winkr_proxy_headers_refused_total",
+            "Connections from a proxy_protocol_from address closed for a missing or malformed PROXY header.",
+            registry=r)
         # Label children resolved once: the hot path only calls inc().
         self._in = {event: self.events_in.labels(event) for event in events}
         self._unknown_in = self.events_in.labels("unknown")

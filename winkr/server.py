@@ -43,6 +43,7 @@ from winkr.metrics import Metrics
 from winkr.policy import PolicySettings, default_blocked_words
 from winkr.presence import run_presence
 from winkr.protocol.codec import refusal_body
+from winkr.proxy_protocol import ProxyHeader, ProxyHeaderError, is_trusted, parse_networks, read_proxy_header
 from winkr.ratelimit import (
     Limiter,
     LimiterUnavailable,
@@ -111,6 +112,7 @@ class Gateway:
         self.metrics = metrics
         self.clock = clock
         self._refusal_log = ThrottledLines(log, trio.current_time)
+        self._proxies = parse_networks(services.settings.proxy_protocol_from)
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one stream until its connection ends; never raises (one bad stream must not
@@ -121,6 +123,14 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 request = None
                 with trio.move_on_after(settings.handshake_timeout):
+                    if is_trusted(ip, self._proxies):
+                        # A load balancer: the client's address comes first (winkr/proxy_protocol.py).
+                        header = await self._read_proxy_header(stream, ip)
+                        if header is None:
+                            return
+                        ip = header.client_ip or ip
+                        if header.rest:
+                            stream = plain_http.ReplayStream(header.rest, stream)
                     # Plain HTTP (health checks, a browser) is answered here; upgrades go on.
                     opening = await plain_http.read_opening(stream)
                     if opening is not None and opening.is_tls:  # https/wss on the plain port
@@ -145,6 +155,16 @@ class Gateway:
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def _read_proxy_header(self, stream: trio.abc.Stream, peer: str) -> ProxyHeader | None:
+        """The PROXY header a trusted balancer must send first, or None (logged, counted) when
+        it is missing or malformed: the caller closes the stream."""
+        try:
+            return await read_proxy_header(stream)
+        except ProxyHeaderError as exc:
+            self.metrics.proxy_headers_refused.inc()
+            self._refusal_log.info((peer, "proxy"), "PROXY header refused", ip=peer, reason=str(exc))
+            return None
 
     async def _open_connection(self, request: WebSocketRequest, ip: str) -> Connection | None:
         """Check the handshake and accept it (the connection, not yet running), or refuse it."""
