@@ -523,16 +523,18 @@ def error_body(rejection: ConnectionRejected) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def running(settings: Settings, watchdog: dict[str, Any] | None = None) -> AsyncIterator[Harness]:
+async def running(settings: Settings, watchdog: dict[str, Any] | None = None,
+                  **server_kwargs: Any) -> AsyncIterator[Harness]:
     """One server on ``settings`` for the body of the ``async with``; shut down gracefully
-    after it (so a second ``running`` on the same settings is a restart on the same db)."""
+    after it (so a second ``running`` on the same settings is a restart on the same db).
+    ``server_kwargs`` go to ``Server`` (a ``limiter`` shared with another node)."""
     if watchdog is not None:
         watchdog["token"] = trio.lowlevel.current_trio_token()
     # The clients' tasks live in a nursery of their own: once the server has shut down
     # (gracefully: within its shutdown_timeout), whatever the clients left unread is dropped.
     async with trio.open_nursery() as clients:
         async with trio.open_nursery() as servers:
-            server = await start_server(servers, settings)
+            server = await start_server(servers, settings, **server_kwargs)
             try:
                 yield Harness(server, clients, settings)
             finally:
@@ -540,8 +542,8 @@ async def running(settings: Settings, watchdog: dict[str, Any] | None = None) ->
         clients.cancel_scope.cancel()
 
 
-async def start_server(nursery: trio.Nursery, settings: Settings) -> Server:
-    server = Server(settings, SECRET, clock=trio_wall_clock(), run_sync=run_inline)
+async def start_server(nursery: trio.Nursery, settings: Settings, **server_kwargs: Any) -> Server:
+    server = Server(settings, SECRET, clock=trio_wall_clock(), run_sync=run_inline, **server_kwargs)
     await nursery.start(server.serve, [])
     return server
 
@@ -594,3 +596,54 @@ def servers(tmp_path: Any) -> Iterator[Servers]:
     started = Servers(tmp_path)
     yield started
     started.kill_all()
+
+
+# --- Redis (the cluster's shared engine) -----------------------------------------------------------
+
+REDIS_URL = os.environ.get("WINKR_TEST_REDIS_URL") or "redis://127.0.0.1:6379/0"
+REQUIRE_REDIS = os.environ.get("WINKR_TEST_REQUIRE_REDIS", "") not in ("", "0")
+_redis: dict[str, str] = {}  # "error": why Redis cannot be used (probed once)
+
+
+def _redis_problem() -> str | None:
+    if "ok" not in _redis and "error" not in _redis:
+        try:
+            import redis
+
+            client = redis.Redis.from_url(REDIS_URL, socket_timeout=3, socket_connect_timeout=3)
+            client.ping()
+            client.close()
+            _redis["ok"] = "yes"
+        except Exception as exc:  # noqa: BLE001 - ImportError or any connection failure: say which
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _redis["error"] = (f"no Redis at {REDIS_URL} (set WINKR_TEST_REDIS_URL): "
+                               f"{type(exc).__name__}: {first_line}")
+    return _redis.get("error")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The shared test Redis (``WINKR_TEST_REDIS_URL``): the test skips with one line when none
+    answers, or fails when ``WINKR_TEST_REQUIRE_REDIS=1`` (``.ci/run`` sets it)."""
+    problem = _redis_problem()
+    if problem is not None:
+        if REQUIRE_REDIS:
+            pytest.fail(f"{problem} [WINKR_TEST_REQUIRE_REDIS is set: a skip is a failure]", pytrace=False)
+        pytest.skip(problem)
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted after the test (never anyone else's)."""
+    import redis
+
+    prefix = f"winkr-test:{secrets.token_hex(6)}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

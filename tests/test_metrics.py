@@ -99,3 +99,25 @@ async def test_process_metrics_are_served_and_created_series_are_not(harness: Ha
         assert metric(text, "process_open_fds") >= 3
         assert metric(text, "process_cpu_seconds_total") > 0
         assert metric(text, "process_max_fds") > 0
+
+
+def test_plain_int_histogram_exposes_what_prometheus_client_would() -> None:
+    """The lock-free histogram (per frame/write/message on the hot path) renders the same
+    buckets, count and sum as prometheus_client's own Histogram given the same values,
+    including values on a bound, below the first and above the last."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from winkr.metrics import FastHistogram, _Collector
+
+    bounds = (0.0005, 0.001, 0.5, 1.0, 5.0)
+    values = [0.0, 0.0005, 0.0007, 0.001, 0.3, 1.0, 1.5, 5.0, 9.0, 0.0001]
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("h_seconds", "doc", buckets=bounds, registry=theirs)
+    fast = FastHistogram("h_seconds", "doc", bounds)
+    ours.register(_Collector([fast]))
+    for value in values:
+        reference.observe(value)
+        fast.observe(value)
+    def lines(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+    assert lines(ours) == lines(theirs)

@@ -243,27 +243,34 @@ class Connection:
         pong_deadline = math.inf
         try:
             while True:
-                batch = None
-                with trio.move_on_at(min(next_ping, pong_deadline)):
-                    try:
-                        batch = await self._outbox.receive_batch(MAX_FRAMES_PER_WRITE, MAX_CHARS_PER_WRITE)
-                    except trio.EndOfChannel:
-                        return
-                if batch:
-                    if metrics is not None:
-                        metrics.frames_per_write.observe(len(batch))
-                    with trio.move_on_after(stall_limit) as stalled:
+                # One cancel scope serves every wait and write until its deadline fires; its
+                # deadline is moved (the next timer while waiting, the stall limit while
+                # writing) instead of a new scope per write: a scope with a deadline costs
+                # ~8 µs to open and close, and their churn feeds trio's deadline heap
+                # (docs/performance.md, issue 10, proposal 2).
+                writing = False
+                with trio.CancelScope() as timer:
+                    while True:
+                        timer.deadline = min(next_ping, pong_deadline)
+                        try:
+                            batch = await self._outbox.receive_batch(MAX_FRAMES_PER_WRITE, MAX_CHARS_PER_WRITE)
+                        except trio.EndOfChannel:
+                            return
+                        if metrics is not None:
+                            metrics.frames_per_write.observe(len(batch))
+                        timer.deadline = trio.current_time() + stall_limit
+                        writing = True
                         try:
                             await send_frames(self.ws, batch)
                         except BaseException:
                             self._write_interrupted = not self._socket_gone
                             raise
-                    if stalled.cancelled_caught:
-                        self._write_interrupted = True
-                        self._outbox.request_close("slow_consumer")
-                        return
-                    self._outbox.drained()
-                    continue
+                        writing = False
+                        self._outbox.drained()
+                if writing:  # the stall limit fired mid-write
+                    self._write_interrupted = True
+                    self._outbox.request_close("slow_consumer")
+                    return
                 now = trio.current_time()
                 if pong is not None:
                     if not pong.arrived:

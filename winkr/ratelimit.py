@@ -1,5 +1,7 @@
-"""Rate limits: GCRA (the generic cell rate algorithm), and the actor that owns the
-in-memory limits (typing, new connections, failed handshakes per IP).
+"""Rate limits: GCRA (the generic cell rate algorithm), the ``Limiter`` seam, and the actor
+that owns the in-memory limits (typing, status changes, new connections, failed handshakes
+per IP) — the one-node implementation of ``Limiter``. With a Redis URL configured the same
+limits are counted in Redis (``winkr.redis_limiter``) across every node.
 
 Why GCRA: one number per (key, limit) — the theoretical arrival time — so memory is O(1)
 per user whatever the limit; no fixed-window edge where twice the limit slips through in a
@@ -9,6 +11,8 @@ same transaction as the insert, with their state persisted, so the hour and day 
 survive a restart.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import attrs
 import trio
@@ -99,7 +103,29 @@ class _Hit:
     reply: Reply[float]
 
 
+class LimiterUnavailable(Exception):
+    """The limiter could not count (its Redis is unreachable) a limit that fails closed: new
+    connections and failed handshakes. The gateway answers HTTP 503 (contract §17.9)."""
+
+
+class Limiter(Protocol):
+    """Counts ephemeral limits by key. ``key`` is ``kind\x1fid`` (``typing\x1falice``,
+    ``failed\x1f203.0.113.9``); the kind decides what happens when the limiter cannot count
+    (``winkr.redis_limiter``: typing and status fail open, connect and failed fail closed)."""
+
+    async def hit(self, key: str, rate: Rate) -> float:
+        """Count one event under ``key``: 0.0 if allowed, else the seconds to wait (nothing is
+        counted then). Raises ``LimiterUnavailable`` for a fail-closed kind it cannot count."""
+        ...
+
+    async def check(self, key: str, rate: Rate) -> float:
+        """Whether one more event would be allowed (0.0) or the seconds to wait; counts nothing."""
+        ...
+
+
 class RateLimiterHandle:
+    """The in-process ``Limiter``: a handle to the actor of ``run_rate_limiter``."""
+
     def __init__(self, inbox: trio.MemorySendChannel[_Hit]) -> None:
         self._inbox = inbox
 

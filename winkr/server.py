@@ -7,10 +7,11 @@ which closes first on shutdown so that every connection can still say goodbye. T
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from urllib.parse import urlsplit
 
@@ -24,6 +25,7 @@ from winkr.actor import Frames
 from winkr.auth import Principal, TokenVerifier, token_from_handshake
 from winkr.broker import BROADCAST_TOPIC, Broker, InProcessBroker, default_node_id
 from winkr.clock import WallClock, system_wall_clock
+from winkr.cluster import cluster_redis_url
 from winkr.config import Settings
 from winkr.connection import Connection
 from winkr.dispatcher import NodeInbox, run_dispatcher
@@ -43,7 +45,16 @@ from winkr.metrics import Metrics
 from winkr.policy import PolicySettings, default_blocked_words
 from winkr.presence import run_presence
 from winkr.protocol.codec import refusal_body
-from winkr.ratelimit import Rate, message_rates, rate_limited, run_rate_limiter
+from winkr.proxy_protocol import ProxyHeader, ProxyHeaderError, is_trusted, parse_networks, read_proxy_header
+from winkr.ratelimit import (
+    Limiter,
+    LimiterUnavailable,
+    Rate,
+    RateLimiterHandle,
+    message_rates,
+    rate_limited,
+    run_rate_limiter,
+)
 from winkr.reaper import open_reaper_channel, run_reaper
 from winkr.revocations import run_revocations
 from winkr.room import RoomServices
@@ -104,6 +115,7 @@ class Gateway:
         self.metrics = metrics
         self.clock = clock
         self._refusal_log = ThrottledLines(log, trio.current_time)
+        self._proxies = parse_networks(services.settings.proxy_protocol_from)
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one stream until its connection ends; never raises (one bad stream must not
@@ -114,6 +126,14 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 request = None
                 with trio.move_on_after(settings.handshake_timeout):
+                    if is_trusted(ip, self._proxies):
+                        # A load balancer: the client's address comes first (winkr/proxy_protocol.py).
+                        header = await self._read_proxy_header(stream, ip)
+                        if header is None:
+                            return
+                        ip = header.client_ip or ip
+                        if header.rest:
+                            stream = plain_http.ReplayStream(header.rest, stream)
                     # Plain HTTP (health checks, a browser) is answered here; upgrades go on.
                     opening = await plain_http.read_opening(stream)
                     if opening is not None and opening.is_tls:  # https/wss on the plain port
@@ -138,6 +158,16 @@ class Gateway:
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def _read_proxy_header(self, stream: trio.abc.Stream, peer: str) -> ProxyHeader | None:
+        """The PROXY header a trusted balancer must send first, or None (logged, counted) when
+        it is missing or malformed: the caller closes the stream."""
+        try:
+            return await read_proxy_header(stream)
+        except ProxyHeaderError as exc:
+            self.metrics.proxy_headers_refused.inc()
+            self._refusal_log.info((peer, "proxy"), "PROXY header refused", ip=peer, reason=str(exc))
+            return None
 
     async def _open_connection(self, request: WebSocketRequest, ip: str) -> Connection | None:
         """Check the handshake and accept it (the connection, not yet running), or refuse it."""
@@ -173,6 +203,15 @@ class Gateway:
                 "duration_s": round(trio.current_time() - started, 3)})
 
     async def _check_handshake(self, request: WebSocketRequest, ip: str) -> tuple[Principal, str | None]:
+        try:
+            return await self._check_handshake_limited(request, ip)
+        except LimiterUnavailable:
+            # A cluster's limiter cannot count new connections (Redis down): refuse them
+            # rather than accept unlimited ones; established connections go on (§17.9).
+            raise HandshakeRefused(503, ProtocolError(
+                CONNECTION_ERROR, "cannot accept new connections right now: retry later")) from None
+
+    async def _check_handshake_limited(self, request: WebSocketRequest, ip: str) -> tuple[Principal, str | None]:
         services, settings = self.services, self.services.settings
         limits = settings.limits
         ip_rate = Rate(limits.failed_handshakes_per_minute_per_ip, "minute")
@@ -202,14 +241,20 @@ class Gateway:
             raise HandshakeRefused(429, ProtocolError(
                 CONNECTION_ERROR, f"at most {limits.connections_per_user} open connections per user"))
         if conn_rate.count:
-            await services.limiter.hit(user_key, conn_rate)
+            try:
+                await services.limiter.hit(user_key, conn_rate)
+            except BaseException:  # the slot just taken is not going to be used
+                with trio.CancelScope(shield=True):
+                    await services.presence.release(principal.user_id)
+                raise
         return principal, found.subprotocol
 
     async def _refuse(self, request: WebSocketRequest, ip: str, refusal: HandshakeRefused) -> None:
         limits = self.services.settings.limits
         ip_rate = Rate(limits.failed_handshakes_per_minute_per_ip, "minute")
         if ip_rate.count:
-            await self.services.limiter.hit(f"failed\x1f{ip}", ip_rate)
+            with contextlib.suppress(LimiterUnavailable):  # uncounted while a cluster's Redis is down
+                await self.services.limiter.hit(f"failed\x1f{ip}", ip_rate)
         error = refusal.error
         self.metrics.handshakes_refused.labels(error.code).inc()
         headers = [(b"content-type", b"application/json")]
@@ -229,8 +274,10 @@ class Server:
     def __init__(self, settings: Settings, secret: str | None, *, clock: WallClock = system_wall_clock,
                  run_sync: RunSync = trio.to_thread.run_sync, api_sockets: list[socket.socket] | None = None,
                  webhook_transport: httpx.AsyncBaseTransport | None = None,
-                 webhook_backoff: Backoff = DEFAULT_BACKOFF, bus: InProcessBroker | None = None) -> None:
+                 webhook_backoff: Backoff = DEFAULT_BACKOFF, limiter: Limiter | None = None,
+                 bus: InProcessBroker | None = None) -> None:
         self.settings = settings
+        self.limiter = limiter  # tests: one shared by several nodes; None: chosen by the settings
         self.node_id = settings.node_id or default_node_id()
         self.bus = bus  # tests: the in-process bus several nodes of one trio run share
         self.broker: Broker | None = None  # while serving (``broker.healthy`` for health checks)
@@ -349,7 +396,7 @@ class Server:
         store_handle = await nursery.start(partial(run_store_writer, store, self.run_sync, metrics=self.metrics))
         if engine.sqlite_path is not None:
             nursery.start_soon(run_checkpointer, engine.sqlite_path, self.run_sync)
-        limiter = await nursery.start(run_rate_limiter, self.clock)
+        limiter = self.limiter or await self._open_limiter(nursery)
         presence = await nursery.start(partial(run_presence, frames, store_handle, grace=settings.presence_grace,
                                                online_gauge=self.metrics.online_users, broker=broker))
         reaper, reaper_inbox = open_reaper_channel()
@@ -374,6 +421,21 @@ class Server:
         return Services(settings, frames, self.verifier, self.policy, store_handle, presence, hub, reaper, limiter,
                         rates, webhooks, revocations, readers)
 
+    async def _open_limiter(self, nursery: trio.Nursery) -> Limiter:
+        """The in-process limiter on one node; Redis's when the cluster shares one (closed
+        when ``nursery`` ends)."""
+        redis_url = cluster_redis_url(self.settings)
+        if redis_url is None:
+            in_process: RateLimiterHandle = await nursery.start(run_rate_limiter, self.clock)
+            return in_process
+        from winkr.redis_limiter import RedisLimiter  # the cluster extra: only when configured
+
+        threads = self.run_sync is trio.to_thread.run_sync  # else tests' inline calls
+        limiter = RedisLimiter.from_url(redis_url, on_error=self.metrics.limiter_errors.inc,
+                                        run_sync=None if threads else self.run_sync)
+        nursery.start_soon(partial(_close_when_cancelled, limiter.aclose))
+        return limiter
+
     async def _sample_runtime(self) -> None:
         """Keep the task-count gauge fresh (the scrape runs on another thread, so it cannot ask
         trio itself)."""
@@ -387,6 +449,14 @@ class Server:
         if self._connections is None:
             raise RuntimeError("the server is not running")
         self._connections.start_soon(self.gateway.handle_stream, stream)
+
+
+async def _close_when_cancelled(aclose: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await aclose()
 
 
 async def serve_forever(settings: Settings, secret: str, *, on_listening: Callable[[list[int]], None],

@@ -9,7 +9,7 @@ from winkr.config import Settings
 from winkr.hub import HubHandle
 from winkr.policy import PolicySettings
 from winkr.presence import PresenceHandle
-from winkr.ratelimit import Rate, RateLimiterHandle
+from winkr.ratelimit import Limiter, Rate
 from winkr.reaper import ReaperHandle
 from winkr.revocations import RevocationsHandle
 from winkr.store.readers import ReaderHandle
@@ -27,7 +27,7 @@ class Services:
     presence: PresenceHandle
     hub: HubHandle
     reaper: ReaperHandle
-    limiter: RateLimiterHandle
+    limiter: Limiter  # in-process (one node) or Redis (winkr.redis_limiter)
     message_rates: tuple[Rate, ...]  # the message windows switched on (counted by the store)
     webhooks: WebhookHandle  # enabled event types for enqueue; nudge after a commit that enqueued
     revocations: RevocationsHandle
