@@ -23,9 +23,9 @@ from trio_websocket import WebSocketRequest
 from winkr import plain_http
 from winkr.actor import Frames
 from winkr.auth import Principal, TokenVerifier, token_from_handshake
-from winkr.broker import BROADCAST_TOPIC, Broker, InProcessBroker, default_node_id
+from winkr.broker import BROADCAST_TOPIC, Broker, InProcessBroker
 from winkr.clock import WallClock, system_wall_clock
-from winkr.cluster import cluster_redis_url
+from winkr.cluster import BrokerHealth, cluster_redis_url, node_name
 from winkr.config import Settings
 from winkr.connection import Connection
 from winkr.dispatcher import NodeInbox, run_dispatcher
@@ -63,7 +63,7 @@ from winkr.store.checkpointer import run_checkpointer
 from winkr.store.engine import Engine, Readers, open_engine
 from winkr.store.readers import READERS, ReaderHandle
 from winkr.store.store import Store
-from winkr.store.writer import RunSync, run_store_writer
+from winkr.store.writer import RunSync, run_store_writer, store_problem
 from winkr.transport import WinkrWebSocket, wrap_server_stream
 from winkr.webhooks import DEFAULT_BACKOFF, Backoff, SenderConfig, open_webhook_channel, run_webhook_sender
 
@@ -110,8 +110,10 @@ class Gateway:
     """Serves client streams for a running server: handshake (within the timeout), checks in
     the documented order (docs/protocol.md §1.2), then the connection actor."""
 
-    def __init__(self, services: Services, metrics: Metrics, clock: WallClock) -> None:
+    def __init__(self, services: Services, metrics: Metrics, clock: WallClock,
+                 readiness: plain_http.Readiness | None = None) -> None:
         self.services = services
+        self.readiness = readiness  # for GET /readyz on this port
         self.metrics = metrics
         self.clock = clock
         self._refusal_log = ThrottledLines(log, trio.current_time)
@@ -139,7 +141,7 @@ class Gateway:
                     if opening is not None and opening.is_tls:  # https/wss on the plain port
                         log.debug("TLS handshake on the plain WebSocket port", extra={"ip": ip})
                     elif opening is not None and not opening.is_websocket:
-                        status = await plain_http.answer(stream, opening)
+                        status = await plain_http.answer(stream, opening, self.readiness)
                         log.debug("plain HTTP request answered", extra={"ip": ip, "status": status})
                     elif opening is not None:
                         request = await wrap_server_stream(
@@ -278,7 +280,6 @@ class Server:
                  bus: InProcessBroker | None = None) -> None:
         self.settings = settings
         self.limiter = limiter  # tests: one shared by several nodes; None: chosen by the settings
-        self.node_id = settings.node_id or default_node_id()
         self.bus = bus  # tests: the in-process bus several nodes of one trio run share
         self.broker: Broker | None = None  # while serving (``broker.healthy`` for health checks)
         self.api_sockets = api_sockets  # bound by the CLI; None: bound here when api_port is set
@@ -290,6 +291,9 @@ class Server:
         self.webhook_transport = webhook_transport  # tests: an httpx transport instead of the network
         self.webhook_backoff = webhook_backoff
         self.metrics = Metrics(EVENTS)
+        self.node_id = node_name(settings)
+        self.metrics.node.info({"node_id": self.node_id})
+        self.broker_health = BrokerHealth(self.metrics)  # the broker reports here (winkr/cluster.py)
         self.frames = Frames(clock, self.metrics)
         self.verifier = TokenVerifier(settings, secret)
         self.policy = PolicySettings(
@@ -327,7 +331,7 @@ class Server:
                 self.broker = await self._open_broker(actors, inbox)
                 services = await self._start_actors(actors, Store(db), engine, ReaderHandle(readers, self.run_sync),
                                                     self.broker, inbox)
-                self._gateway = gateway = Gateway(services, self.metrics, self.clock)
+                self._gateway = gateway = Gateway(services, self.metrics, self.clock, self.ready_problem)
                 api_stop = trio.Event()
                 async with trio.open_nursery() as api:
                     await self._start_api(api, services, api_stop)
@@ -364,7 +368,17 @@ class Server:
         log.info("stopped")
 
     def _readiness(self) -> str | None:
-        return None if self._accepting else "not accepting WebSocket connections (starting or shutting down)"
+        if not self._accepting:
+            return "not accepting WebSocket connections (starting or shutting down)"
+        return self.broker_health.problem
+
+    async def ready_problem(self) -> str | None:
+        """Why this node should not get new clients (not accepting, the broker cannot reach
+        Redis, the database does not commit within 2 s), or None: ``/readyz`` on both ports."""
+        gateway = self._gateway
+        if gateway is None:
+            return "not running"
+        return self._readiness() or await store_problem(gateway.services.store)
 
     async def _start_api(self, nursery: trio.Nursery, services: Services, stop: trio.Event) -> None:
         """Make the server API's app; serve it on ``api_port`` when that is set (docs/server-api.md)."""

@@ -140,3 +140,14 @@ async def _commit_and_answer(store: Store, run_sync: RunSync, batch: list[_Reque
             log.error("background store request failed: %r", error)
 
 
+async def store_problem(store: StoreHandle, within: float = 2.0) -> str | None:
+    """None when the writer commits an empty request within ``within`` seconds (a savepoint: it
+    reaches the database), else why not (for readiness checks)."""
+    with trio.move_on_after(within):
+        try:
+            await store.call(lambda _: None)
+        except Exception:  # noqa: BLE001 - the database failed: not ready
+            return "the store does not accept writes"
+        return None
+    return "the store does not accept writes"
+
