@@ -19,6 +19,7 @@ from conftest import SECRET, Harness
 from winkr.broker import InProcessBroker
 from winkr.clock import trio_wall_clock
 from winkr.config import Settings
+from winkr.registry import InProcessRegistry
 from winkr.server import Server
 from winkr.store.writer import run_inline
 
@@ -37,6 +38,7 @@ class Node:
 @attrs.define
 class Cluster:
     bus: InProcessBroker
+    registry: InProcessRegistry
     nodes: list[Node]
     clients: trio.Nursery
     servers: trio.Nursery
@@ -46,7 +48,8 @@ class Cluster:
         return self.nodes[index].harness
 
     async def kill(self, index: int) -> None:
-        """Stop node ``index`` abruptly: its tasks are cancelled, nobody is told goodbye."""
+        """Stop node ``index`` abruptly: its tasks are cancelled, nobody is told goodbye, its
+        heartbeats stop (the others find it dead after ``node_ttl``)."""
         node = self.nodes[index]
         node.scope.cancel()
         await node.stopped.wait()
@@ -55,7 +58,8 @@ class Cluster:
         """Start one more node on the same database and bus; returns its harness."""
         base = settings if settings is not None else self.settings
         node_settings = attrs.evolve(base, node_id=f"node{len(self.nodes)}")
-        server = Server(node_settings, SECRET, clock=trio_wall_clock(), run_sync=run_inline, bus=self.bus)
+        server = Server(node_settings, SECRET, clock=trio_wall_clock(), run_sync=run_inline, bus=self.bus,
+                        registry=self.registry)
         scope = trio.CancelScope()
         stopped = trio.Event()
 
@@ -77,9 +81,10 @@ async def running_cluster(settings: Settings, nodes: int = 2) -> AsyncIterator[C
     """``nodes`` servers on ``settings`` (each with node id ``node<i>``) sharing one bus, for the
     body of the ``async with``; shut down gracefully after it."""
     bus = InProcessBroker(shared=True)
+    registry = InProcessRegistry(shared=True)
     async with trio.open_nursery() as clients:
         async with trio.open_nursery() as servers:
-            cluster = Cluster(bus, [], clients, servers, settings)
+            cluster = Cluster(bus, registry, [], clients, servers, settings)
             try:
                 for _ in range(nodes):
                     await cluster.add_node()

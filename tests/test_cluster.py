@@ -5,18 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+import trio.testing
 from cluster_support import Cluster, running_cluster
 from conftest import (
     RATE_LIMITS_OFF,
     Client,
+    Harness,
+    assert_refused,
+    bearer,
     history_messages,
     join,
     make_settings,
     named,
+    refused,
     send_text,
     settle,
     text,
+    welcomed,
 )
+from trio_websocket import ConnectionRejected, WebSocketConnection, wrap_client_stream
 
 from winkr.config import Settings
 
@@ -194,3 +201,124 @@ async def test_delete_and_block_cross_nodes(autojump_clock: Any, tmp_path: Any) 
         refused = await alice.request("message:send", text(conv, "still there?"))
         assert refused["event"] == "error" and refused["data"]["code"] == "NOT_FOUND", refused
         assert named(await bob.nothing_more(), "message:new") == []
+
+
+# --- presence across nodes (the shared in-process registry) -------------------------------------
+
+async def contacts_across(cluster: Cluster) -> tuple[Client, Client]:
+    """bob on node 1 and alice on node 0, contacts (one conversation), setup frames read."""
+    bob = await cluster.node(1).connect("bob")
+    alice = await cluster.node(0).connect("alice")
+    await cluster.node(0).conversation(alice, "bob")
+    await bob.expect("conversation:created")
+    await settle(alice, bob)
+    return alice, bob
+
+
+async def test_offline_after_grace_once_and_no_flap_when_reconnecting_to_another_node(
+        autojump_clock: Any, tmp_path: Any) -> None:
+    async with running_cluster(cluster_settings(tmp_path)) as cluster:
+        alice, bob = await contacts_across(cluster)
+        await alice.close()
+        t0 = trio.current_time()
+        offline = await bob.expect("user:offline")  # alice's node alone decides, after the grace period
+        assert offline["data"]["user_id"] == "alice" and 5 <= trio.current_time() - t0 < 6
+
+        back = await cluster.node(1).connect("alice")  # comes back through the other node
+        assert (await bob.expect("user:online"))["data"]["user_id"] == "alice"
+        await back.close()
+        await trio.sleep(2)  # within the grace period ...
+        alice_again = await cluster.node(0).connect("alice")  # ... back on the first node
+        events = await bob.nothing_more(30)
+        assert named(events, "user:offline") == [] and named(events, "user:online") == []  # no flap
+        reply = await bob.request("conversation:list")
+        online = {p["id"]: p["online"] for p in reply["data"]["conversations"][0]["participants"]}
+        assert online.get("alice") is True, reply
+        await alice_again.close()
+
+
+async def test_the_connection_cap_counts_every_node(autojump_clock: Any, tmp_path: Any) -> None:
+    settings = make_settings(tmp_path, limits={**RATE_LIMITS_OFF, "connections_per_user": 2,
+                                               "connections_per_minute": 0})
+    async with running_cluster(settings, nodes=3) as cluster:
+        first = await cluster.node(0).connect("alice")
+        await cluster.node(1).connect("alice")
+        rejection = await refused(cluster.node(2), bearer(cluster.node(2).token("alice")))
+        assert_refused(rejection, 429, "CONNECTION_ERROR")
+        await first.close()
+        await trio.sleep(0.01)
+        await cluster.node(2).connect("alice")  # the slot freed on node 0 is usable on node 2
+
+
+async def test_a_killed_node_s_users_go_offline_and_free_their_slots(autojump_clock: Any, tmp_path: Any) -> None:
+    settings = make_settings(tmp_path, limits={**RATE_LIMITS_OFF, "connections_per_user": 1,
+                                               "connections_per_minute": 0})
+    async with running_cluster(settings, nodes=3) as cluster:
+        alice, bob = await contacts_across(cluster)
+        assert await attempt(cluster.node(2), "alice") is None  # the cap (1) holds across nodes
+        t0 = trio.current_time()
+        await cluster.kill(0)  # alice's only connection dies with it, nobody says goodbye
+        for _ in range(40):  # a client retrying every 0.25 s
+            if (again := await attempt(cluster.node(2), "alice")) is not None:
+                break
+            await trio.sleep(0.25)
+        assert 2.5 <= trio.current_time() - t0 <= 5  # the slot frees with node 0's lease (§17.8)
+        # She came back before her contacts were told: no offline, no second online (§17.10).
+        events = await bob.nothing_more(30)
+        assert named(events, "user:offline") == [] and named(events, "user:online") == []
+
+        t1 = trio.current_time()
+        await cluster.kill(2)  # now she goes for good
+        offline = await bob.expect("user:offline")
+        assert offline["data"]["user_id"] == "alice"
+        assert 5 <= trio.current_time() - t1 <= 5 + 15  # grace + 15 s (contract §16)
+        assert named(await bob.nothing_more(30), "user:offline") == []  # told once
+        del again
+
+
+async def attempt(harness: Harness, user_id: str) -> Client | None:
+    """A connection of ``user_id``, or None when the handshake is refused. The accepted one
+    lives in a task of the harness's client nursery."""
+    result: list[WebSocketConnection] = []
+    done = trio.Event()
+
+    async def run() -> None:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        harness.server.accept_stream(server_stream)
+        try:
+            async with trio.open_nursery() as inner:
+                result.append(await wrap_client_stream(inner, client_stream, "localhost", "/ws",
+                                                       extra_headers=bearer(harness.token(user_id))))
+                done.set()
+                await trio.sleep_forever()
+        except* ConnectionRejected:
+            pass
+        finally:
+            done.set()
+
+    harness.nursery.start_soon(run)
+    await done.wait()
+    return await welcomed(result[0], user_id) if result else None
+
+
+async def test_reconnecting_elsewhere_before_a_dead_node_is_noticed_causes_no_flap(
+        autojump_clock: Any, tmp_path: Any) -> None:
+    async with running_cluster(cluster_settings(tmp_path), nodes=3) as cluster:
+        alice, bob = await contacts_across(cluster)
+        await cluster.kill(0)
+        await cluster.node(2).connect("alice")  # her client reconnects at once, through the LB
+        events = await bob.nothing_more(30)
+        assert named(events, "user:offline") == [] and named(events, "user:online") == []
+
+
+async def test_appearing_offline_on_one_node_is_seen_on_the_other(autojump_clock: Any, tmp_path: Any) -> None:
+    async with running_cluster(cluster_settings(tmp_path)) as cluster:
+        alice, bob = await contacts_across(cluster)
+        alice_laptop = await cluster.node(1).connect("alice")
+        reply = await alice.request("user:status", {"status": "offline"})
+        assert reply["event"] != "error", reply
+        assert (await bob.expect("user:offline"))["data"]["user_id"] == "alice"
+        reply = await alice_laptop.request("user:status", {"status": "online"})
+        assert reply["event"] != "error", reply
+        assert (await bob.expect("user:online"))["data"]["user_id"] == "alice"
+        assert named(await bob.nothing_more(), "user:online") == []

@@ -11,6 +11,7 @@ a key in each recipient's outbox): a user flapping their status cannot fill anyo
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import math
 from collections.abc import Iterable
@@ -28,6 +29,8 @@ from winkr.outbox import CoalesceKey
 from winkr.peer import Peer
 from winkr.protocol.wire import delivered_data, unread_data
 from winkr.records import Delivery, StoredMessage, UserSettings
+from winkr.registry import InProcessRegistry, PresenceRegistry, RegistryUnavailable
+from winkr.registry.base import HEARTBEAT_SECONDS
 from winkr.store.store import Store
 from winkr.store.writer import StoreHandle
 
@@ -39,13 +42,16 @@ MAX_BATCH = 256
 
 @attrs.define
 class _User:
+    """What this node knows of a user it holds connections of (the rest, shared by every node,
+    is in the registry: members, the visible flag, the status, the offline checks)."""
+
     username: str
     peers: dict[str, Peer] = attrs.Factory(dict)  # connection id -> Peer
-    admitting: int = 0
-    status: str = "online"
+    members: dict[str, str] = attrs.Factory(dict)  # connection id -> its registry member
+    admissions: list[str] = attrs.Factory(list)  # registry members of handshakes in progress
     contacts: set[str] = attrs.Factory(set)
-    visible: bool = False  # whether contacts were told "online"
     grace_generation: int = 0
+    grace_pending: bool = False  # a local timer will finish the offline check
     # Safety between users (contract §12): users blocked either way never become contacts;
     # the privacy settings apply to every connection of the user at once.
     apart: set[str] = attrs.Factory(set)
@@ -201,6 +207,13 @@ class _CloseUser:
 
 
 @attrs.frozen
+class _CheckGrace:
+    """The registry says these users' offline checks are due (a poll, or a dead node's sweep)."""
+
+    user_ids: tuple[str, ...]
+
+
+@attrs.frozen
 class _FromBus:
     """An event another node published on the topic of a user connected here."""
 
@@ -209,7 +222,7 @@ class _FromBus:
 
 PresenceRequest = (_Admit | _Release | _Connect | _Disconnect | _SetStatus | _Published | _SendToUsers
                    | _SendEach | _Online | _Connected | _AddContacts | _CloseAll | _UpdateSettings | _SendReceipt
-                   | _Apart | _Together | _DropContacts | _Inspect | _CloseUser | _FromBus)
+                   | _Apart | _Together | _DropContacts | _Inspect | _CloseUser | _FromBus | _CheckGrace)
 
 
 class PresenceHandle:
@@ -326,6 +339,10 @@ class PresenceHandle:
         await self._inbox.send(_CloseUser(user_id, reason, reply))
         return await reply.wait()
 
+    async def check_grace(self, user_ids: Iterable[str]) -> None:
+        """The registry has these users' offline checks due (polled; another node may have left them)."""
+        await self._inbox.send(_CheckGrace(tuple(user_ids)))
+
     async def from_bus(self, event: BusEvent) -> None:
         """An event another node published on a ``u:`` topic this node subscribes to."""
         await self._inbox.send(_FromBus(event))
@@ -333,12 +350,14 @@ class PresenceHandle:
 
 class _Presence:
     def __init__(self, frames: Frames, store: StoreHandle, grace: float, online_gauge: object = None,
-                 broker: Broker | None = None) -> None:
+                 broker: Broker | None = None, registry: PresenceRegistry | None = None) -> None:
         self.frames = frames
         self.store = store
         self.grace = grace
         self.broker = broker
         self.sharing = broker is not None and broker.shared
+        self.registry: PresenceRegistry = registry or InProcessRegistry(shared=False).attach("local")
+        self._members = itertools.count(1)
         self.online_gauge = online_gauge  # users with at least one open connection
         self.users: dict[str, _User] = {}
         self.grace_timers: list[tuple[float, int, str]] = []  # (deadline, generation, user)
@@ -368,24 +387,31 @@ class _Presence:
             assert self.broker is not None
             self.broker.publish([BusEvent(user_topic(user_id), kind, data) for user_id in user_ids])
 
-    def _announce(self, user_id: str, state: _User, online: bool) -> None:
+    def _announce(self, user_id: str, username: str, contacts: Iterable[str], online: bool) -> None:
         now = iso(self.frames.now())
         if online:
-            frame = self.frames.event("user:online", {"user_id": user_id, "username": state.username,
-                                                      "online_at": now})
+            frame = self.frames.event("user:online", {"user_id": user_id, "username": username, "online_at": now})
         else:
-            frame = self.frames.event("user:offline", {"user_id": user_id, "username": state.username,
-                                                       "offline_at": now})
-        state.visible = online
-        self._deliver(state.contacts, frame, key=("presence", user_id))
+            frame = self.frames.event("user:offline", {"user_id": user_id, "username": username, "offline_at": now})
+        self._deliver(contacts, frame, key=("presence", user_id))
+
+    async def _announce_user(self, user_id: str, online: bool) -> None:
+        """Announce for a user, with this node's knowledge of them, or the store's when this node
+        holds none of their connections (an offline check left by another node)."""
+        state = self.users.get(user_id)
+        if state is not None:
+            self._announce(user_id, state.username, state.contacts, online)
+            return
+        username, contacts = await self.store.call(partial(Store.presence_card, user_id=user_id))
+        self._announce(user_id, username, contacts, online)
 
     def _gauge(self, delta: int) -> None:
         if self.online_gauge is not None:
             self.online_gauge.inc(delta)  # type: ignore[attr-defined]
 
     def _forget_if_idle(self, user_id: str, state: _User) -> None:
-        if not state.peers and not state.admitting and not state.visible:
-            del self.users[user_id]
+        if not state.peers and not state.admissions and not state.grace_pending:
+            self.users.pop(user_id, None)
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -413,30 +439,30 @@ class _Presence:
                 for user_id, frame in deliveries:
                     self._deliver((user_id,), frame)
             case _Admit():
-                state = self.users.setdefault(request.user_id, _User(request.username))
-                allowed = self.closing is None and (
-                    not request.limit or len(state.peers) + state.admitting < request.limit)
-                if allowed:
-                    state.admitting += 1
-                request.reply.set(allowed)
+                await self._admit(request)
             case _Release(user_id=user_id):
                 state = self.users[user_id]
-                state.admitting -= 1
+                member = state.admissions.pop()
                 self._forget_if_idle(user_id, state)
+                await self.registry.release(user_id, member)
+            case _CheckGrace(user_ids=user_ids):
+                for user_id in user_ids:
+                    await self._grace_expired(user_id)
             case _Connect():
-                await self._subscribe(request.peer.user_id)
-                self._connect(request)
-                request.reply.set(None)
+                try:
+                    await self._subscribe(request.peer.user_id)
+                    await self._connect(request)
+                finally:
+                    request.reply.set(None)
             case _Disconnect(peer=peer):
-                if self._disconnect(peer):
+                if await self._disconnect(peer):
                     await self._unsubscribe(peer.user_id)
             case _SetStatus():
                 await self._set_status(request)
             case _Online(user_ids=user_ids, reply=reply):
-                reply.set({user: self._is_online(user) for user in user_ids})
+                reply.set(await self.registry.visible(user_ids))
             case _Connected(user_ids=user_ids, reply=reply):
-                reply.set(frozenset(user for user in user_ids
-                                    if (known := self.users.get(user)) is not None and known.peers))
+                reply.set(await self.registry.connected(user_ids))
             case _AddContacts(user_ids=user_ids):
                 for user in user_ids:
                     self._add_contacts(user, user_ids)
@@ -469,10 +495,13 @@ class _Presence:
                         self._drop_contact(user, other)
                         self._share((user,), bus.DROP_CONTACT, {"other": other})
             case _Inspect(user_id=user_id, reply=reply):
-                reply.set(self._truth(user_id))
+                connections, status = await self.registry.truth(user_id)
+                reply.set(PresenceTruth(connections > 0, status, connections))
             case _CloseUser(user_id=user_id, reason=reason, reply=reply):
-                reply.set(self._close_user_here(user_id, reason))
+                here = self._close_user_here(user_id, reason)
                 self._share((user_id,), bus.CLOSE, {"reason": reason})
+                everywhere, _ = await self.registry.truth(user_id)
+                reply.set(max(everywhere, here))
             case _FromBus(event=event):
                 await self._from_bus(event)
 
@@ -545,20 +574,36 @@ class _Presence:
             return
         await self._published_outside([_DeliveryJob(message, {user_id: peers}, ())])
 
-    def _truth(self, user_id: str) -> PresenceTruth:
-        known = self.users.get(user_id)
-        if known is None or not known.peers:
-            return PresenceTruth(False, "offline", 0)
-        return PresenceTruth(True, known.status, len(known.peers))
+    async def _subscribe(self, user_id: str) -> None:
+        """Hear the user's topic while a connection of theirs is here (each connection counts)."""
+        if self.broker is not None:
+            await self.broker.subscribe([user_topic(user_id)])
 
-    def _is_online(self, user_id: str) -> bool:
-        state = self.users.get(user_id)
-        return state is not None and state.visible
+    async def _unsubscribe(self, user_id: str) -> None:
+        if self.broker is not None:
+            await self.broker.unsubscribe([user_topic(user_id)])
 
-    def _connect(self, request: _Connect) -> None:
+    async def _admit(self, request: _Admit) -> None:
+        state = self.users.setdefault(request.user_id, _User(request.username))
+        member = str(next(self._members))
+        try:
+            allowed = self.closing is None and await self.registry.admit(request.user_id, member, request.limit)
+        except Exception as exc:  # noqa: BLE001 - the handshake learns it (and is refused with 503)
+            _failures.exception(exc, "presence registry failed on an admission")
+            self._forget_if_idle(request.user_id, state)
+            request.reply.fail(RegistryUnavailable("the presence registry cannot be reached"))
+            return
+        if allowed:
+            state.admissions.append(member)
+        else:
+            self._forget_if_idle(request.user_id, state)
+        request.reply.set(allowed)
+
+    async def _connect(self, request: _Connect) -> None:
         peer = request.peer
         state = self.users[peer.user_id]
-        state.admitting -= 1
+        member = state.admissions.pop()
+        state.members[peer.id] = member
         state.username = peer.username
         state.contacts = set(request.contacts)
         if not state.peers:  # with connections open, the live settings are the newest
@@ -569,33 +614,33 @@ class _Presence:
         if len(state.peers) == 1:
             self._gauge(1)
         state.grace_generation += 1  # a pending offline announcement is void now
+        state.grace_pending = False
+        # The registry decides (once for every node) whether this is the user's first open
+        # connection while their contacts do not see them; appearing offline lasts a session.
+        announce = await self.registry.opened(peer.user_id, member, state.online_status)
         if self.closing is not None:
             peer.request_close(self.closing)
-        elif len(state.peers) == 1 and not state.visible:
-            state.status = "online"  # appearing offline lasts for a session (contract §7)
-            if state.online_status:
-                self._announce(peer.user_id, state, online=True)
+        elif announce:
+            self._announce(peer.user_id, state.username, state.contacts, online=True)
 
-    async def _subscribe(self, user_id: str) -> None:
-        """Hear the user's topic while a connection of theirs is here (each connection counts)."""
-        if self.broker is not None:
-            await self.broker.subscribe([user_topic(user_id)])
-
-    async def _unsubscribe(self, user_id: str) -> None:
-        if self.broker is not None:
-            await self.broker.unsubscribe([user_topic(user_id)])
-
-    def _disconnect(self, peer: Peer) -> bool:
+    async def _disconnect(self, peer: Peer) -> bool:
         """Forget the connection; ``True`` if presence held it."""
         state = self.users.get(peer.user_id)
         if state is None or state.peers.pop(peer.id, None) is None:
             return False
+        member = state.members.pop(peer.id)
         if not state.peers:
             self._gauge(-1)
-            state.grace_generation += 1
-            heapq.heappush(self.grace_timers, (trio.current_time() + self.grace,
-                                               state.grace_generation, peer.user_id))
+        if await self.registry.closed(peer.user_id, member, self.grace) and not state.peers:
+            self._start_grace(peer.user_id, state, self.grace)
+        else:
+            self._forget_if_idle(peer.user_id, state)
         return True
+
+    def _start_grace(self, user_id: str, state: _User, seconds: float) -> None:
+        state.grace_generation += 1
+        state.grace_pending = True
+        heapq.heappush(self.grace_timers, (trio.current_time() + seconds, state.grace_generation, user_id))
 
     async def expire_grace(self) -> None:
         now = trio.current_time()
@@ -604,11 +649,25 @@ class _Presence:
             state = self.users.get(user_id)
             if state is None or state.peers or generation != state.grace_generation:
                 continue
-            if state.visible:
-                self._announce(user_id, state, online=False)
-            if state.status != "offline":
-                # An invisible user's last-seen stays where it was when they went invisible.
-                await self.store.fire(partial(Store.touch_last_seen, user_id=user_id, now=self.frames.now()))
+            state.grace_pending = False
+            await self._grace_expired(user_id)
+
+    async def _grace_expired(self, user_id: str) -> None:
+        """The end of an offline check: the registry says whether this node announces it."""
+        state = self.users.get(user_id)
+        if state is not None and state.peers:
+            return  # connected here again: the check is void (the registry agrees)
+        expiry = await self.registry.grace_expired(user_id)
+        if expiry.retry_in is not None:
+            if state is not None:
+                self._start_grace(user_id, state, expiry.retry_in)
+            return
+        if expiry.announce_offline:
+            await self._announce_user(user_id, online=False)
+        if expiry.touch_last_seen:
+            # An invisible user's last-seen stays where it was when they went invisible.
+            await self.store.fire(partial(Store.touch_last_seen, user_id=user_id, now=self.frames.now()))
+        if state is not None:
             self._forget_if_idle(user_id, state)
 
     def next_deadline(self) -> float:
@@ -618,12 +677,10 @@ class _Presence:
         user_id = request.peer.user_id
         state = self.users[user_id]
         now = self.frames.now()
-        went_invisible = request.status == "offline" and state.status != "offline"
-        state.status = request.status
-        if request.status == "offline" and state.visible:
-            self._announce(user_id, state, online=False)
-        elif request.status != "offline" and not state.visible and state.online_status:
-            self._announce(user_id, state, online=True)
+        change = await self.registry.set_status(user_id, request.status, state.online_status)
+        went_invisible = request.status == "offline" and change.previous != "offline"
+        if change.announce is not None:
+            self._announce(user_id, state.username, state.contacts, online=change.announce == "online")
         if went_invisible:  # to others, this is when they were last seen
             await self.store.fire(partial(Store.touch_last_seen, user_id=user_id, now=now))
         request.reply.set(now)
@@ -642,11 +699,12 @@ class _Presence:
         state = self.users.get(user_id)
         if state is not None:
             state.read_receipts, state.online_status = settings.read_receipts, settings.online_status
-            if not state.online_status and state.visible:
-                self._announce(user_id, state, online=False)
-            elif state.online_status and not state.visible and state.peers and state.status != "offline":
-                self._announce(user_id, state, online=True)
-        request.reply.set(settings)
+        try:
+            announce = await self.registry.set_online_status(user_id, settings.online_status)
+            if announce is not None:
+                await self._announce_user(user_id, online=announce == "online")
+        finally:
+            request.reply.set(settings)
 
     async def _published(self, events: list[Published]) -> None:
         """Receipts to the senders (``message:delivered``, for deliveries the room recorded with
@@ -707,12 +765,30 @@ class _DeliveryJob:
     recorded: tuple[Delivery, ...]  # deliveries the room recorded with the message
 
 
+async def run_registry_upkeep(registry: PresenceRegistry, presence: PresenceHandle, grace: float, *,
+                              interval: float = HEARTBEAT_SECONDS) -> None:
+    """In a cluster: heartbeat every ``interval`` seconds; prune dead nodes' members (their users
+    get an offline check); hand due offline checks to presence, whichever node left them. A
+    failing registry is logged (throttled) and tried again at the next beat."""
+    while True:
+        try:
+            await registry.heartbeat()
+            due = set(await registry.sweep(grace)) | set(await registry.due())
+            if due:
+                await presence.check_grace(sorted(due))
+        except Exception as exc:  # noqa: BLE001 - Redis down: the next beat tries again
+            _failures.exception(exc, "presence registry upkeep failed")
+        await trio.sleep(interval)
+
+
 async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, online_gauge: object = None,
                        inbox_size: int = 4096, broker: Broker | None = None,
+                       registry: PresenceRegistry | None = None,
                        task_status: trio.TaskStatus[PresenceHandle] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve presence until the inbox is closed or the task is cancelled."""
+    """Serve presence until the inbox is closed or the task is cancelled. ``registry``: the
+    shared presence state (None: this node's alone)."""
     send, receive = trio.open_memory_channel[PresenceRequest](inbox_size)
-    presence = _Presence(frames, store, grace, online_gauge, broker)
+    presence = _Presence(frames, store, grace, online_gauge, broker, registry)
     task_status.started(PresenceHandle(send))
     async with receive:
         while True:

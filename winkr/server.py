@@ -43,7 +43,7 @@ from winkr.hub import HubHandle, run_hub
 from winkr.logs import ThrottledLines
 from winkr.metrics import Metrics
 from winkr.policy import PolicySettings, default_blocked_words
-from winkr.presence import run_presence
+from winkr.presence import run_presence, run_registry_upkeep
 from winkr.protocol.codec import refusal_body
 from winkr.proxy_protocol import ProxyHeader, ProxyHeaderError, is_trusted, parse_networks, read_proxy_header
 from winkr.ratelimit import (
@@ -56,6 +56,7 @@ from winkr.ratelimit import (
     run_rate_limiter,
 )
 from winkr.reaper import open_reaper_channel, run_reaper
+from winkr.registry import InProcessRegistry, PresenceRegistry, RegistryUnavailable
 from winkr.revocations import run_revocations
 from winkr.room import RoomServices
 from winkr.services import Services
@@ -207,8 +208,9 @@ class Gateway:
     async def _check_handshake(self, request: WebSocketRequest, ip: str) -> tuple[Principal, str | None]:
         try:
             return await self._check_handshake_limited(request, ip)
-        except LimiterUnavailable:
-            # A cluster's limiter cannot count new connections (Redis down): refuse them
+        except (LimiterUnavailable, RegistryUnavailable):
+            # A cluster's limiter or presence registry cannot count new connections (Redis
+            # down): refuse them
             # rather than accept unlimited ones; established connections go on (§17.9).
             raise HandshakeRefused(503, ProtocolError(
                 CONNECTION_ERROR, "cannot accept new connections right now: retry later")) from None
@@ -277,10 +279,12 @@ class Server:
                  run_sync: RunSync = trio.to_thread.run_sync, api_sockets: list[socket.socket] | None = None,
                  webhook_transport: httpx.AsyncBaseTransport | None = None,
                  webhook_backoff: Backoff = DEFAULT_BACKOFF, limiter: Limiter | None = None,
-                 bus: InProcessBroker | None = None) -> None:
+                 bus: InProcessBroker | None = None, registry: InProcessRegistry | None = None) -> None:
         self.settings = settings
         self.limiter = limiter  # tests: one shared by several nodes; None: chosen by the settings
         self.bus = bus  # tests: the in-process bus several nodes of one trio run share
+        self.shared_registry = registry  # tests: the presence state several nodes of one trio run share
+        self.registry: PresenceRegistry | None = None  # while serving
         self.broker: Broker | None = None  # while serving (``broker.healthy`` for health checks)
         self.api_sockets = api_sockets  # bound by the CLI; None: bound here when api_port is set
         self.api_port: int | None = None
@@ -353,6 +357,11 @@ class Server:
                         await services.presence.close_all("server_shutdown")
                         connections.cancel_scope.deadline = trio.current_time() + settings.shutdown_timeout
                     api_stop.set()  # the API drives the actors: it stops before them
+                if self.registry is not None and self.registry.shared:
+                    # Gone on purpose: this node's members stop counting now, and the others
+                    # finish the offline checks its connections left (a crash: after node_ttl).
+                    with trio.move_on_after(settings.shutdown_timeout):
+                        await self.registry.leave()
                 actors.cancel_scope.cancel()
         finally:
             self._gateway = None
@@ -404,6 +413,12 @@ class Server:
         await broker.subscribe([BROADCAST_TOPIC])
         return broker
 
+    def _open_registry(self) -> PresenceRegistry | None:
+        """The presence state shared with the other nodes (None: this node's alone)."""
+        if self.shared_registry is not None:
+            return self.shared_registry.attach(self.node_id)
+        return None
+
     async def _start_actors(self, nursery: trio.Nursery, store: Store, engine: Engine,
                             readers: ReaderHandle, broker: Broker, inbox: NodeInbox) -> Services:
         settings, frames = self.settings, self.frames
@@ -411,8 +426,12 @@ class Server:
         if engine.sqlite_path is not None:
             nursery.start_soon(run_checkpointer, engine.sqlite_path, self.run_sync)
         limiter = self.limiter or await self._open_limiter(nursery)
+        registry = self.registry = self._open_registry()
         presence = await nursery.start(partial(run_presence, frames, store_handle, grace=settings.presence_grace,
-                                               online_gauge=self.metrics.online_users, broker=broker))
+                                               online_gauge=self.metrics.online_users, broker=broker,
+                                               registry=registry))
+        if registry is not None and registry.shared:
+            nursery.start_soon(run_registry_upkeep, registry, presence, settings.presence_grace)
         reaper, reaper_inbox = open_reaper_channel()
         webhooks, webhook_inbox = open_webhook_channel(settings)
         if webhook_inbox is not None:

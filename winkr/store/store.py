@@ -102,6 +102,12 @@ class Store(SafetyQueries):
             (user_id, user_id))
         return {row[0] for row in rows}
 
+    def presence_card(self, user_id: str) -> tuple[str, set[str]]:
+        """(username, contacts) of a user: what an offline announcement needs on a node that
+        holds none of the user's connections (the username is the id if never stored)."""
+        row = self.db.execute("SELECT username FROM users WHERE id = ?", (user_id,)).fetchone()
+        return (str(row[0]) if row else user_id), self.contacts(user_id)
+
     def participants(self, conversation_id: str) -> tuple[str, ...] | None:
         """The participants (sorted), or ``None`` for a conversation that does not exist."""
         cached = self._participants.get(conversation_id)
