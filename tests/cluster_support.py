@@ -58,8 +58,11 @@ class Cluster:
         """Start one more node on the same database and bus; returns its harness."""
         base = settings if settings is not None else self.settings
         node_settings = attrs.evolve(base, node_id=f"node{len(self.nodes)}")
-        server = Server(node_settings, SECRET, clock=trio_wall_clock(), run_sync=run_inline, bus=self.bus,
-                        registry=self.registry)
+        if node_settings.clustered:  # the nodes meet in Redis, as separate processes would
+            server = Server(node_settings, SECRET, clock=trio_wall_clock(), run_sync=run_inline)
+        else:
+            server = Server(node_settings, SECRET, clock=trio_wall_clock(), run_sync=run_inline, bus=self.bus,
+                            registry=self.registry)
         scope = trio.CancelScope()
         stopped = trio.Event()
 
@@ -79,7 +82,8 @@ class Cluster:
 @asynccontextmanager
 async def running_cluster(settings: Settings, nodes: int = 2) -> AsyncIterator[Cluster]:
     """``nodes`` servers on ``settings`` (each with node id ``node<i>``) sharing one bus, for the
-    body of the ``async with``; shut down gracefully after it."""
+    body of the ``async with``; shut down gracefully after it. With a ``broker_url`` the nodes
+    use that Redis (its broker and presence registry) instead of the in-process ones."""
     bus = InProcessBroker(shared=True)
     registry = InProcessRegistry(shared=True)
     async with trio.open_nursery() as clients:

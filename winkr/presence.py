@@ -207,6 +207,11 @@ class _CloseUser:
 
 
 @attrs.frozen
+class _RegisterAgain:
+    """The registry lost this node's members: register every connection held here again."""
+
+
+@attrs.frozen
 class _CheckGrace:
     """The registry says these users' offline checks are due (a poll, or a dead node's sweep)."""
 
@@ -222,7 +227,8 @@ class _FromBus:
 
 PresenceRequest = (_Admit | _Release | _Connect | _Disconnect | _SetStatus | _Published | _SendToUsers
                    | _SendEach | _Online | _Connected | _AddContacts | _CloseAll | _UpdateSettings | _SendReceipt
-                   | _Apart | _Together | _DropContacts | _Inspect | _CloseUser | _FromBus | _CheckGrace)
+                   | _Apart | _Together | _DropContacts | _Inspect | _CloseUser | _FromBus | _CheckGrace
+                   | _RegisterAgain)
 
 
 class PresenceHandle:
@@ -339,6 +345,11 @@ class PresenceHandle:
         await self._inbox.send(_CloseUser(user_id, reason, reply))
         return await reply.wait()
 
+    async def register_again(self) -> None:
+        """The registry forgot this node (Redis restarted empty, or a partition longer than the
+        node TTL): put every connection held here back; contacts may hear ``user:online`` again."""
+        await self._inbox.send(_RegisterAgain())
+
     async def check_grace(self, user_ids: Iterable[str]) -> None:
         """The registry has these users' offline checks due (polled; another node may have left them)."""
         await self._inbox.send(_CheckGrace(tuple(user_ids)))
@@ -445,6 +456,13 @@ class _Presence:
                 member = state.admissions.pop()
                 self._forget_if_idle(user_id, state)
                 await self.registry.release(user_id, member)
+            case _RegisterAgain():
+                for user_id, state in list(self.users.items()):
+                    for peer_id in list(state.members):
+                        member = state.members[peer_id]
+                        await self.registry.admit(user_id, member, 0)
+                        if await self.registry.opened(user_id, member, state.online_status):
+                            self._announce(user_id, state.username, state.contacts, online=True)
             case _CheckGrace(user_ids=user_ids):
                 for user_id in user_ids:
                     await self._grace_expired(user_id)
@@ -770,9 +788,12 @@ async def run_registry_upkeep(registry: PresenceRegistry, presence: PresenceHand
     """In a cluster: heartbeat every ``interval`` seconds; prune dead nodes' members (their users
     get an offline check); hand due offline checks to presence, whichever node left them. A
     failing registry is logged (throttled) and tried again at the next beat."""
+    first = True
     while True:
         try:
-            await registry.heartbeat()
+            if not await registry.heartbeat() and not first:
+                await presence.register_again()  # Redis lost our state, or took us for dead
+            first = False
             due = set(await registry.sweep(grace)) | set(await registry.due())
             if due:
                 await presence.check_grace(sorted(due))

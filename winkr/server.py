@@ -408,16 +408,36 @@ class Server:
     async def _open_broker(self, nursery: trio.Nursery, inbox: NodeInbox) -> Broker:
         """This node's attachment to the bus: its own in-process bus when alone, the shared one
         given to the constructor (tests), or Redis when ``broker_url`` names one."""
-        bus = self.bus if self.bus is not None else InProcessBroker(shared=False)
-        broker = bus.attach(self.node_id, inbox.offer)
+        broker: Broker
+        redis_url = cluster_redis_url(self.settings)
+        if self.bus is None and redis_url is not None:
+            from winkr.broker.redis import RedisBroker  # the cluster extra: only when configured
+
+            threads = self.run_sync is trio.to_thread.run_sync  # else tests' inline calls
+            redis_broker = RedisBroker(redis_url, self.node_id, inbox.offer, prefix=self.settings.redis_key_prefix,
+                                       health=self.broker_health, run_sync=None if threads else self.run_sync)
+            await nursery.start(redis_broker.run)
+            broker = redis_broker
+        else:
+            bus = self.bus if self.bus is not None else InProcessBroker(shared=False)
+            broker = bus.attach(self.node_id, inbox.offer)
         await broker.subscribe([BROADCAST_TOPIC])
         return broker
 
-    def _open_registry(self) -> PresenceRegistry | None:
+    def _open_registry(self, nursery: trio.Nursery) -> PresenceRegistry | None:
         """The presence state shared with the other nodes (None: this node's alone)."""
         if self.shared_registry is not None:
             return self.shared_registry.attach(self.node_id)
-        return None
+        redis_url = cluster_redis_url(self.settings)
+        if redis_url is None:
+            return None
+        from winkr.registry.redis import RedisRegistry  # the cluster extra: only when configured
+
+        threads = self.run_sync is trio.to_thread.run_sync
+        registry = RedisRegistry.from_url(redis_url, self.node_id, prefix=self.settings.redis_key_prefix,
+                                          run_sync=None if threads else self.run_sync)
+        nursery.start_soon(partial(_close_when_cancelled, registry.aclose))
+        return registry
 
     async def _start_actors(self, nursery: trio.Nursery, store: Store, engine: Engine,
                             readers: ReaderHandle, broker: Broker, inbox: NodeInbox) -> Services:
@@ -426,11 +446,13 @@ class Server:
         if engine.sqlite_path is not None:
             nursery.start_soon(run_checkpointer, engine.sqlite_path, self.run_sync)
         limiter = self.limiter or await self._open_limiter(nursery)
-        registry = self.registry = self._open_registry()
+        registry = self.registry = self._open_registry(nursery)
         presence = await nursery.start(partial(run_presence, frames, store_handle, grace=settings.presence_grace,
                                                online_gauge=self.metrics.online_users, broker=broker,
                                                registry=registry))
         if registry is not None and registry.shared:
+            with contextlib.suppress(RegistryUnavailable):  # Redis down at start: the upkeep retries
+                await registry.heartbeat()  # before the first admission: our members count at once
             nursery.start_soon(run_registry_upkeep, registry, presence, settings.presence_grace)
         reaper, reaper_inbox = open_reaper_channel()
         webhooks, webhook_inbox = open_webhook_channel(settings)

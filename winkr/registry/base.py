@@ -90,8 +90,10 @@ class PresenceRegistry(Protocol):
     async def truth(self, user_id: str) -> tuple[int, str]:
         """(open connections anywhere, status); status ``offline`` without a connection."""
 
-    async def heartbeat(self) -> None:
-        """This node is alive."""
+    async def heartbeat(self) -> bool:
+        """This node is alive. ``False`` when the registry did not know it (its first beat, or
+        its state was lost: Redis restarted empty, or the node was taken for dead): its
+        connections must then be registered again."""
 
     async def sweep(self, grace: float) -> list[str]:
         """Prune the members of dead nodes; the users left with no open connection get an

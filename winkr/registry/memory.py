@@ -153,8 +153,10 @@ class InProcessRegistryNode:
         state, _, open_now = self._r._state(user_id)
         return open_now, (state.status or ONLINE) if open_now else OFFLINE
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self) -> bool:
+        known = self.node_id in self._r.nodes and self._r._live(self.node_id, trio.current_time())
         self._r.nodes[self.node_id] = trio.current_time()
+        return known
 
     async def sweep(self, grace: float) -> list[str]:
         now = trio.current_time()
