@@ -21,10 +21,12 @@ from conftest import (
     send_text,
     settle,
     text,
+    until_closed,
     welcomed,
 )
 from trio_websocket import ConnectionRejected, WebSocketConnection, wrap_client_stream
 
+from winkr.api.operations import disconnect_user
 from winkr.config import Settings
 
 
@@ -322,3 +324,17 @@ async def test_appearing_offline_on_one_node_is_seen_on_the_other(autojump_clock
         assert reply["event"] != "error", reply
         assert (await bob.expect("user:online"))["data"]["user_id"] == "alice"
         assert named(await bob.nothing_more(), "user:online") == []
+
+
+async def test_a_revocation_through_one_node_closes_and_refuses_everywhere(
+        autojump_clock: Any, tmp_path: Any) -> None:
+    async with running_cluster(cluster_settings(tmp_path)) as cluster:
+        alice, bob = await contacts_across(cluster)
+        old_token = cluster.node(1).token("bob")
+        await trio.sleep(1)  # a token issued before the revocation's second
+        asked = await disconnect_user(cluster.nodes[0].server.gateway.services, "bob", revoke_tokens=True)
+        assert asked == 1  # bob's one connection, on the other node
+        events, code = await until_closed(bob)
+        assert code == 4004, events
+        rejection = await refused(cluster.node(1), bearer(old_token))
+        assert_refused(rejection, 401, "UNAUTHORIZED")
