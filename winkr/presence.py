@@ -20,6 +20,8 @@ import attrs
 import trio
 
 from winkr.actor import Frames, Reply, drain
+from winkr.broker import events as bus
+from winkr.broker.base import Broker, BusEvent, user_topic
 from winkr.clock import iso
 from winkr.logs import ThrottledLog
 from winkr.outbox import CoalesceKey
@@ -72,6 +74,7 @@ class _Connect:
     contacts: frozenset[str]
     settings: UserSettings
     apart: frozenset[str]
+    reply: Reply[None]
 
 
 @attrs.frozen
@@ -197,9 +200,16 @@ class _CloseUser:
     reply: Reply[int]
 
 
+@attrs.frozen
+class _FromBus:
+    """An event another node published on the topic of a user connected here."""
+
+    event: BusEvent
+
+
 PresenceRequest = (_Admit | _Release | _Connect | _Disconnect | _SetStatus | _Published | _SendToUsers
                    | _SendEach | _Online | _Connected | _AddContacts | _CloseAll | _UpdateSettings | _SendReceipt
-                   | _Apart | _Together | _DropContacts | _Inspect | _CloseUser)
+                   | _Apart | _Together | _DropContacts | _Inspect | _CloseUser | _FromBus)
 
 
 class PresenceHandle:
@@ -222,8 +232,13 @@ class PresenceHandle:
     async def connect(self, peer: Peer, contacts: Iterable[str], settings: UserSettings | None = None,
                       apart: Iterable[str] = ()) -> None:
         """An admitted connection is open; its user's ``contacts`` hear of them. ``settings``
-        (as stored) and ``apart`` (users blocked either way) are adopted by a first connection."""
-        await self._inbox.send(_Connect(peer, frozenset(contacts), settings or UserSettings(), frozenset(apart)))
+        (as stored) and ``apart`` (users blocked either way) are adopted by a first connection.
+        Returns once presence holds it (and this node hears the user's topic): what the caller
+        reads from the store afterwards, plus what arrives from now on, is everything."""
+        reply: Reply[None] = Reply()
+        await self._inbox.send(_Connect(peer, frozenset(contacts), settings or UserSettings(), frozenset(apart),
+                                        reply))
+        await reply.wait()
 
     async def disconnect(self, peer: Peer) -> None:
         await self._inbox.send(_Disconnect(peer))
@@ -311,12 +326,19 @@ class PresenceHandle:
         await self._inbox.send(_CloseUser(user_id, reason, reply))
         return await reply.wait()
 
+    async def from_bus(self, event: BusEvent) -> None:
+        """An event another node published on a ``u:`` topic this node subscribes to."""
+        await self._inbox.send(_FromBus(event))
+
 
 class _Presence:
-    def __init__(self, frames: Frames, store: StoreHandle, grace: float, online_gauge: object = None) -> None:
+    def __init__(self, frames: Frames, store: StoreHandle, grace: float, online_gauge: object = None,
+                 broker: Broker | None = None) -> None:
         self.frames = frames
         self.store = store
         self.grace = grace
+        self.broker = broker
+        self.sharing = broker is not None and broker.shared
         self.online_gauge = online_gauge  # users with at least one open connection
         self.users: dict[str, _User] = {}
         self.grace_timers: list[tuple[float, int, str]] = []  # (deadline, generation, user)
@@ -326,12 +348,25 @@ class _Presence:
 
     def _deliver(self, user_ids: Iterable[str], frame: str, except_connection: str | None = None,
                  key: CoalesceKey | None = None) -> None:
+        """``frame`` to every connection of each user, on this node and the others."""
+        user_ids = tuple(user_ids)
+        self._deliver_here(user_ids, frame, except_connection, key)
+        self._share(user_ids, bus.FRAME, {"frame": frame, "except": except_connection, "key": bus.key_json(key)})
+
+    def _deliver_here(self, user_ids: Iterable[str], frame: str, except_connection: str | None = None,
+                      key: CoalesceKey | None = None) -> None:
         for user_id in user_ids:
             state = self.users.get(user_id)
             if state is not None:
                 for peer in state.peers.values():
                     if peer.id != except_connection:
                         peer.deliver(frame, key)
+
+    def _share(self, user_ids: Iterable[str], kind: str, data: dict[str, object]) -> None:
+        """Publish ``kind`` to the ``u:`` topic of each user (never waits)."""
+        if self.sharing:
+            assert self.broker is not None
+            self.broker.publish([BusEvent(user_topic(user_id), kind, data) for user_id in user_ids])
 
     def _announce(self, user_id: str, state: _User, online: bool) -> None:
         now = iso(self.frames.now())
@@ -389,9 +424,12 @@ class _Presence:
                 state.admitting -= 1
                 self._forget_if_idle(user_id, state)
             case _Connect():
+                await self._subscribe(request.peer.user_id)
                 self._connect(request)
+                request.reply.set(None)
             case _Disconnect(peer=peer):
-                self._disconnect(peer)
+                if self._disconnect(peer):
+                    await self._unsubscribe(peer.user_id)
             case _SetStatus():
                 await self._set_status(request)
             case _Online(user_ids=user_ids, reply=reply):
@@ -401,8 +439,8 @@ class _Presence:
                                     if (known := self.users.get(user)) is not None and known.peers))
             case _AddContacts(user_ids=user_ids):
                 for user in user_ids:
-                    if (known := self.users.get(user)) is not None:
-                        known.contacts.update(u for u in user_ids if u != user and u not in known.apart)
+                    self._add_contacts(user, user_ids)
+                    self._share((user,), bus.CONTACTS, {"add": list(user_ids)})
             case _CloseAll(reason=reason):
                 self.closing = reason
                 for state in self.users.values():
@@ -413,32 +451,99 @@ class _Presence:
             case _SendReceipt(reader_id=reader_id, sender_ids=sender_ids, frame=frame, key=key):
                 reader = self.users.get(reader_id)
                 if reader is None or reader.read_receipts:
-                    self._deliver((s for s in sender_ids if (st := self.users.get(s)) is not None
-                                   and st.read_receipts), frame, key=key)
+                    for sender_id in sender_ids:
+                        self._receipt_here(sender_id, frame, key)
+                    self._share(sender_ids, bus.RECEIPT, {"frame": frame, "key": bus.key_json(key)})
             case _Apart(user_a=a, user_b=b):
                 for user, other in ((a, b), (b, a)):
-                    if (known := self.users.get(user)) is not None:
-                        known.apart.add(other)
-                        known.contacts.discard(other)
+                    self._apart(user, other)
+                    self._share((user,), bus.APART, {"other": other})
             case _Together(user_a=a, user_b=b, still_apart=still_apart, contacts=contacts):
                 for user, other in ((a, b), (b, a)):
-                    if (known := self.users.get(user)) is not None:
-                        if not still_apart:
-                            known.apart.discard(other)
-                            if contacts:
-                                known.contacts.add(other)
+                    self._together(user, other, still_apart, contacts)
+                    self._share((user,), bus.TOGETHER, {"other": other, "still_apart": still_apart,
+                                                        "contacts": contacts})
             case _DropContacts(pairs=pairs):
                 for a, b in pairs:
                     for user, other in ((a, b), (b, a)):
-                        if (known := self.users.get(user)) is not None:
-                            known.contacts.discard(other)
+                        self._drop_contact(user, other)
+                        self._share((user,), bus.DROP_CONTACT, {"other": other})
             case _Inspect(user_id=user_id, reply=reply):
                 reply.set(self._truth(user_id))
             case _CloseUser(user_id=user_id, reason=reason, reply=reply):
-                closing = list(self.users[user_id].peers.values()) if user_id in self.users else []
-                for peer in closing:
-                    peer.request_close(reason)
-                reply.set(len(closing))
+                reply.set(self._close_user_here(user_id, reason))
+                self._share((user_id,), bus.CLOSE, {"reason": reason})
+            case _FromBus(event=event):
+                await self._from_bus(event)
+
+    # --- what every node does for a user it holds (asked here, or by another node) -----------
+
+    def _add_contacts(self, user: str, user_ids: Iterable[str]) -> None:
+        if (known := self.users.get(user)) is not None:
+            known.contacts.update(u for u in user_ids if u != user and u not in known.apart)
+
+    def _apart(self, user: str, other: str) -> None:
+        if (known := self.users.get(user)) is not None:
+            known.apart.add(other)
+            known.contacts.discard(other)
+
+    def _together(self, user: str, other: str, still_apart: bool, contacts: bool) -> None:
+        if (known := self.users.get(user)) is not None and not still_apart:
+            known.apart.discard(other)
+            if contacts:
+                known.contacts.add(other)
+
+    def _drop_contact(self, user: str, other: str) -> None:
+        if (known := self.users.get(user)) is not None:
+            known.contacts.discard(other)
+
+    def _receipt_here(self, sender_id: str, frame: str, key: CoalesceKey | None) -> None:
+        """``message:viewed`` to the sender's connections here, unless they switched receipts off."""
+        if (state := self.users.get(sender_id)) is not None and state.read_receipts:
+            self._deliver_here((sender_id,), frame, key=key)
+
+    def _close_user_here(self, user_id: str, reason: str) -> int:
+        closing = list(self.users[user_id].peers.values()) if user_id in self.users else []
+        for peer in closing:
+            peer.request_close(reason)
+        return len(closing)
+
+    async def _from_bus(self, event: BusEvent) -> None:
+        user_id = event.topic.removeprefix("u:")
+        data = event.data
+        kind = event.kind
+        if kind == bus.FRAME:
+            self._deliver_here((user_id,), str(data["frame"]), data["except"], bus.key_from_json(data["key"]))
+        elif kind == bus.RECEIPT:
+            self._receipt_here(user_id, str(data["frame"]), bus.key_from_json(data["key"]))
+        elif kind == bus.COMMITTED:
+            await self._committed_elsewhere(user_id, bus.message_from_json(data["m"]))
+        elif kind == bus.CONTACTS:
+            self._add_contacts(user_id, data["add"])
+        elif kind == bus.APART:
+            self._apart(user_id, str(data["other"]))
+        elif kind == bus.TOGETHER:
+            self._together(user_id, str(data["other"]), bool(data["still_apart"]), bool(data["contacts"]))
+        elif kind == bus.DROP_CONTACT:
+            self._drop_contact(user_id, str(data["other"]))
+        elif kind == bus.SETTINGS:
+            if (state := self.users.get(user_id)) is not None:
+                state.read_receipts, state.online_status = bool(data["read_receipts"]), bool(data["online_status"])
+        elif kind == bus.CLOSE:
+            self._close_user_here(user_id, str(data["reason"]))
+
+    async def _committed_elsewhere(self, user_id: str, message: StoredMessage) -> None:
+        """Another node committed ``message``: this node's connections of ``user_id`` that have
+        not joined its conversation (a joined one hears it from its room) get the unread count,
+        and their delivery is recorded (the first node to record it sends the receipt)."""
+        state = self.users.get(user_id)
+        if state is None:
+            return
+        conversation_id = message.conversation_id
+        peers = [peer for peer in state.peers.values() if conversation_id not in peer.joined]
+        if not peers:
+            return
+        await self._published_outside([_DeliveryJob(message, {user_id: peers}, ())])
 
     def _truth(self, user_id: str) -> PresenceTruth:
         known = self.users.get(user_id)
@@ -471,15 +576,26 @@ class _Presence:
             if state.online_status:
                 self._announce(peer.user_id, state, online=True)
 
-    def _disconnect(self, peer: Peer) -> None:
+    async def _subscribe(self, user_id: str) -> None:
+        """Hear the user's topic while a connection of theirs is here (each connection counts)."""
+        if self.broker is not None:
+            await self.broker.subscribe([user_topic(user_id)])
+
+    async def _unsubscribe(self, user_id: str) -> None:
+        if self.broker is not None:
+            await self.broker.unsubscribe([user_topic(user_id)])
+
+    def _disconnect(self, peer: Peer) -> bool:
+        """Forget the connection; ``True`` if presence held it."""
         state = self.users.get(peer.user_id)
         if state is None or state.peers.pop(peer.id, None) is None:
-            return
+            return False
         if not state.peers:
             self._gauge(-1)
             state.grace_generation += 1
             heapq.heappush(self.grace_timers, (trio.current_time() + self.grace,
                                                state.grace_generation, peer.user_id))
+        return True
 
     async def expire_grace(self) -> None:
         now = trio.current_time()
@@ -521,6 +637,8 @@ class _Presence:
         except Exception as exc:  # noqa: BLE001 - the asker learns it
             request.reply.fail(exc)
             return
+        self._share((user_id,), bus.SETTINGS, {"read_receipts": settings.read_receipts,
+                                               "online_status": settings.online_status})
         state = self.users.get(user_id)
         if state is not None:
             state.read_receipts, state.online_status = settings.read_receipts, settings.online_status
@@ -534,7 +652,13 @@ class _Presence:
         """Receipts to the senders (``message:delivered``, for deliveries the room recorded with
         the message) and ``conversation:unread`` to participants' connections outside the room,
         whose deliveries and counts take ONE store request for the whole list."""
-        jobs = [self._delivery_job(event) for event in events]
+        for event in events:
+            message = event.message
+            self._share((p for p in event.participants if p != message.sender_id), bus.COMMITTED,
+                        {"m": bus.message_json(message)})
+        await self._published_outside([self._delivery_job(event) for event in events])
+
+    async def _published_outside(self, jobs: list[_DeliveryJob]) -> None:
         outside = [job for job in jobs if job.outside]
         results: list[tuple[dict[str, int], list[Delivery]]] = []
         if outside:
@@ -568,12 +692,10 @@ class _Presence:
                                                                          job.message))
             for peer in peers:
                 peer.deliver(frame, ("unread", conversation_id))
-        sender = self.users.get(job.message.sender_id)
-        if sender is not None:
+        if self.sharing or job.message.sender_id in self.users:
             for delivery in (*job.recorded, *deliveries):
-                frame = self.frames.event("message:delivered", delivered_data(delivery))
-                for peer in sender.peers.values():
-                    peer.deliver(frame)
+                self._deliver((job.message.sender_id,),
+                              self.frames.event("message:delivered", delivered_data(delivery)))
 
 
 @attrs.frozen
@@ -586,11 +708,11 @@ class _DeliveryJob:
 
 
 async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, online_gauge: object = None,
-                       inbox_size: int = 4096,
+                       inbox_size: int = 4096, broker: Broker | None = None,
                        task_status: trio.TaskStatus[PresenceHandle] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve presence until the inbox is closed or the task is cancelled."""
     send, receive = trio.open_memory_channel[PresenceRequest](inbox_size)
-    presence = _Presence(frames, store, grace, online_gauge)
+    presence = _Presence(frames, store, grace, online_gauge, broker)
     task_status.started(PresenceHandle(send))
     async with receive:
         while True:

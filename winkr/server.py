@@ -23,10 +23,12 @@ from trio_websocket import WebSocketRequest
 from winkr import plain_http
 from winkr.actor import Frames
 from winkr.auth import Principal, TokenVerifier, token_from_handshake
+from winkr.broker import BROADCAST_TOPIC, Broker, InProcessBroker
 from winkr.clock import WallClock, system_wall_clock
 from winkr.cluster import BrokerHealth, cluster_redis_url, node_name
 from winkr.config import Settings
 from winkr.connection import Connection
+from winkr.dispatcher import NodeInbox, run_dispatcher
 from winkr.errors import (
     CONNECTION_ERROR,
     FORBIDDEN,
@@ -73,6 +75,7 @@ RECEIVE_QUEUE = 8  # frames trio-websocket may read ahead of the connection's re
 RECEIVE_BUFFER = 64 * 1024  # bytes per socket read: a burst of frames in one syscall
 LIBRARY_FRAME_LIMIT = 1024 * 1024
 RUNTIME_SAMPLE_SECONDS = 2.0
+POSITION_CHECK_SECONDS = 30.0  # in a cluster, each room with joined connections compares its position this often
 
 
 class HandshakeRefused(Exception):
@@ -273,9 +276,12 @@ class Server:
     def __init__(self, settings: Settings, secret: str | None, *, clock: WallClock = system_wall_clock,
                  run_sync: RunSync = trio.to_thread.run_sync, api_sockets: list[socket.socket] | None = None,
                  webhook_transport: httpx.AsyncBaseTransport | None = None,
-                 webhook_backoff: Backoff = DEFAULT_BACKOFF, limiter: Limiter | None = None) -> None:
+                 webhook_backoff: Backoff = DEFAULT_BACKOFF, limiter: Limiter | None = None,
+                 bus: InProcessBroker | None = None) -> None:
         self.settings = settings
         self.limiter = limiter  # tests: one shared by several nodes; None: chosen by the settings
+        self.bus = bus  # tests: the in-process bus several nodes of one trio run share
+        self.broker: Broker | None = None  # while serving (``broker.healthy`` for health checks)
         self.api_sockets = api_sockets  # bound by the CLI; None: bound here when api_port is set
         self.api_port: int | None = None
         self.api_app: ASGIApp | None = None  # the server API (served over HTTP when api_port is set)
@@ -321,7 +327,10 @@ class Server:
         try:
             readers = await self.run_sync(engine.open_readers, READERS)
             async with trio.open_nursery() as actors:
-                services = await self._start_actors(actors, Store(db), engine, ReaderHandle(readers, self.run_sync))
+                inbox = NodeInbox()
+                self.broker = await self._open_broker(actors, inbox)
+                services = await self._start_actors(actors, Store(db), engine, ReaderHandle(readers, self.run_sync),
+                                                    self.broker, inbox)
                 self._gateway = gateway = Gateway(services, self.metrics, self.clock, self.ready_problem)
                 api_stop = trio.Event()
                 async with trio.open_nursery() as api:
@@ -347,6 +356,11 @@ class Server:
                 actors.cancel_scope.cancel()
         finally:
             self._gateway = None
+            if self.broker is not None:
+                close = getattr(self.broker, "close", None)
+                if close is not None:
+                    close()
+                self.broker = None
             with trio.CancelScope(shield=True):  # connections are closed however serve ends
                 if readers is not None:
                     await self.run_sync(readers.close)
@@ -382,15 +396,23 @@ class Server:
             self.api_port = await nursery.start(serve_api, self.api_app, sockets, stop)
             log.info("server API on http://%s:%d", settings.api_host, self.api_port)
 
+    async def _open_broker(self, nursery: trio.Nursery, inbox: NodeInbox) -> Broker:
+        """This node's attachment to the bus: its own in-process bus when alone, the shared one
+        given to the constructor (tests), or Redis when ``broker_url`` names one."""
+        bus = self.bus if self.bus is not None else InProcessBroker(shared=False)
+        broker = bus.attach(self.node_id, inbox.offer)
+        await broker.subscribe([BROADCAST_TOPIC])
+        return broker
+
     async def _start_actors(self, nursery: trio.Nursery, store: Store, engine: Engine,
-                            readers: ReaderHandle) -> Services:
+                            readers: ReaderHandle, broker: Broker, inbox: NodeInbox) -> Services:
         settings, frames = self.settings, self.frames
         store_handle = await nursery.start(partial(run_store_writer, store, self.run_sync, metrics=self.metrics))
         if engine.sqlite_path is not None:
             nursery.start_soon(run_checkpointer, engine.sqlite_path, self.run_sync)
         limiter = self.limiter or await self._open_limiter(nursery)
         presence = await nursery.start(partial(run_presence, frames, store_handle, grace=settings.presence_grace,
-                                               online_gauge=self.metrics.online_users))
+                                               online_gauge=self.metrics.online_users, broker=broker))
         reaper, reaper_inbox = open_reaper_channel()
         webhooks, webhook_inbox = open_webhook_channel(settings)
         if webhook_inbox is not None:
@@ -402,12 +424,14 @@ class Server:
         def room_services(hub: HubHandle) -> RoomServices:
             return RoomServices(frames, store_handle, presence, hub.room, hub.retire, reaper.nudge,
                                 settings.typing_timeout, settings.max_room_connections,
-                                ROOM_IDLE_SECONDS, rates, webhooks)
+                                ROOM_IDLE_SECONDS, rates, webhooks, broker,
+                                POSITION_CHECK_SECONDS if broker.shared else 0.0)
 
         hub = await nursery.start(partial(run_hub, room_services, rooms_gauge=self.metrics.rooms))
         nursery.start_soon(run_reaper, store_handle, hub.room, self.clock, reaper_inbox)
         nursery.start_soon(self._sample_runtime)
-        revocations = await nursery.start(run_revocations, store_handle)
+        revocations = await nursery.start(partial(run_revocations, store_handle, broker=broker))
+        nursery.start_soon(run_dispatcher, inbox, hub, presence, revocations)
         return Services(settings, frames, self.verifier, self.policy, store_handle, presence, hub, reaper, limiter,
                         rates, webhooks, revocations, readers)
 

@@ -343,6 +343,19 @@ class Store(SafetyQueries):
                               "ORDER BY seq DESC LIMIT 1", (conversation_id,)).fetchone()
         return _message(row) if row else None
 
+    def messages_after(self, conversation_id: str, after_seq: int,
+                       limit: int) -> list[tuple[StoredMessage, str | None, str | None]]:
+        """Up to ``limit`` messages with ``seq > after_seq`` in ``seq`` order, each with its
+        sender's stored username and avatar URL (``None`` for a sender never seen, such as
+        ``system``): how a room fills a gap the bus left (``seq`` has none, so the first row is
+        ``after_seq + 1``)."""
+        columns = ", ".join(f"m.{column.strip()}" for column in _MESSAGE_COLUMNS.split(","))
+        rows = self.db.execute(
+            f"SELECT {columns}, u.username, u.avatar_url FROM messages m LEFT JOIN users u ON u.id = m.sender_id "
+            "WHERE m.conversation_id = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
+            (conversation_id, after_seq, limit)).fetchall()
+        return [(_message(row[:-2]), row[-2], row[-1]) for row in rows]
+
     # --- receipts and summaries --------------------------------------------------------
 
     def record_delivered(self, messages: Iterable[StoredMessage], recipient_id: str, now: float) -> list[Delivery]:
