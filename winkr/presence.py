@@ -252,8 +252,7 @@ class PresenceHandle:
                       apart: Iterable[str] = ()) -> None:
         """An admitted connection is open; its user's ``contacts`` hear of them. ``settings``
         (as stored) and ``apart`` (users blocked either way) are adopted by a first connection.
-        Returns once presence holds it (and this node hears the user's topic): what the caller
-        reads from the store afterwards, plus what arrives from now on, is everything."""
+        Returns once presence holds it (the user's topic was subscribed at admission)."""
         reply: Reply[None] = Reply()
         await self._inbox.send(_Connect(peer, frozenset(contacts), settings or UserSettings(), frozenset(apart),
                                         reply))
@@ -456,6 +455,7 @@ class _Presence:
                 member = state.admissions.pop()
                 self._forget_if_idle(user_id, state)
                 await self.registry.release(user_id, member)
+                await self._unsubscribe(user_id)
             case _RegisterAgain():
                 for user_id, state in list(self.users.items()):
                     for peer_id in list(state.members):
@@ -468,7 +468,6 @@ class _Presence:
                     await self._grace_expired(user_id)
             case _Connect():
                 try:
-                    await self._subscribe(request.peer.user_id)
                     await self._connect(request)
                 finally:
                     request.reply.set(None)
@@ -593,7 +592,8 @@ class _Presence:
         await self._published_outside([_DeliveryJob(message, {user_id: peers}, ())])
 
     async def _subscribe(self, user_id: str) -> None:
-        """Hear the user's topic while a connection of theirs is here (each connection counts)."""
+        """Hear the user's topic while a connection of theirs is here or being admitted (each
+        counts; the last one's close or release unsubscribes)."""
         if self.broker is not None:
             await self.broker.subscribe([user_topic(user_id)])
 
@@ -613,6 +613,9 @@ class _Presence:
             return
         if allowed:
             state.admissions.append(member)
+            # Subscribed before the handshake is accepted: whatever is addressed to the user
+            # after the client sees connection:established reaches this node.
+            await self._subscribe(request.user_id)
         else:
             self._forget_if_idle(request.user_id, state)
         request.reply.set(allowed)
