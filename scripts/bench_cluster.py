@@ -6,15 +6,13 @@ For each round and each setup:
 - ``relay``: the bare trio-websocket relay (../shared/bench/relay_trio.py, driven by its own
   loadgen.py ``pairs`` with users/2 pairs at the same rate and window): the ceiling of our
   stack on this machine, for the ratios (absolute numbers drift ±20 % between runs);
-
 - ``one``: `winkr serve` on a fresh SQLite file (the embedded default);
-
-(winkr's load: users/2 two-person conversations, as the relay's pairs, plain sends only);
 - ``two``: two `winkr serve` processes on one fresh PostgreSQL schema and one Redis (a key
   prefix of their own), i.e. a cluster (docs/deploy.md §8); scripts/loadtest.py puts the two
   members of every conversation on different nodes, so every message crosses the broker.
 
-Every limit is off (deploy/loadtest.toml). scripts/loadtest.py runs twice per setup: open loop
+winkr's load is users/2 two-person conversations (the relay's pairs), plain sends only, every
+limit off (deploy/loadtest.toml). scripts/loadtest.py runs twice per setup: open loop
 at --rate msgs/s (latency at a load both setups carry) and closed loop (--max: as fast as the
 server acknowledges, an acknowledgement meaning committed). Rounds alternate the setups so that
 drift on a shared machine hits both. With taskset, the winkr processes share CPU 0 (the two
