@@ -486,7 +486,8 @@ class Server:
         from winkr.redis_limiter import RedisLimiter  # the cluster extra: only when configured
 
         threads = self.run_sync is trio.to_thread.run_sync  # else tests' inline calls
-        limiter = RedisLimiter.from_url(redis_url, on_error=self.metrics.limiter_errors.inc,
+        limiter = RedisLimiter.from_url(redis_url, prefix=self.settings.redis_key_prefix,
+                                        on_error=self.metrics.limiter_errors.inc,
                                         run_sync=None if threads else self.run_sync)
         nursery.start_soon(partial(_close_when_cancelled, limiter.aclose))
         return limiter
