@@ -9,6 +9,7 @@ overflowed drops what did not fit and resyncs every room instead of growing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -44,21 +45,23 @@ class NodeInbox:
 
 
 async def run_dispatcher(inbox: NodeInbox, hub: HubHandle, presence: PresenceHandle,
-                         revocations: RevocationsHandle) -> None:
-    """Route incoming items until cancelled."""
+                         revocations: RevocationsHandle, *,
+                         on_resync: Callable[[int], None] = lambda rooms: None) -> None:
+    """Route incoming items until cancelled. ``on_resync(rooms)`` counts the rooms sent to catch
+    up (``winkr_broker_resyncs_total``)."""
     async with inbox.receive:
         async for item in inbox.receive:
             if inbox.overflowed:
                 inbox.overflowed = False
                 log.warning("the bus inbox overflowed: every room catches up from the store")
-                await _to_rooms(await hub.awake(None), CatchUp())
+                on_resync(await _to_rooms(await hub.awake(None), CatchUp()))
             match item:
                 case Resync(topics=None):
-                    await _to_rooms(await hub.awake(None), CatchUp())
+                    on_resync(await _to_rooms(await hub.awake(None), CatchUp()))
                 case Resync(topics=frozenset() as topics):
                     for topic in topics:
                         if topic.startswith("c:"):
-                            await _to_rooms(await hub.awake(topic[2:]), CatchUp())
+                            on_resync(await _to_rooms(await hub.awake(topic[2:]), CatchUp()))
                 case BusEvent(topic=topic) if topic.startswith("c:"):
                     await _to_rooms(await hub.awake(topic[2:]), FromBus(item))
                 case BusEvent(topic=topic) if topic.startswith("u:"):
@@ -67,9 +70,13 @@ async def run_dispatcher(inbox: NodeInbox, hub: HubHandle, presence: PresenceHan
                     await revocations.revoked_elsewhere(str(data["user_id"]), float(data["at"]))
 
 
-async def _to_rooms(rooms: list[RoomHandle], message: RoomMessage) -> None:
+async def _to_rooms(rooms: list[RoomHandle], message: RoomMessage) -> int:
+    """Hand ``message`` to each room still awake; returns how many took it."""
+    taken = 0
     for room in rooms:
         try:
             await room.send(message)
+            taken += 1
         except RoomRetired:
             pass  # asleep now: it reads its position when it wakes
+    return taken

@@ -472,7 +472,8 @@ class Server:
         nursery.start_soon(run_reaper, store_handle, hub.room, self.clock, reaper_inbox)
         nursery.start_soon(self._sample_runtime)
         revocations = await nursery.start(partial(run_revocations, store_handle, broker=broker))
-        nursery.start_soon(run_dispatcher, inbox, hub, presence, revocations)
+        nursery.start_soon(partial(run_dispatcher, inbox, hub, presence, revocations,
+                                   on_resync=self.broker_health.resynced))
         return Services(settings, frames, self.verifier, self.policy, store_handle, presence, hub, reaper, limiter,
                         rates, webhooks, revocations, readers)
 
