@@ -106,6 +106,7 @@ async def test_the_connection_cap_and_the_online_announcement_hold_across_nodes(
     assert await two.opened("alice", "1", True) is False  # already visible: nobody announces again
     assert await one.visible(["alice", "bob"]) == {"alice": True, "bob": False}
     assert await two.truth("alice") == (2, "online")
+    assert await one.connected(["alice", "bob"]) == frozenset({"alice"})
     assert await one.closed("alice", "1", 5.0) is False  # still open on node two
     assert await two.closed("alice", "1", 0.05) is True  # the last one: an offline check is due
     await until_async(lambda: one.due(), ["alice"])
