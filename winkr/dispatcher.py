@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 
 import trio
 
@@ -18,11 +19,14 @@ from winkr.broker.base import BusEvent, Incoming, Resync
 from winkr.hub import HubHandle
 from winkr.presence import PresenceHandle
 from winkr.revocations import RevocationsHandle
-from winkr.room import CatchUp, FromBus, RoomHandle, RoomMessage, RoomRetired
+from winkr.room import CatchUp, FromBus, Position, RoomHandle, RoomMessage, RoomRetired
+from winkr.store.readers import ReaderHandle
+from winkr.store.store import Store
 
 log = logging.getLogger("winkr.dispatcher")
 
 INBOX_SIZE = 8192
+POSITION_BATCH = 100  # conversations whose last seq one read compares
 
 
 class NodeInbox:
@@ -80,3 +84,20 @@ async def _to_rooms(rooms: list[RoomHandle], message: RoomMessage) -> int:
         except RoomRetired:
             pass  # asleep now: it reads its position when it wakes
     return taken
+
+
+async def run_position_checks(hub: HubHandle, readers: ReaderHandle, interval: float) -> None:
+    """Every ``interval`` seconds, read the store's ``last_seq`` of every awake room (one read
+    per ``POSITION_BATCH`` rooms, on a reader: the writer is not involved) and tell each room;
+    a room behind it fills the gap. The bus is a hint: a message it lost and no later one
+    revealed arrives within ``interval``."""
+    while True:
+        await trio.sleep(interval)
+        rooms = await hub.awake(None)
+        for start in range(0, len(rooms), POSITION_BATCH):
+            chunk = rooms[start:start + POSITION_BATCH]
+            positions = await readers.call(partial(Store.last_seqs, conversation_ids=[r.conversation_id
+                                                                                      for r in chunk]))
+            for room in chunk:
+                if (last_seq := positions.get(room.conversation_id)) is not None:
+                    await _to_rooms([room], Position(last_seq))
