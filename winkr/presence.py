@@ -380,7 +380,8 @@ class _Presence:
         """``frame`` to every connection of each user, on this node and the others."""
         user_ids = tuple(user_ids)
         self._deliver_here(user_ids, frame, except_connection, key)
-        self._share(user_ids, bus.FRAME, {"frame": frame, "except": except_connection, "key": bus.key_json(key)})
+        if self.sharing:
+            self._share(user_ids, bus.FRAME, {"frame": frame, "except": except_connection, "key": bus.key_json(key)})
 
     def _deliver_here(self, user_ids: Iterable[str], frame: str, except_connection: str | None = None,
                       key: CoalesceKey | None = None) -> None:
@@ -731,10 +732,11 @@ class _Presence:
         """Receipts to the senders (``message:delivered``, for deliveries the room recorded with
         the message) and ``conversation:unread`` to participants' connections outside the room,
         whose deliveries and counts take ONE store request for the whole list."""
-        for event in events:
-            message = event.message
-            self._share((p for p in event.participants if p != message.sender_id), bus.COMMITTED,
-                        {"m": bus.message_json(message)})
+        if self.sharing:
+            for event in events:
+                message = event.message
+                self._share((p for p in event.participants if p != message.sender_id), bus.COMMITTED,
+                            {"m": bus.message_json(message)})
         await self._published_outside([self._delivery_job(event) for event in events])
 
     async def _published_outside(self, jobs: list[_DeliveryJob]) -> None:
