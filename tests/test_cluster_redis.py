@@ -19,6 +19,7 @@ from conftest import (
     bearer,
     join,
     make_settings,
+    metric,
     named,
     refused,
     send_text,
@@ -271,3 +272,25 @@ async def test_a_redis_restart_loses_nothing_acknowledged(own_redis: OwnRedis, t
             assert [m["seq"] for m in named(await bob.nothing_more(0.5), "message:new")] == []
             carol = await cluster.node(1).connect("carol")  # admissions work again
             await carol.close()
+
+
+@only_once
+async def test_a_user_who_left_while_redis_was_down_goes_offline_once_it_is_back(
+        own_redis: OwnRedis, tmp_path: Any) -> None:
+    await own_redis.start()
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF, broker_url=own_redis.url, presence_grace=0.5)
+    with trio.fail_after(60):
+        async with running_cluster(settings) as cluster:
+            bob = await cluster.node(1).connect("bob")
+            alice = await cluster.node(0).connect("alice")
+            await cluster.node(0).conversation(alice, "bob")
+            await bob.expect("conversation:created")
+            await settle(alice, bob)
+            own_redis.kill()
+            await alice.close()  # the registry cannot be told now
+            node0 = cluster.nodes[0].server.metrics
+            await until(lambda: metric(node0.text(), "winkr_online_users") == 0)  # node 0 saw her go
+            await own_redis.start()  # empty
+            offline = await bob.expect("user:offline")
+            assert offline["data"]["user_id"] == "alice"
+            assert named(await bob.nothing_more(2), "user:offline") == []

@@ -83,11 +83,17 @@ end
 return 0
 """
 
-# KEYS: conns, nodes, grace, node_users. ARGV: member, ttl ms, user, grace ms, node.
+# KEYS: conns, nodes, grace, node_users, visible. ARGV: member, ttl ms, user, grace ms, node.
 _CLOSED = _COMMON + """
 local now = now_ms()
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+local known = redis.call('HDEL', KEYS[1], ARGV[1])
 local live, open = prune(KEYS[1], KEYS[2], tonumber(ARGV[2]), now)
+if known == 0 then
+  -- Redis lost the member (restarted empty, or took our node for dead): the contacts may
+  -- have seen the user online, so with nothing open an offline check is due as usual.
+  if open > 0 or redis.call('ZSCORE', KEYS[3], ARGV[3]) then return 0 end
+  redis.call('SET', KEYS[5], '1')
+end
 local mine = false
 for _, member in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(member, 1, #ARGV[5] + 1) == ARGV[5] .. '|' then mine = true end
@@ -277,7 +283,8 @@ class RedisRegistry:
 
     async def closed(self, user_id: str, member: str, grace: float) -> bool:
         node_users = f"{self._prefix}{{n:{self.node_id}}}:users"
-        left = await self._call("closed", [self._user(user_id, "conns"), self._nodes, self._grace, node_users],
+        left = await self._call("closed", [self._user(user_id, "conns"), self._nodes, self._grace, node_users,
+                                           self._user(user_id, "visible")],
                                 [self._member(member), self._ttl_ms, user_id, int(grace * 1000), self.node_id])
         return bool(left)
 
