@@ -16,6 +16,11 @@ stdout: throughput, send->ack and send->peer latency percentiles, errors by code
 messages (acknowledged but never received by a joined member, live or via history, after a
 drain of up to --drain seconds), duplicates (a message delivered twice to one connection)
 and seq errors (per-conversation seq not strictly increasing on a connection).
+
+Several nodes of one cluster (docs/deploy.md §8): give --url once per node (or comma-separated).
+The members of each conversation then connect to different nodes (member k of a conversation
+to node (first member + k) mod N), every reconnect goes back to the member's node, and the
+summary adds the cross-node send->peer latency (sender and receiver on different nodes).
 Exit status 1 when the run found a problem: a lost or duplicated message, a re-sent message
 stored twice (client_message_id not idempotent), a seq error, a message never acknowledged, a
 member that stayed disconnected (so delivery to it could not be checked), or nothing
@@ -36,6 +41,7 @@ Examples
     python scripts/loadtest.py --users 200 --max --window 32 --no-mix --procs 2
     python scripts/loadtest.py --url ws://127.0.0.1:9000/ws --json-only | jq .ack_per_s
     python scripts/loadtest.py --mix send=60,typing=20,read=10,rejoin=5,reconnect=5
+    python scripts/loadtest.py --url ws://127.0.0.1:8081/ws --url ws://127.0.0.1:8082/ws   # two nodes
 
 Needs: winkr with its [load] extra (websockets >= 13, rich); orjson and uvloop are used when
 installed.
@@ -424,6 +430,21 @@ def parse_mix(spec: str | None) -> dict[str, float]:
     return mix
 
 
+DEFAULT_URL = "ws://127.0.0.1:8080/ws"
+
+
+def node_urls(given: Sequence[str] | None) -> list[str]:
+    """The nodes' URLs from the --url options (each may be comma-separated); the default alone."""
+    return [u.strip() for option in (given or [DEFAULT_URL]) for u in option.split(",") if u.strip()]
+
+
+def node_of_member(first_member: int, slot: int, nodes: int) -> int:
+    """The node (an index into the URLs) of member ``slot`` of the conversation whose first
+    member is ``first_member``: consecutive members on consecutive nodes, so with two or more
+    nodes both sides of every two-person conversation are on different nodes."""
+    return (first_member + slot) % nodes
+
+
 def failures(summary: dict[str, Any]) -> list[str]:
     """Why the run failed (empty when it passed)."""
     out = [f"{key} {summary.get(key, 0)}" for key in (
@@ -477,6 +498,8 @@ class Stats:
         self.error_samples: list[str] = []
         self.ack_lat = Reservoir(rng=random.Random(seed))
         self.peer_lat = Reservoir(rng=random.Random(seed + 1))
+        self.cross_lat = Reservoir(rng=random.Random(seed + 2))  # sender and receiver on different nodes
+        self.delivered_cross = 0
         self.t_start = self.t_end = 0
 
     def error(self, code: str, sample: str | None = None, count: int = 1) -> None:
@@ -539,6 +562,9 @@ class User:
         self.uid = f"lt{number}"
         self.conv = conv
         self.slot = slot
+        # The members of a conversation on different nodes (when there are several).
+        self.node = node_of_member(conv.member_numbers[0], slot, len(worker.urls))
+        self.url = worker.urls[self.node]
         self.rng = random.Random(worker.seed * 1_000_003 + number)
         self.headers = {"Authorization": "Bearer " + worker.token(number)}
         self.ws: Any = None
@@ -560,7 +586,7 @@ class User:
         try:
             async with self.w.handshakes:
                 ws = await connect(
-                    self.w.url, additional_headers=self.headers, compression=None,
+                    self.url, additional_headers=self.headers, compression=None,
                     ping_interval=None, max_size=2 ** 22, open_timeout=CONNECT_TIMEOUT_S,
                     close_timeout=2, proxy=None, user_agent_header=USER_AGENT)
         except Exception as e:  # noqa: BLE001 - every failure is counted by kind
@@ -664,12 +690,16 @@ class User:
         if st.in_window(now):
             st.delivered_in_window += 1
         self.last_peer_message_id = m.get("id")
-        t_send = self.check_content(m.get("content"), cmid)
-        if t_send is not None:
+        sent = self.check_content(m.get("content"), cmid)
+        if sent is not None:
+            t_send, sender = sent
             st.peer_lat.add((now - t_send) // 1000)
+            if self.w.node_of.get(sender, self.node) != self.node:
+                st.delivered_cross += 1
+                st.cross_lat.add((now - t_send) // 1000)
 
-    def check_content(self, content: Any, cmid: str) -> int | None:
-        """The send time encoded in `content`, if it is intact and matches `cmid`."""
+    def check_content(self, content: Any, cmid: str) -> tuple[int, int] | None:
+        """The send time and sender number encoded in `content`, if it is intact and matches `cmid`."""
         try:
             t_send, user, counter = parse_content(content)
             if cmid[len(self.w.cmid_prefix):] != f"{user}.{counter}":
@@ -677,7 +707,7 @@ class User:
         except (ValueError, TypeError, AttributeError) as e:
             self.stats.error("BAD_CONTENT", f"{self.uid}: {e}: {str(content)[:100]!r}")
             return None
-        return t_send
+        return t_send, user
 
     def on_error(self, data: dict[str, Any], ref: Any) -> None:
         code = str(data.get("code") or "UNKNOWN")
@@ -879,7 +909,7 @@ class Worker:
     def __init__(self, cfg: dict[str, Any], wid: int, plan: list[list[int]], ctrl: Any,
                  out_q: Any) -> None:
         self.cfg, self.wid, self.ctrl, self.out_q = cfg, wid, ctrl, out_q
-        self.url = cfg["url"]
+        self.urls: list[str] = cfg["urls"]
         self.seed = cfg["seed"] * 1000 + wid
         self.stats = Stats(self.seed)
         self.cmid_prefix = f"{cfg['run_id']}."
@@ -895,6 +925,7 @@ class Worker:
                       for slot, n in enumerate(c.member_numbers)]
         for u in self.users:
             u.conv.users.append(u)
+        self.node_of = {u.number: u.node for u in self.users}
         self.phase = "setup"
         self.start: asyncio.Future[int] | None = None
         self.stop_requested = False
@@ -1077,6 +1108,8 @@ class Worker:
             "errors": dict(st.errors), "error_samples": st.error_samples,
             "ack_lat": (st.ack_lat.samples.tobytes(), st.ack_lat.seen, st.ack_lat.max),
             "peer_lat": (st.peer_lat.samples.tobytes(), st.peer_lat.seen, st.peer_lat.max),
+            "cross_lat": (st.cross_lat.samples.tobytes(), st.cross_lat.seen, st.cross_lat.max),
+            "delivered_cross_node": st.delivered_cross,
         }
 
     async def run(self) -> None:
@@ -1365,6 +1398,10 @@ def merge_results(results: list[dict[str, Any]], failed: dict[int, str],
         "delivered_per_s": per_s("delivered_in_window"),
         "ack_latency_ms": latency("ack_lat"),
         "peer_latency_ms": latency("peer_lat"),
+        # several --url: sender and receiver on different nodes (None values with one node)
+        "nodes": len(args.url),
+        "delivered_cross_node": total("delivered_cross_node"),
+        "cross_node_peer_latency_ms": latency("cross_lat"),
         "errors": dict(sorted(errors.items())),
         "lost": total("lost"),
         "duplicated": total("duplicated"),
@@ -1410,6 +1447,8 @@ def print_summary(summary: dict[str, Any], samples: list[str]) -> None:
         ("delivered per s", f"{summary['delivered_per_s']:,.1f}"),
         ("send->ack ms p50/p95/p99/max", lat(summary["ack_latency_ms"])),
         ("send->peer ms p50/p95/p99/max", lat(summary["peer_latency_ms"])),
+        *([(f"cross-node send->peer ms ({summary['nodes']} nodes)", lat(summary["cross_node_peer_latency_ms"])),
+           ("delivered across nodes", f"{summary['delivered_cross_node']:,}")] if summary["nodes"] > 1 else []),
         ("reconnects / re-sent / caught up",
          f"{summary['reconnects']:,} / {summary['resent']:,} / {summary['history_recovered']:,}"),
         ("errors", ", ".join(f"{k} {v:,}" for k, v in summary["errors"].items()) or "none"),
@@ -1467,7 +1506,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="loadtest.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", default="ws://127.0.0.1:8080/ws", help="server WebSocket URL")
+    ap.add_argument("--url", action="append", default=None,
+                    help=f"server WebSocket URL (default {DEFAULT_URL}); once per node of a "
+                         "cluster, or comma-separated: the members of a conversation go to different nodes")
     ap.add_argument("--allow-remote", action="store_true",
                     help="allow a non-loopback target (you must own it)")
     ap.add_argument("--secret", default=None,
@@ -1520,11 +1561,15 @@ def resolve_secret(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    args.url = node_urls(args.url)
     from scripts._deps import require
 
     require("loadtest.py", ["websockets.asyncio.client", "jwt", "rich", "winkr.auth"])
     try:
-        check_target(args.url, args.allow_remote)
+        if not args.url:
+            raise ValueError("--url is empty")
+        for url in args.url:
+            check_target(url, args.allow_remote)
         mix = None if args.no_mix else parse_mix(args.mix)
         secret = resolve_secret(args)
     except (ValueError, OSError) as e:
@@ -1544,7 +1589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "raise `ulimit -n` or use more --procs")
 
     cfg = {
-        "url": args.url, "secret": secret, "issuer": args.issuer, "audience": args.audience,
+        "urls": args.url, "secret": secret, "issuer": args.issuer, "audience": args.audience,
         "users": args.users, "duration": args.duration, "rate": None if args.max else args.rate,
         "window": args.window, "mix": mix, "drain": args.drain, "seed": args.seed,
         "setup_timeout": args.setup_timeout, "connect_concurrency": args.connect_concurrency,

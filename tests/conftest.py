@@ -543,7 +543,7 @@ async def running(settings: Settings, watchdog: dict[str, Any] | None = None,
 
 
 async def start_server(nursery: trio.Nursery, settings: Settings, **server_kwargs: Any) -> Server:
-    server = Server(settings, SECRET, clock=trio_wall_clock(), run_sync=run_inline, **server_kwargs)
+    server = Server(settings, SECRET, **{"clock": trio_wall_clock(), "run_sync": run_inline, **server_kwargs})
     await nursery.start(server.serve, [])
     return server
 

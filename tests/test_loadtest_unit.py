@@ -279,9 +279,21 @@ def test_check_target() -> None:
 def test_cli_bounds() -> None:
     ap = lt.build_parser()
     args = ap.parse_args([])
-    assert (args.url, args.users, args.group_size, args.duration, args.window) == (
-        "ws://127.0.0.1:8080/ws", 100, 2, 30.0, 32)
+    assert (lt.node_urls(args.url), args.users, args.group_size, args.duration, args.window) == (
+        ["ws://127.0.0.1:8080/ws"], 100, 2, 30.0, 32)
+    two = ap.parse_args(["--url", "ws://127.0.0.1:1/ws", "--url", "ws://127.0.0.1:2/ws,ws://127.0.0.1:3/ws"])
+    assert lt.node_urls(two.url) == ["ws://127.0.0.1:1/ws", "ws://127.0.0.1:2/ws", "ws://127.0.0.1:3/ws"]
     for bad in (["--users", "20001"], ["--duration", "601"], ["--rate", "1", "--max"],
                 ["--window", "0"], ["--group-share", "2"]):
         with pytest.raises(SystemExit):
             ap.parse_args(bad)
+
+
+def test_the_members_of_a_conversation_go_to_different_nodes() -> None:
+    for nodes in (2, 3):
+        for conv in lt.plan_conversations(200, 2, 0.2, seed=3):
+            placed = [lt.node_of_member(conv[0], slot, nodes) for slot in range(len(conv))]
+            assert placed[0] != placed[1]  # the two sides of every conversation (and groups' first two)
+            assert all(0 <= node < nodes for node in placed)
+    assert {lt.node_of_member(first, 0, 3) for first in range(9)} == {0, 1, 2}  # creators spread too
+    assert lt.node_of_member(7, 1, 1) == 0  # one node: everyone there

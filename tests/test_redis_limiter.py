@@ -156,3 +156,18 @@ async def test_new_connections_get_503_while_the_cluster_limiter_cannot_count(tm
         rejection = await refused(node, headers=[("Authorization", f"Bearer {node.token('alice')}")])
         assert_refused(rejection, 503, "CONNECTION_ERROR")
         # Established connections are not the limiter's business: they go on (contract §17.9).
+
+
+async def test_a_node_given_a_broker_url_counts_its_limits_in_that_redis(
+        tmp_path: Any, redis_url: str, redis_prefix: str) -> None:
+    # No limiter handed in: the server builds its own from broker_url and redis_key_prefix.
+    settings = make_settings(tmp_path, broker_url=redis_url, redis_key_prefix=redis_prefix,
+                             limits={"connections_per_minute": 2})
+    async with running(settings) as node_a, running(settings) as node_b:
+        await node_a.connect("alice")
+        await node_b.connect("alice")
+        rejection = await refused(node_a, headers=[("Authorization", f"Bearer {node_a.token('alice')}")])
+        assert assert_refused(rejection, 429, "RATE_LIMITED")["details"]["limit"] == "2/minute"
+        client = redis.Redis.from_url(redis_url)
+        assert client.exists(f"{redis_prefix}rl:2/minute:connect\x1falice") == 1
+        client.close()

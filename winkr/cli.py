@@ -20,6 +20,7 @@ import trio
 
 from winkr import __version__, preflight, sdnotify
 from winkr.auth import load_or_create_secret, mint_token, principal_from_claims
+from winkr.cluster import cluster_problems
 from winkr.config import ConfigError, Settings, load_settings
 from winkr.errors import ProtocolError
 from winkr.logs import json_line, setup_logging
@@ -145,7 +146,8 @@ def _database_problem(settings: Settings) -> str | None:
 
 def _serve(settings: Settings, config_file: str | None) -> int:
     """Check, bind, then create: a port in use or a missing folder leaves nothing behind."""
-    problems = [p for p in (_database_problem(settings), *preflight.key_problems(settings)) if p]
+    problems = [p for p in (*cluster_problems(settings), _database_problem(settings),
+                            *preflight.key_problems(settings)) if p]
     ports = {"--port": settings.port, "--metrics-port": settings.metrics_port, "--api-port": settings.api_port}
     taken = [flag for flag, port in ports.items() if port and list(ports.values()).count(port) > 1]
     if taken:
@@ -336,6 +338,7 @@ def _check_config(settings: Settings, config_file: str | None) -> int:
         lines.append(("ok", f"database {settings.database.redacted()} (PostgreSQL client installed; "
                             "the server is contacted at start, migrations run then)"))
     lines += [("error", problem) for problem in preflight.key_problems(settings)]
+    lines += [("error", problem) for problem in cluster_problems(settings)]
     if settings.jwt_algorithm == "HS256":
         try:
             found = preflight.find_secret(settings, config_file)

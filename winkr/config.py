@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import attrs
 import cattrs
 
+from winkr.proxy_protocol import parse_networks
 from winkr.store.url import DatabaseUrl, DatabaseUrlError, parse_database_url, sqlite_url
 
 WEBHOOK_EVENTS = ("message.created", "message.reported", "user.blocked", "conversation.closed")
@@ -98,7 +99,12 @@ class Settings:
     # More than one node (contract §16, docs/architecture.md "More than one node"): empty or
     # "memory" is one node; redis://... joins the nodes that share it and the database.
     broker_url: str = ""
-    node_id: str = ""  # empty: hostname-pid, chosen at start (winkr.broker.default_node_id)
+    node_id: str = ""  # empty: hostname-pid, chosen at start (winkr.cluster.node_name)
+    # Starts every Redis key of the cluster: several deployments (or test runs) may share a Redis.
+    redis_key_prefix: str = "winkr:"
+    # Load balancers whose connections open with a PROXY header (v1/v2) naming the client
+    # (addresses or CIDR networks; winkr/proxy_protocol.py). Empty: no PROXY protocol.
+    proxy_protocol_from: tuple[str, ...] = ()
     limits: Limits = Limits()
 
     @property
@@ -309,6 +315,12 @@ def _check(settings: Settings, name: Any) -> None:
     if settings.clustered and urlsplit(settings.broker_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"{name('broker_url')} must be empty (one node), memory, or a redis://, rediss:// "
                           "or unix:// URL")
+    try:
+        parse_networks(settings.proxy_protocol_from)
+    except ValueError as exc:
+        raise ConfigError(f"{name('proxy_protocol_from')}: {exc}") from None
+    if not settings.redis_key_prefix or any(c.isspace() for c in settings.redis_key_prefix):
+        raise ConfigError(f"{name('redis_key_prefix')} must be non-empty, without spaces (e.g. winkr:)")
     if settings.node_id and (settings.node_id != settings.node_id.strip() or "|" in settings.node_id
                              or len(settings.node_id) > 100):
         raise ConfigError(f"{name('node_id')} must be at most 100 characters without spaces around it or '|'")

@@ -69,10 +69,10 @@ class Connection:
         self._id = secrets.token_hex(8)
         limits = services.settings.limits
         self._outbox = Outbox(limits.outbound_queue, limits.outbound_queue_bytes, limits.slow_consumer_seconds)
-        self._peer = Peer(self._id, principal.user_id, principal.username, principal.avatar_url,
-                          principal.is_service, self._outbox)
-        self._rooms: OrderedDict[str, RoomHandle] = OrderedDict()  # a cache: the hub knows every room
         self._joined: set[str] = set()
+        self._peer = Peer(self._id, principal.user_id, principal.username, principal.avatar_url,
+                          principal.is_service, self._outbox, self._joined)
+        self._rooms: OrderedDict[str, RoomHandle] = OrderedDict()  # a cache: the hub knows every room
         self.close_reason: str | None = None
         self._registered = False  # whether presence holds this connection (else: its admission)
         self._left = False

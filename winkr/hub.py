@@ -24,7 +24,13 @@ class _Retire:
     handle: RoomHandle
 
 
-HubRequest = _GetRoom | _Retire
+@attrs.frozen
+class _Awake:
+    conversation_id: str | None  # None: every awake room
+    reply: Reply[list[RoomHandle]]
+
+
+HubRequest = _GetRoom | _Retire | _Awake
 
 
 class HubHandle:
@@ -36,6 +42,13 @@ class HubHandle:
         answers every request with ``NOT_FOUND`` and sleeps again soon."""
         reply: Reply[RoomHandle] = Reply()
         await self._inbox.send(_GetRoom(conversation_id, reply))
+        return await reply.wait()
+
+    async def awake(self, conversation_id: str | None) -> list[RoomHandle]:
+        """The conversation's room if it is awake (never wakes one), or with ``None`` every
+        awake room: where events from other nodes go."""
+        reply: Reply[list[RoomHandle]] = Reply()
+        await self._inbox.send(_Awake(conversation_id, reply))
         return await reply.wait()
 
     async def retire(self, conversation_id: str, handle: RoomHandle) -> None:
@@ -65,6 +78,10 @@ async def run_hub(make_services: Callable[[HubHandle], RoomServices], *, rooms_g
                             if rooms_gauge is not None:
                                 rooms_gauge.inc()
                         reply.set(handle)
+                    case _Awake(conversation_id=None, reply=reply):
+                        reply.set(list(rooms.values()))
+                    case _Awake(conversation_id=str(conversation_id), reply=reply):
+                        reply.set([handle] if (handle := rooms.get(conversation_id)) is not None else [])
                     case _Retire(conversation_id=conversation_id, handle=handle):
                         if rooms.get(conversation_id) is handle:
                             del rooms[conversation_id]

@@ -165,6 +165,21 @@ class Metrics:
         self.limiter_errors = Counter("winkr_limiter_errors_total",
                                       "Rate-limit calls the cluster's Redis did not answer (typing and "
                                       "status then allowed, new connections refused).", registry=r)
+        self.node = Info("winkr_node", "This node's id (node_id, or hostname-pid): join on it per node.",
+                         registry=r)
+        self.broker_up = Gauge("winkr_broker_up", "1 while the broker reaches its Redis (always 1 on one node).",
+                               registry=r)
+        self.broker_publish_failures = Counter(
+            "winkr_broker_publish_failures_total",
+            "Committed events the broker could not publish (other nodes fill them in from the database).",
+            registry=r)
+        self.broker_resyncs = Counter("winkr_broker_resyncs_total",
+                                      "Rooms read again from the database after a gap, a broker reconnect or an "
+                                      "overflow.", registry=r)
+        self.proxy_headers_refused = Counter(
+            "winkr_proxy_headers_refused_total",
+            "Connections from a proxy_protocol_from address closed for a missing or malformed PROXY header.",
+            registry=r)
 
     def event_in(self, event: str | None) -> None:
         counts = self.events_in.counts

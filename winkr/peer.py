@@ -6,6 +6,8 @@ to close. The connection alone acts on both.
 """
 from __future__ import annotations
 
+from collections.abc import Set
+
 import attrs
 
 from winkr.outbox import CoalesceKey, Outbox
@@ -19,6 +21,9 @@ class Peer:
     avatar_url: str | None
     is_service: bool
     _outbox: Outbox
+    # The conversations this connection has joined: a read-only view of the connection's own
+    # set (presence on another node's behalf skips them: their room delivers to them).
+    joined: Set[str] = frozenset()
 
     def deliver(self, frame: str, key: CoalesceKey | None = None) -> bool:
         """Queue one encoded frame (replacing a waiting one with the same ``key``); ``False``

@@ -10,6 +10,9 @@ hands upgrade requests to trio-websocket on a stream that replays the bytes alre
 Answers (``Connection: close``, JSON bodies):
 
 - ``GET|HEAD /health`` and ``/healthz``: ``200 {"status": "ok"}`` (the server is accepting).
+- ``GET|HEAD /readyz``: ``200 {"status": "ready"}``, or ``503 {"status": "unavailable",
+  "reason": ...}`` while the database does not commit or (more than one node) the broker
+  cannot reach Redis: the balancer's check for taking a node out of rotation.
 - ``GET|HEAD /``: ``200`` naming the WebSocket endpoint and how to authenticate.
 - ``/ws`` without an upgrade: ``426 Upgrade Required``; any other path: ``404``; another
   method: ``405``; a malformed or truncated request: ``400``; a head still incomplete after
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import http
 import re
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import attrs
@@ -145,8 +149,14 @@ def _error(code: str, message: str) -> dict[str, object]:
     return {"event": "error", "data": {"code": code, "message": message}}
 
 
-def plan_answer(opening: Opening) -> tuple[int, list[tuple[str, str]], dict[str, object]]:
-    """The status, extra headers and JSON body for a request that is not a WebSocket upgrade."""
+Readiness = Callable[[], Awaitable["str | None"]]
+"""Why the server is not ready (a short reason), or None."""
+READY_PATH = "/readyz"
+
+
+def plan_answer(opening: Opening, not_ready: str | None = None) -> tuple[int, list[tuple[str, str]], dict[str, object]]:
+    """The status, extra headers and JSON body for a request that is not a WebSocket upgrade
+    (``not_ready``: the server's readiness problem, for ``/readyz``)."""
     request = opening.request
     if opening.upgrade_problem is not None:
         status, message, extra = opening.upgrade_problem
@@ -161,6 +171,9 @@ def plan_answer(opening: Opening) -> tuple[int, list[tuple[str, str]], dict[str,
             VALIDATION_ERROR, "only GET and HEAD: GET /health for a health check, a WebSocket upgrade on /ws")
     if path in HEALTH_PATHS:
         return 200, [], {"status": "ok"}
+    if path == READY_PATH:
+        return (200, [], {"status": "ready"}) if not_ready is None else (
+            503, [], {"status": "unavailable", "reason": not_ready})
     if path == "/":
         return 200, [], {"service": "winkr", "websocket": "/ws", "health": "/health",
                          "message": "winkr speaks WebSocket at /ws: connect with a WebSocket client and a token "
@@ -172,10 +185,14 @@ def plan_answer(opening: Opening) -> tuple[int, list[tuple[str, str]], dict[str,
     return 404, [], _error(NOT_FOUND, "no such path: the WebSocket endpoint is /ws, the health check /health")
 
 
-async def answer(stream: trio.abc.Stream, opening: Opening) -> int:
+async def answer(stream: trio.abc.Stream, opening: Opening, readiness: Readiness | None = None) -> int:
     """Answer a request that is not a WebSocket upgrade and return its status; the caller
-    closes the stream."""
-    status, headers, body = plan_answer(opening)
+    closes the stream. ``readiness`` is asked only for ``/readyz``."""
+    not_ready = None
+    if readiness is not None and opening.request is not None and \
+            urlsplit(opening.request.target.decode("latin-1")).path == READY_PATH:
+        not_ready = await readiness()
+    status, headers, body = plan_answer(opening, not_ready)
     payload = orjson.dumps(body) + b"\n"
     head = h11.Response(status_code=status, reason=http.HTTPStatus(status).phrase.encode(), headers=[
         ("content-type", "application/json"), ("content-length", str(len(payload))),

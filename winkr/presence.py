@@ -11,6 +11,7 @@ a key in each recipient's outbox): a user flapping their status cannot fill anyo
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import math
 from collections.abc import Iterable
@@ -20,12 +21,16 @@ import attrs
 import trio
 
 from winkr.actor import Frames, Reply, drain
+from winkr.broker import events as bus
+from winkr.broker.base import Broker, BusEvent, user_topic
 from winkr.clock import iso
 from winkr.logs import ThrottledLog
 from winkr.outbox import CoalesceKey
 from winkr.peer import Peer
 from winkr.protocol.wire import delivered_data, unread_data
 from winkr.records import Delivery, StoredMessage, UserSettings
+from winkr.registry import InProcessRegistry, PresenceRegistry, RegistryUnavailable
+from winkr.registry.base import HEARTBEAT_SECONDS
 from winkr.store.store import Store
 from winkr.store.writer import StoreHandle
 
@@ -37,13 +42,16 @@ MAX_BATCH = 256
 
 @attrs.define
 class _User:
+    """What this node knows of a user it holds connections of (the rest, shared by every node,
+    is in the registry: members, the visible flag, the status, the offline checks)."""
+
     username: str
     peers: dict[str, Peer] = attrs.Factory(dict)  # connection id -> Peer
-    admitting: int = 0
-    status: str = "online"
+    members: dict[str, str] = attrs.Factory(dict)  # connection id -> its registry member
+    admissions: list[str] = attrs.Factory(list)  # registry members of handshakes in progress
     contacts: set[str] = attrs.Factory(set)
-    visible: bool = False  # whether contacts were told "online"
     grace_generation: int = 0
+    grace_pending: bool = False  # a local timer will finish the offline check
     # Safety between users (contract §12): users blocked either way never become contacts;
     # the privacy settings apply to every connection of the user at once.
     apart: set[str] = attrs.Factory(set)
@@ -72,6 +80,7 @@ class _Connect:
     contacts: frozenset[str]
     settings: UserSettings
     apart: frozenset[str]
+    reply: Reply[None]
 
 
 @attrs.frozen
@@ -197,9 +206,41 @@ class _CloseUser:
     reply: Reply[int]
 
 
+@attrs.frozen
+class _Resync:
+    """The bus may have lost events since ``since`` (wall clock): re-send unread counts."""
+
+    since: float
+
+
+@attrs.frozen
+class _Unfinished:
+    """The registry answers again: tell it what it missed."""
+
+
+@attrs.frozen
+class _RegisterAgain:
+    """The registry lost this node's members: register every connection held here again."""
+
+
+@attrs.frozen
+class _CheckGrace:
+    """The registry says these users' offline checks are due (a poll, or a dead node's sweep)."""
+
+    user_ids: tuple[str, ...]
+
+
+@attrs.frozen
+class _FromBus:
+    """An event another node published on the topic of a user connected here."""
+
+    event: BusEvent
+
+
 PresenceRequest = (_Admit | _Release | _Connect | _Disconnect | _SetStatus | _Published | _SendToUsers
                    | _SendEach | _Online | _Connected | _AddContacts | _CloseAll | _UpdateSettings | _SendReceipt
-                   | _Apart | _Together | _DropContacts | _Inspect | _CloseUser)
+                   | _Apart | _Together | _DropContacts | _Inspect | _CloseUser | _FromBus | _CheckGrace
+                   | _RegisterAgain | _Unfinished | _Resync)
 
 
 class PresenceHandle:
@@ -222,8 +263,12 @@ class PresenceHandle:
     async def connect(self, peer: Peer, contacts: Iterable[str], settings: UserSettings | None = None,
                       apart: Iterable[str] = ()) -> None:
         """An admitted connection is open; its user's ``contacts`` hear of them. ``settings``
-        (as stored) and ``apart`` (users blocked either way) are adopted by a first connection."""
-        await self._inbox.send(_Connect(peer, frozenset(contacts), settings or UserSettings(), frozenset(apart)))
+        (as stored) and ``apart`` (users blocked either way) are adopted by a first connection.
+        Returns once presence holds it (the user's topic was subscribed at admission)."""
+        reply: Reply[None] = Reply()
+        await self._inbox.send(_Connect(peer, frozenset(contacts), settings or UserSettings(), frozenset(apart),
+                                        reply))
+        await reply.wait()
 
     async def disconnect(self, peer: Peer) -> None:
         await self._inbox.send(_Disconnect(peer))
@@ -311,12 +356,42 @@ class PresenceHandle:
         await self._inbox.send(_CloseUser(user_id, reason, reply))
         return await reply.wait()
 
+    async def resync(self, since: float) -> None:
+        """The bus may have lost events since ``since`` (wall-clock seconds): connections here
+        outside a room get the unread count of every conversation that got a message since."""
+        await self._inbox.send(_Resync(since))
+
+    async def finish_unfinished(self) -> None:
+        """Retry the opens and closes the registry missed (after a heartbeat that succeeded)."""
+        await self._inbox.send(_Unfinished())
+
+    async def register_again(self) -> None:
+        """The registry forgot this node (Redis restarted empty, or a partition longer than the
+        node TTL): put every connection held here back; contacts may hear ``user:online`` again."""
+        await self._inbox.send(_RegisterAgain())
+
+    async def check_grace(self, user_ids: Iterable[str]) -> None:
+        """The registry has these users' offline checks due (polled; another node may have left them)."""
+        await self._inbox.send(_CheckGrace(tuple(user_ids)))
+
+    async def from_bus(self, event: BusEvent) -> None:
+        """An event another node published on a ``u:`` topic this node subscribes to."""
+        await self._inbox.send(_FromBus(event))
+
 
 class _Presence:
-    def __init__(self, frames: Frames, store: StoreHandle, grace: float, online_gauge: object = None) -> None:
+    def __init__(self, frames: Frames, store: StoreHandle, grace: float, online_gauge: object = None,
+                 broker: Broker | None = None, registry: PresenceRegistry | None = None) -> None:
         self.frames = frames
         self.store = store
         self.grace = grace
+        self.broker = broker
+        self.sharing = broker is not None and broker.shared
+        self.registry: PresenceRegistry = registry or InProcessRegistry(shared=False).attach("local")
+        # (open|close, user, member) the registry could not be told (Redis unreachable); retried
+        # in order after each heartbeat that succeeds.
+        self.unfinished: list[tuple[str, str, str]] = []
+        self._members = itertools.count(1)
         self.online_gauge = online_gauge  # users with at least one open connection
         self.users: dict[str, _User] = {}
         self.grace_timers: list[tuple[float, int, str]] = []  # (deadline, generation, user)
@@ -326,6 +401,14 @@ class _Presence:
 
     def _deliver(self, user_ids: Iterable[str], frame: str, except_connection: str | None = None,
                  key: CoalesceKey | None = None) -> None:
+        """``frame`` to every connection of each user, on this node and the others."""
+        user_ids = tuple(user_ids)
+        self._deliver_here(user_ids, frame, except_connection, key)
+        if self.sharing:
+            self._share(user_ids, bus.FRAME, {"frame": frame, "except": except_connection, "key": bus.key_json(key)})
+
+    def _deliver_here(self, user_ids: Iterable[str], frame: str, except_connection: str | None = None,
+                      key: CoalesceKey | None = None) -> None:
         for user_id in user_ids:
             state = self.users.get(user_id)
             if state is not None:
@@ -333,24 +416,37 @@ class _Presence:
                     if peer.id != except_connection:
                         peer.deliver(frame, key)
 
-    def _announce(self, user_id: str, state: _User, online: bool) -> None:
+    def _share(self, user_ids: Iterable[str], kind: str, data: dict[str, object]) -> None:
+        """Publish ``kind`` to the ``u:`` topic of each user (never waits)."""
+        if self.sharing:
+            assert self.broker is not None
+            self.broker.publish([BusEvent(user_topic(user_id), kind, data) for user_id in user_ids])
+
+    def _announce(self, user_id: str, username: str, contacts: Iterable[str], online: bool) -> None:
         now = iso(self.frames.now())
         if online:
-            frame = self.frames.event("user:online", {"user_id": user_id, "username": state.username,
-                                                      "online_at": now})
+            frame = self.frames.event("user:online", {"user_id": user_id, "username": username, "online_at": now})
         else:
-            frame = self.frames.event("user:offline", {"user_id": user_id, "username": state.username,
-                                                       "offline_at": now})
-        state.visible = online
-        self._deliver(state.contacts, frame, key=("presence", user_id))
+            frame = self.frames.event("user:offline", {"user_id": user_id, "username": username, "offline_at": now})
+        self._deliver(contacts, frame, key=("presence", user_id))
+
+    async def _announce_user(self, user_id: str, online: bool) -> None:
+        """Announce for a user, with this node's knowledge of them, or the store's when this node
+        holds none of their connections (an offline check left by another node)."""
+        state = self.users.get(user_id)
+        if state is not None and state.username:
+            self._announce(user_id, state.username, state.contacts, online)
+            return
+        username, contacts = await self.store.call(partial(Store.presence_card, user_id=user_id))
+        self._announce(user_id, username, contacts, online)
 
     def _gauge(self, delta: int) -> None:
         if self.online_gauge is not None:
             self.online_gauge.inc(delta)  # type: ignore[attr-defined]
 
     def _forget_if_idle(self, user_id: str, state: _User) -> None:
-        if not state.peers and not state.admitting and not state.visible:
-            del self.users[user_id]
+        if not state.peers and not state.admissions and not state.grace_pending:
+            self.users.pop(user_id, None)
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -378,31 +474,45 @@ class _Presence:
                 for user_id, frame in deliveries:
                     self._deliver((user_id,), frame)
             case _Admit():
-                state = self.users.setdefault(request.user_id, _User(request.username))
-                allowed = self.closing is None and (
-                    not request.limit or len(state.peers) + state.admitting < request.limit)
-                if allowed:
-                    state.admitting += 1
-                request.reply.set(allowed)
+                await self._admit(request)
             case _Release(user_id=user_id):
                 state = self.users[user_id]
-                state.admitting -= 1
+                member = state.admissions.pop()
                 self._forget_if_idle(user_id, state)
+                await self.registry.release(user_id, member)
+                await self._unsubscribe(user_id)
+            case _RegisterAgain():
+                for user_id, state in list(self.users.items()):
+                    for peer_id in list(state.members):
+                        member = state.members[peer_id]
+                        await self.registry.admit(user_id, member, 0)
+                        if await self.registry.opened(user_id, member, state.online_status):
+                            self._announce(user_id, state.username, state.contacts, online=True)
+            case _CheckGrace(user_ids=user_ids):
+                for user_id in user_ids:
+                    await self._grace_expired(user_id)
             case _Connect():
-                self._connect(request)
+                try:
+                    await self._connect(request)
+                finally:
+                    request.reply.set(None)
             case _Disconnect(peer=peer):
-                self._disconnect(peer)
+                if await self._disconnect(peer):
+                    await self._unsubscribe(peer.user_id)
+            case _Unfinished():
+                await self._finish_unfinished()
+            case _Resync(since=since):
+                await self._resync_unread(since)
             case _SetStatus():
                 await self._set_status(request)
             case _Online(user_ids=user_ids, reply=reply):
-                reply.set({user: self._is_online(user) for user in user_ids})
+                reply.set(await self.registry.visible(user_ids))
             case _Connected(user_ids=user_ids, reply=reply):
-                reply.set(frozenset(user for user in user_ids
-                                    if (known := self.users.get(user)) is not None and known.peers))
+                reply.set(await self.registry.connected(user_ids))
             case _AddContacts(user_ids=user_ids):
                 for user in user_ids:
-                    if (known := self.users.get(user)) is not None:
-                        known.contacts.update(u for u in user_ids if u != user and u not in known.apart)
+                    self._add_contacts(user, user_ids)
+                    self._share((user,), bus.CONTACTS, {"add": list(user_ids)})
             case _CloseAll(reason=reason):
                 self.closing = reason
                 for state in self.users.values():
@@ -413,47 +523,137 @@ class _Presence:
             case _SendReceipt(reader_id=reader_id, sender_ids=sender_ids, frame=frame, key=key):
                 reader = self.users.get(reader_id)
                 if reader is None or reader.read_receipts:
-                    self._deliver((s for s in sender_ids if (st := self.users.get(s)) is not None
-                                   and st.read_receipts), frame, key=key)
+                    for sender_id in sender_ids:
+                        self._receipt_here(sender_id, frame, key)
+                    self._share(sender_ids, bus.RECEIPT, {"frame": frame, "key": bus.key_json(key)})
             case _Apart(user_a=a, user_b=b):
                 for user, other in ((a, b), (b, a)):
-                    if (known := self.users.get(user)) is not None:
-                        known.apart.add(other)
-                        known.contacts.discard(other)
+                    self._apart(user, other)
+                    self._share((user,), bus.APART, {"other": other})
             case _Together(user_a=a, user_b=b, still_apart=still_apart, contacts=contacts):
                 for user, other in ((a, b), (b, a)):
-                    if (known := self.users.get(user)) is not None:
-                        if not still_apart:
-                            known.apart.discard(other)
-                            if contacts:
-                                known.contacts.add(other)
+                    self._together(user, other, still_apart, contacts)
+                    self._share((user,), bus.TOGETHER, {"other": other, "still_apart": still_apart,
+                                                        "contacts": contacts})
             case _DropContacts(pairs=pairs):
                 for a, b in pairs:
                     for user, other in ((a, b), (b, a)):
-                        if (known := self.users.get(user)) is not None:
-                            known.contacts.discard(other)
+                        self._drop_contact(user, other)
+                        self._share((user,), bus.DROP_CONTACT, {"other": other})
             case _Inspect(user_id=user_id, reply=reply):
-                reply.set(self._truth(user_id))
+                connections, status = await self.registry.truth(user_id)
+                reply.set(PresenceTruth(connections > 0, status, connections))
             case _CloseUser(user_id=user_id, reason=reason, reply=reply):
-                closing = list(self.users[user_id].peers.values()) if user_id in self.users else []
-                for peer in closing:
-                    peer.request_close(reason)
-                reply.set(len(closing))
+                here = self._close_user_here(user_id, reason)
+                self._share((user_id,), bus.CLOSE, {"reason": reason})
+                everywhere, _ = await self.registry.truth(user_id)
+                reply.set(max(everywhere, here))
+            case _FromBus(event=event):
+                await self._from_bus(event)
 
-    def _truth(self, user_id: str) -> PresenceTruth:
-        known = self.users.get(user_id)
-        if known is None or not known.peers:
-            return PresenceTruth(False, "offline", 0)
-        return PresenceTruth(True, known.status, len(known.peers))
+    # --- what every node does for a user it holds (asked here, or by another node) -----------
 
-    def _is_online(self, user_id: str) -> bool:
+    def _add_contacts(self, user: str, user_ids: Iterable[str]) -> None:
+        if (known := self.users.get(user)) is not None:
+            known.contacts.update(u for u in user_ids if u != user and u not in known.apart)
+
+    def _apart(self, user: str, other: str) -> None:
+        if (known := self.users.get(user)) is not None:
+            known.apart.add(other)
+            known.contacts.discard(other)
+
+    def _together(self, user: str, other: str, still_apart: bool, contacts: bool) -> None:
+        if (known := self.users.get(user)) is not None and not still_apart:
+            known.apart.discard(other)
+            if contacts:
+                known.contacts.add(other)
+
+    def _drop_contact(self, user: str, other: str) -> None:
+        if (known := self.users.get(user)) is not None:
+            known.contacts.discard(other)
+
+    def _receipt_here(self, sender_id: str, frame: str, key: CoalesceKey | None) -> None:
+        """``message:viewed`` to the sender's connections here, unless they switched receipts off."""
+        if (state := self.users.get(sender_id)) is not None and state.read_receipts:
+            self._deliver_here((sender_id,), frame, key=key)
+
+    def _close_user_here(self, user_id: str, reason: str) -> int:
+        closing = list(self.users[user_id].peers.values()) if user_id in self.users else []
+        for peer in closing:
+            peer.request_close(reason)
+        return len(closing)
+
+    async def _from_bus(self, event: BusEvent) -> None:
+        user_id = event.topic.removeprefix("u:")
+        data = event.data
+        kind = event.kind
+        if kind == bus.FRAME:
+            self._deliver_here((user_id,), str(data["frame"]), data["except"], bus.key_from_json(data["key"]))
+        elif kind == bus.RECEIPT:
+            self._receipt_here(user_id, str(data["frame"]), bus.key_from_json(data["key"]))
+        elif kind == bus.COMMITTED:
+            await self._committed_elsewhere(user_id, bus.message_from_json(data["m"]))
+        elif kind == bus.CONTACTS:
+            self._add_contacts(user_id, data["add"])
+        elif kind == bus.APART:
+            self._apart(user_id, str(data["other"]))
+        elif kind == bus.TOGETHER:
+            self._together(user_id, str(data["other"]), bool(data["still_apart"]), bool(data["contacts"]))
+        elif kind == bus.DROP_CONTACT:
+            self._drop_contact(user_id, str(data["other"]))
+        elif kind == bus.SETTINGS:
+            if (state := self.users.get(user_id)) is not None:
+                state.read_receipts, state.online_status = bool(data["read_receipts"]), bool(data["online_status"])
+        elif kind == bus.CLOSE:
+            self._close_user_here(user_id, str(data["reason"]))
+
+    async def _committed_elsewhere(self, user_id: str, message: StoredMessage) -> None:
+        """Another node committed ``message``: this node's connections of ``user_id`` that have
+        not joined its conversation (a joined one hears it from its room) get the unread count,
+        and their delivery is recorded (the first node to record it sends the receipt)."""
         state = self.users.get(user_id)
-        return state is not None and state.visible
+        if state is None:
+            return
+        conversation_id = message.conversation_id
+        peers = [peer for peer in state.peers.values() if conversation_id not in peer.joined]
+        if not peers:
+            return
+        await self._published_outside([_DeliveryJob(message, {user_id: peers}, ())])
 
-    def _connect(self, request: _Connect) -> None:
+    async def _subscribe(self, user_id: str) -> None:
+        """Hear the user's topic while a connection of theirs is here or being admitted (each
+        counts; the last one's close or release unsubscribes)."""
+        if self.broker is not None:
+            await self.broker.subscribe([user_topic(user_id)])
+
+    async def _unsubscribe(self, user_id: str) -> None:
+        if self.broker is not None:
+            await self.broker.unsubscribe([user_topic(user_id)])
+
+    async def _admit(self, request: _Admit) -> None:
+        state = self.users.setdefault(request.user_id, _User(request.username))
+        member = str(next(self._members))
+        try:
+            allowed = self.closing is None and await self.registry.admit(request.user_id, member, request.limit)
+        except Exception as exc:  # noqa: BLE001 - the handshake learns it (and is refused with 503)
+            _failures.exception(exc, "presence registry failed on an admission")
+            self._forget_if_idle(request.user_id, state)
+            request.reply.fail(RegistryUnavailable("the presence registry cannot be reached"))
+            return
+        if allowed:
+            state.admissions.append(member)
+            # Subscribed before the handshake is accepted: whatever is addressed to the user
+            # after the client sees connection:established reaches this node.
+            await self._subscribe(request.user_id)
+        else:
+            self._forget_if_idle(request.user_id, state)
+        request.reply.set(allowed)
+
+    async def _connect(self, request: _Connect) -> None:
         peer = request.peer
         state = self.users[peer.user_id]
-        state.admitting -= 1
+        member = state.admissions.pop()
+        state.members[peer.id] = member
         state.username = peer.username
         state.contacts = set(request.contacts)
         if not state.peers:  # with connections open, the live settings are the newest
@@ -464,22 +664,76 @@ class _Presence:
         if len(state.peers) == 1:
             self._gauge(1)
         state.grace_generation += 1  # a pending offline announcement is void now
+        state.grace_pending = False
+        # The registry decides (once for every node) whether this is the user's first open
+        # connection while their contacts do not see them; appearing offline lasts a session.
         if self.closing is not None:
             peer.request_close(self.closing)
-        elif len(state.peers) == 1 and not state.visible:
-            state.status = "online"  # appearing offline lasts for a session (contract §7)
-            if state.online_status:
-                self._announce(peer.user_id, state, online=True)
+        try:
+            announce = await self.registry.opened(peer.user_id, member, state.online_status)
+        except RegistryUnavailable:
+            self.unfinished.append(("open", peer.user_id, member))  # told once Redis answers again
+            return
+        if announce and self.closing is None:
+            self._announce(peer.user_id, state.username, state.contacts, online=True)
 
-    def _disconnect(self, peer: Peer) -> None:
+    async def _disconnect(self, peer: Peer) -> bool:
+        """Forget the connection; ``True`` if presence held it."""
         state = self.users.get(peer.user_id)
         if state is None or state.peers.pop(peer.id, None) is None:
-            return
+            return False
+        member = state.members.pop(peer.id)
         if not state.peers:
             self._gauge(-1)
-            state.grace_generation += 1
-            heapq.heappush(self.grace_timers, (trio.current_time() + self.grace,
-                                               state.grace_generation, peer.user_id))
+        try:
+            last = await self.registry.closed(peer.user_id, member, self.grace)
+        except RegistryUnavailable:
+            self.unfinished.append(("close", peer.user_id, member))  # finished once Redis answers again
+            self._forget_if_idle(peer.user_id, state)
+            return True
+        self._closed(peer.user_id, last)
+        return True
+
+    def _closed(self, user_id: str, last_anywhere: bool) -> None:
+        state = self.users.get(user_id)
+        if last_anywhere and (state is None or not state.peers):
+            if state is None:  # forgotten meanwhile: the announcement reads the store (no username here)
+                state = self.users[user_id] = _User("")
+            self._start_grace(user_id, state, self.grace)
+        elif state is not None:
+            self._forget_if_idle(user_id, state)
+
+    async def _resync_unread(self, since: float) -> None:
+        connected = [user_id for user_id, state in self.users.items() if state.peers]
+        if not connected:
+            return
+        counts = await self.store.call(partial(Store.unread_since, user_ids=connected, since=since))
+        for conversation_id, user_id, unread_count, last_message in counts:
+            state = self.users.get(user_id)
+            if state is None:
+                continue
+            frame = self.frames.event("conversation:unread", unread_data(conversation_id, unread_count, last_message))
+            for peer in state.peers.values():
+                if conversation_id not in peer.joined:  # a joined one got the messages from its room
+                    peer.deliver(frame, ("unread", conversation_id))
+
+    async def _finish_unfinished(self) -> None:
+        """Tell the registry the opens and closes it missed while unreachable, in order."""
+        while self.unfinished:
+            what, user_id, member = self.unfinished[0]
+            if what == "open":
+                state = self.users.get(user_id)
+                if state is not None and member in state.members.values():
+                    if await self.registry.opened(user_id, member, state.online_status):
+                        self._announce(user_id, state.username, state.contacts, online=True)
+            else:
+                self._closed(user_id, await self.registry.closed(user_id, member, self.grace))
+            self.unfinished.pop(0)
+
+    def _start_grace(self, user_id: str, state: _User, seconds: float) -> None:
+        state.grace_generation += 1
+        state.grace_pending = True
+        heapq.heappush(self.grace_timers, (trio.current_time() + seconds, state.grace_generation, user_id))
 
     async def expire_grace(self) -> None:
         now = trio.current_time()
@@ -488,11 +742,25 @@ class _Presence:
             state = self.users.get(user_id)
             if state is None or state.peers or generation != state.grace_generation:
                 continue
-            if state.visible:
-                self._announce(user_id, state, online=False)
-            if state.status != "offline":
-                # An invisible user's last-seen stays where it was when they went invisible.
-                await self.store.fire(partial(Store.touch_last_seen, user_id=user_id, now=self.frames.now()))
+            state.grace_pending = False
+            await self._grace_expired(user_id)
+
+    async def _grace_expired(self, user_id: str) -> None:
+        """The end of an offline check: the registry says whether this node announces it."""
+        state = self.users.get(user_id)
+        if state is not None and state.peers:
+            return  # connected here again: the check is void (the registry agrees)
+        expiry = await self.registry.grace_expired(user_id)
+        if expiry.retry_in is not None:
+            if state is not None:
+                self._start_grace(user_id, state, expiry.retry_in)
+            return
+        if expiry.announce_offline:
+            await self._announce_user(user_id, online=False)
+        if expiry.touch_last_seen:
+            # An invisible user's last-seen stays where it was when they went invisible.
+            await self.store.fire(partial(Store.touch_last_seen, user_id=user_id, now=self.frames.now()))
+        if state is not None:
             self._forget_if_idle(user_id, state)
 
     def next_deadline(self) -> float:
@@ -502,12 +770,10 @@ class _Presence:
         user_id = request.peer.user_id
         state = self.users[user_id]
         now = self.frames.now()
-        went_invisible = request.status == "offline" and state.status != "offline"
-        state.status = request.status
-        if request.status == "offline" and state.visible:
-            self._announce(user_id, state, online=False)
-        elif request.status != "offline" and not state.visible and state.online_status:
-            self._announce(user_id, state, online=True)
+        change = await self.registry.set_status(user_id, request.status, state.online_status)
+        went_invisible = request.status == "offline" and change.previous != "offline"
+        if change.announce is not None:
+            self._announce(user_id, state.username, state.contacts, online=change.announce == "online")
         if went_invisible:  # to others, this is when they were last seen
             await self.store.fire(partial(Store.touch_last_seen, user_id=user_id, now=now))
         request.reply.set(now)
@@ -521,20 +787,30 @@ class _Presence:
         except Exception as exc:  # noqa: BLE001 - the asker learns it
             request.reply.fail(exc)
             return
+        self._share((user_id,), bus.SETTINGS, {"read_receipts": settings.read_receipts,
+                                               "online_status": settings.online_status})
         state = self.users.get(user_id)
         if state is not None:
             state.read_receipts, state.online_status = settings.read_receipts, settings.online_status
-            if not state.online_status and state.visible:
-                self._announce(user_id, state, online=False)
-            elif state.online_status and not state.visible and state.peers and state.status != "offline":
-                self._announce(user_id, state, online=True)
-        request.reply.set(settings)
+        try:
+            announce = await self.registry.set_online_status(user_id, settings.online_status)
+            if announce is not None:
+                await self._announce_user(user_id, online=announce == "online")
+        finally:
+            request.reply.set(settings)
 
     async def _published(self, events: list[Published]) -> None:
         """Receipts to the senders (``message:delivered``, for deliveries the room recorded with
         the message) and ``conversation:unread`` to participants' connections outside the room,
         whose deliveries and counts take ONE store request for the whole list."""
-        jobs = [self._delivery_job(event) for event in events]
+        if self.sharing:
+            for event in events:
+                message = event.message
+                self._share((p for p in event.participants if p != message.sender_id), bus.COMMITTED,
+                            {"m": bus.message_json(message)})
+        await self._published_outside([self._delivery_job(event) for event in events])
+
+    async def _published_outside(self, jobs: list[_DeliveryJob]) -> None:
         outside = [job for job in jobs if job.outside]
         results: list[tuple[dict[str, int], list[Delivery]]] = []
         if outside:
@@ -568,12 +844,10 @@ class _Presence:
                                                                          job.message))
             for peer in peers:
                 peer.deliver(frame, ("unread", conversation_id))
-        sender = self.users.get(job.message.sender_id)
-        if sender is not None:
+        if self.sharing or job.message.sender_id in self.users:
             for delivery in (*job.recorded, *deliveries):
-                frame = self.frames.event("message:delivered", delivered_data(delivery))
-                for peer in sender.peers.values():
-                    peer.deliver(frame)
+                self._deliver((job.message.sender_id,),
+                              self.frames.event("message:delivered", delivered_data(delivery)))
 
 
 @attrs.frozen
@@ -585,12 +859,34 @@ class _DeliveryJob:
     recorded: tuple[Delivery, ...]  # deliveries the room recorded with the message
 
 
+async def run_registry_upkeep(registry: PresenceRegistry, presence: PresenceHandle, grace: float, *,
+                              interval: float = HEARTBEAT_SECONDS) -> None:
+    """In a cluster: heartbeat every ``interval`` seconds; prune dead nodes' members (their users
+    get an offline check); hand due offline checks to presence, whichever node left them. A
+    failing registry is logged (throttled) and tried again at the next beat."""
+    first = True
+    while True:
+        try:
+            if not await registry.heartbeat() and not first:
+                await presence.register_again()  # Redis lost our state, or took us for dead
+            first = False
+            await presence.finish_unfinished()
+            due = set(await registry.sweep(grace)) | set(await registry.due())
+            if due:
+                await presence.check_grace(sorted(due))
+        except Exception as exc:  # noqa: BLE001 - Redis down: the next beat tries again
+            _failures.exception(exc, "presence registry upkeep failed")
+        await trio.sleep(interval)
+
+
 async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, online_gauge: object = None,
-                       inbox_size: int = 4096,
+                       inbox_size: int = 4096, broker: Broker | None = None,
+                       registry: PresenceRegistry | None = None,
                        task_status: trio.TaskStatus[PresenceHandle] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve presence until the inbox is closed or the task is cancelled."""
+    """Serve presence until the inbox is closed or the task is cancelled. ``registry``: the
+    shared presence state (None: this node's alone)."""
     send, receive = trio.open_memory_channel[PresenceRequest](inbox_size)
-    presence = _Presence(frames, store, grace, online_gauge)
+    presence = _Presence(frames, store, grace, online_gauge, broker, registry)
     task_status.started(PresenceHandle(send))
     async with receive:
         while True:

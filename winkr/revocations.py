@@ -17,6 +17,8 @@ import trio
 
 from winkr.actor import Reply
 from winkr.auth import Principal
+from winkr.broker.base import BROADCAST_TOPIC, Broker, BusEvent
+from winkr.broker.events import REVOKED
 from winkr.store.store import Store
 from winkr.store.writer import StoreHandle
 
@@ -34,7 +36,13 @@ class _Revoke:
     reply: Reply[None]
 
 
-RevocationRequest = _Check | _Revoke
+@attrs.frozen
+class _RevokedElsewhere:
+    user_id: str
+    at: float
+
+
+RevocationRequest = _Check | _Revoke | _RevokedElsewhere
 
 
 def is_revoked(revoked_at: float | None, principal: Principal) -> bool:
@@ -61,10 +69,15 @@ class RevocationsHandle:
         await self._inbox.send(_Revoke(user_id, at, reply))
         await reply.wait()
 
+    async def revoked_elsewhere(self, user_id: str, at: float) -> None:
+        """Another node stored a revocation: refuse those tokens here too."""
+        await self._inbox.send(_RevokedElsewhere(user_id, at))
 
-async def run_revocations(store: StoreHandle, *, inbox_size: int = 1024,
+
+async def run_revocations(store: StoreHandle, *, inbox_size: int = 1024, broker: Broker | None = None,
                           task_status: trio.TaskStatus[RevocationsHandle] = trio.TASK_STATUS_IGNORED) -> None:
-    """Load the stored revocations, then answer until cancelled."""
+    """Load the stored revocations, then answer until cancelled. With a shared ``broker``, a
+    stored revocation is published to every node (topic ``all``)."""
     revoked: dict[str, float] = await store.call(Store.token_revocations)
     send, receive = trio.open_memory_channel[RevocationRequest](inbox_size)
     task_status.started(RevocationsHandle(send))
@@ -80,4 +93,8 @@ async def run_revocations(store: StoreHandle, *, inbox_size: int = 1024,
                         reply.fail(exc)
                         continue
                     revoked[user_id] = max(at, revoked.get(user_id, at))
+                    if broker is not None and broker.shared:
+                        broker.publish([BusEvent(BROADCAST_TOPIC, REVOKED, {"user_id": user_id, "at": at})])
                     reply.set(None)
+                case _RevokedElsewhere(user_id=user_id, at=at):
+                    revoked[user_id] = max(at, revoked.get(user_id, at))

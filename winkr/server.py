@@ -23,10 +23,12 @@ from trio_websocket import WebSocketRequest
 from winkr import plain_http
 from winkr.actor import Frames
 from winkr.auth import Principal, TokenVerifier, token_from_handshake
+from winkr.broker import BROADCAST_TOPIC, Broker, InProcessBroker
 from winkr.clock import WallClock, system_wall_clock
-from winkr.cluster import cluster_redis_url
+from winkr.cluster import BrokerHealth, cluster_redis_url, node_name
 from winkr.config import Settings
 from winkr.connection import Connection
+from winkr.dispatcher import NodeInbox, run_dispatcher, run_position_checks
 from winkr.errors import (
     CONNECTION_ERROR,
     FORBIDDEN,
@@ -41,8 +43,9 @@ from winkr.hub import HubHandle, run_hub
 from winkr.logs import ThrottledLines
 from winkr.metrics import Metrics
 from winkr.policy import PolicySettings, default_blocked_words
-from winkr.presence import run_presence
+from winkr.presence import run_presence, run_registry_upkeep
 from winkr.protocol.codec import refusal_body
+from winkr.proxy_protocol import ProxyHeader, ProxyHeaderError, is_trusted, parse_networks, read_proxy_header
 from winkr.ratelimit import (
     Limiter,
     LimiterUnavailable,
@@ -53,6 +56,7 @@ from winkr.ratelimit import (
     run_rate_limiter,
 )
 from winkr.reaper import open_reaper_channel, run_reaper
+from winkr.registry import InProcessRegistry, PresenceRegistry, RegistryUnavailable
 from winkr.revocations import run_revocations
 from winkr.room import RoomServices
 from winkr.services import Services
@@ -60,7 +64,7 @@ from winkr.store.checkpointer import run_checkpointer
 from winkr.store.engine import Engine, Readers, open_engine
 from winkr.store.readers import READERS, ReaderHandle
 from winkr.store.store import Store
-from winkr.store.writer import RunSync, run_store_writer
+from winkr.store.writer import RunSync, run_store_writer, store_problem
 from winkr.transport import WinkrWebSocket, wrap_server_stream
 from winkr.webhooks import DEFAULT_BACKOFF, Backoff, SenderConfig, open_webhook_channel, run_webhook_sender
 
@@ -71,6 +75,7 @@ WS_PATH = "/ws"
 RECEIVE_BUFFER = 64 * 1024  # bytes per socket read: a burst of frames in one syscall
 LIBRARY_FRAME_LIMIT = 1024 * 1024
 RUNTIME_SAMPLE_SECONDS = 2.0
+POSITION_CHECK_SECONDS = 30.0  # in a cluster, every awake room's position is compared with the store this often
 
 
 class HandshakeRefused(Exception):
@@ -105,11 +110,14 @@ class Gateway:
     """Serves client streams for a running server: handshake (within the timeout), checks in
     the documented order (docs/protocol.md §1.2), then the connection actor."""
 
-    def __init__(self, services: Services, metrics: Metrics, clock: WallClock) -> None:
+    def __init__(self, services: Services, metrics: Metrics, clock: WallClock,
+                 readiness: plain_http.Readiness | None = None) -> None:
         self.services = services
+        self.readiness = readiness  # for GET /readyz on this port
         self.metrics = metrics
         self.clock = clock
         self._refusal_log = ThrottledLines(log, trio.current_time)
+        self._proxies = parse_networks(services.settings.proxy_protocol_from)
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one stream until its connection ends; never raises (one bad stream must not
@@ -120,12 +128,20 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 request = None
                 with trio.move_on_after(settings.handshake_timeout):
+                    if is_trusted(ip, self._proxies):
+                        # A load balancer: the client's address comes first (winkr/proxy_protocol.py).
+                        header = await self._read_proxy_header(stream, ip)
+                        if header is None:
+                            return
+                        ip = header.client_ip or ip
+                        if header.rest:
+                            stream = plain_http.ReplayStream(header.rest, stream)
                     # Plain HTTP (health checks, a browser) is answered here; upgrades go on.
                     opening = await plain_http.read_opening(stream)
                     if opening is not None and opening.is_tls:  # https/wss on the plain port
                         log.debug("TLS handshake on the plain WebSocket port", extra={"ip": ip})
                     elif opening is not None and not opening.is_websocket:
-                        status = await plain_http.answer(stream, opening)
+                        status = await plain_http.answer(stream, opening, self.readiness)
                         log.debug("plain HTTP request answered", extra={"ip": ip, "status": status})
                     elif opening is not None:
                         request = await wrap_server_stream(
@@ -144,6 +160,16 @@ class Gateway:
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def _read_proxy_header(self, stream: trio.abc.Stream, peer: str) -> ProxyHeader | None:
+        """The PROXY header a trusted balancer must send first, or None (logged, counted) when
+        it is missing or malformed: the caller closes the stream."""
+        try:
+            return await read_proxy_header(stream)
+        except ProxyHeaderError as exc:
+            self.metrics.proxy_headers_refused.inc()
+            self._refusal_log.info((peer, "proxy"), "PROXY header refused", ip=peer, reason=str(exc))
+            return None
 
     async def _open_connection(self, request: WebSocketRequest, ip: str) -> Connection | None:
         """Check the handshake and accept it (the connection, not yet running), or refuse it."""
@@ -181,8 +207,9 @@ class Gateway:
     async def _check_handshake(self, request: WebSocketRequest, ip: str) -> tuple[Principal, str | None]:
         try:
             return await self._check_handshake_limited(request, ip)
-        except LimiterUnavailable:
-            # A cluster's limiter cannot count new connections (Redis down): refuse them
+        except (LimiterUnavailable, RegistryUnavailable):
+            # A cluster's limiter or presence registry cannot count new connections (Redis
+            # down): refuse them
             # rather than accept unlimited ones; established connections go on (§17.9).
             raise HandshakeRefused(503, ProtocolError(
                 CONNECTION_ERROR, "cannot accept new connections right now: retry later")) from None
@@ -250,9 +277,14 @@ class Server:
     def __init__(self, settings: Settings, secret: str | None, *, clock: WallClock = system_wall_clock,
                  run_sync: RunSync = trio.to_thread.run_sync, api_sockets: list[socket.socket] | None = None,
                  webhook_transport: httpx.AsyncBaseTransport | None = None,
-                 webhook_backoff: Backoff = DEFAULT_BACKOFF, limiter: Limiter | None = None) -> None:
+                 webhook_backoff: Backoff = DEFAULT_BACKOFF, limiter: Limiter | None = None,
+                 bus: InProcessBroker | None = None, registry: InProcessRegistry | None = None) -> None:
         self.settings = settings
         self.limiter = limiter  # tests: one shared by several nodes; None: chosen by the settings
+        self.bus = bus  # tests: the in-process bus several nodes of one trio run share
+        self.shared_registry = registry  # tests: the presence state several nodes of one trio run share
+        self.registry: PresenceRegistry | None = None  # while serving
+        self.broker: Broker | None = None  # while serving (``broker.healthy`` for health checks)
         self.api_sockets = api_sockets  # bound by the CLI; None: bound here when api_port is set
         self.api_port: int | None = None
         self.api_app: ASGIApp | None = None  # the server API (served over HTTP when api_port is set)
@@ -262,6 +294,9 @@ class Server:
         self.webhook_transport = webhook_transport  # tests: an httpx transport instead of the network
         self.webhook_backoff = webhook_backoff
         self.metrics = Metrics(EVENTS)
+        self.node_id = node_name(settings)
+        self.metrics.node.info({"node_id": self.node_id})
+        self.broker_health = BrokerHealth(self.metrics)  # the broker reports here (winkr/cluster.py)
         self.frames = Frames(clock, self.metrics)
         self.verifier = TokenVerifier(settings, secret)
         self.policy = PolicySettings(
@@ -295,8 +330,11 @@ class Server:
         try:
             readers = await self.run_sync(engine.open_readers, READERS)
             async with trio.open_nursery() as actors:
-                services = await self._start_actors(actors, Store(db), engine, ReaderHandle(readers, self.run_sync))
-                self._gateway = gateway = Gateway(services, self.metrics, self.clock)
+                inbox = NodeInbox()
+                self.broker = await self._open_broker(actors, inbox)
+                services = await self._start_actors(actors, Store(db), engine, ReaderHandle(readers, self.run_sync),
+                                                    self.broker, inbox)
+                self._gateway = gateway = Gateway(services, self.metrics, self.clock, self.ready_problem)
                 api_stop = trio.Event()
                 async with trio.open_nursery() as api:
                     await self._start_api(api, services, api_stop)
@@ -318,9 +356,19 @@ class Server:
                         await services.presence.close_all("server_shutdown")
                         connections.cancel_scope.deadline = trio.current_time() + settings.shutdown_timeout
                     api_stop.set()  # the API drives the actors: it stops before them
+                if self.registry is not None and self.registry.shared:
+                    # Gone on purpose: this node's members stop counting now, and the others
+                    # finish the offline checks its connections left (a crash: after node_ttl).
+                    with trio.move_on_after(settings.shutdown_timeout):
+                        await self.registry.leave()
                 actors.cancel_scope.cancel()
         finally:
             self._gateway = None
+            if self.broker is not None:
+                close = getattr(self.broker, "close", None)
+                if close is not None:
+                    close()
+                self.broker = None
             with trio.CancelScope(shield=True):  # connections are closed however serve ends
                 if readers is not None:
                     await self.run_sync(readers.close)
@@ -328,7 +376,17 @@ class Server:
         log.info("stopped")
 
     def _readiness(self) -> str | None:
-        return None if self._accepting else "not accepting WebSocket connections (starting or shutting down)"
+        if not self._accepting:
+            return "not accepting WebSocket connections (starting or shutting down)"
+        return self.broker_health.problem
+
+    async def ready_problem(self) -> str | None:
+        """Why this node should not get new clients (not accepting, the broker cannot reach
+        Redis, the database does not commit within 2 s), or None: ``/readyz`` on both ports."""
+        gateway = self._gateway
+        if gateway is None:
+            return "not running"
+        return self._readiness() or await store_problem(gateway.services.store)
 
     async def _start_api(self, nursery: trio.Nursery, services: Services, stop: trio.Event) -> None:
         """Make the server API's app; serve it on ``api_port`` when that is set (docs/server-api.md)."""
@@ -346,15 +404,55 @@ class Server:
             self.api_port = await nursery.start(serve_api, self.api_app, sockets, stop)
             log.info("server API on http://%s:%d", settings.api_host, self.api_port)
 
+    async def _open_broker(self, nursery: trio.Nursery, inbox: NodeInbox) -> Broker:
+        """This node's attachment to the bus: its own in-process bus when alone, the shared one
+        given to the constructor (tests), or Redis when ``broker_url`` names one."""
+        broker: Broker
+        redis_url = cluster_redis_url(self.settings)
+        if self.bus is None and redis_url is not None:
+            from winkr.broker.redis import RedisBroker  # the cluster extra: only when configured
+
+            threads = self.run_sync is trio.to_thread.run_sync  # else tests' inline calls
+            redis_broker = RedisBroker(redis_url, self.node_id, inbox.offer, prefix=self.settings.redis_key_prefix,
+                                       health=self.broker_health, run_sync=None if threads else self.run_sync)
+            await nursery.start(redis_broker.run)
+            broker = redis_broker
+        else:
+            bus = self.bus if self.bus is not None else InProcessBroker(shared=False)
+            broker = bus.attach(self.node_id, inbox.offer)
+        await broker.subscribe([BROADCAST_TOPIC])
+        return broker
+
+    def _open_registry(self, nursery: trio.Nursery) -> PresenceRegistry | None:
+        """The presence state shared with the other nodes (None: this node's alone)."""
+        if self.shared_registry is not None:
+            return self.shared_registry.attach(self.node_id)
+        redis_url = cluster_redis_url(self.settings)
+        if redis_url is None:
+            return None
+        from winkr.registry.redis import RedisRegistry  # the cluster extra: only when configured
+
+        threads = self.run_sync is trio.to_thread.run_sync
+        registry = RedisRegistry.from_url(redis_url, self.node_id, prefix=self.settings.redis_key_prefix,
+                                          run_sync=None if threads else self.run_sync)
+        nursery.start_soon(partial(_close_when_cancelled, registry.aclose))
+        return registry
+
     async def _start_actors(self, nursery: trio.Nursery, store: Store, engine: Engine,
-                            readers: ReaderHandle) -> Services:
+                            readers: ReaderHandle, broker: Broker, inbox: NodeInbox) -> Services:
         settings, frames = self.settings, self.frames
         store_handle = await nursery.start(partial(run_store_writer, store, self.run_sync, metrics=self.metrics))
         if engine.sqlite_path is not None:
             nursery.start_soon(run_checkpointer, engine.sqlite_path, self.run_sync)
         limiter = self.limiter or await self._open_limiter(nursery)
+        registry = self.registry = self._open_registry(nursery)
         presence = await nursery.start(partial(run_presence, frames, store_handle, grace=settings.presence_grace,
-                                               online_gauge=self.metrics.online_users))
+                                               online_gauge=self.metrics.online_users, broker=broker,
+                                               registry=registry))
+        if registry is not None and registry.shared:
+            with contextlib.suppress(RegistryUnavailable):  # Redis down at start: the upkeep retries
+                await registry.heartbeat()  # before the first admission: our members count at once
+            nursery.start_soon(run_registry_upkeep, registry, presence, settings.presence_grace)
         reaper, reaper_inbox = open_reaper_channel()
         webhooks, webhook_inbox = open_webhook_channel(settings)
         if webhook_inbox is not None:
@@ -366,12 +464,16 @@ class Server:
         def room_services(hub: HubHandle) -> RoomServices:
             return RoomServices(frames, store_handle, presence, hub.room, hub.retire, reaper.nudge,
                                 settings.typing_timeout, settings.max_room_connections,
-                                ROOM_IDLE_SECONDS, rates, webhooks)
+                                ROOM_IDLE_SECONDS, rates, webhooks, broker)
 
         hub = await nursery.start(partial(run_hub, room_services, rooms_gauge=self.metrics.rooms))
         nursery.start_soon(run_reaper, store_handle, hub.room, self.clock, reaper_inbox)
         nursery.start_soon(self._sample_runtime)
-        revocations = await nursery.start(run_revocations, store_handle)
+        revocations = await nursery.start(partial(run_revocations, store_handle, broker=broker))
+        nursery.start_soon(partial(run_dispatcher, inbox, hub, presence, revocations,
+                                   on_resync=self.broker_health.resynced))
+        if broker.shared:
+            nursery.start_soon(run_position_checks, hub, readers, POSITION_CHECK_SECONDS)
         return Services(settings, frames, self.verifier, self.policy, store_handle, presence, hub, reaper, limiter,
                         rates, webhooks, revocations, readers)
 
@@ -385,7 +487,8 @@ class Server:
         from winkr.redis_limiter import RedisLimiter  # the cluster extra: only when configured
 
         threads = self.run_sync is trio.to_thread.run_sync  # else tests' inline calls
-        limiter = RedisLimiter.from_url(redis_url, on_error=self.metrics.limiter_errors.inc,
+        limiter = RedisLimiter.from_url(redis_url, prefix=self.settings.redis_key_prefix,
+                                        on_error=self.metrics.limiter_errors.inc,
                                         run_sync=None if threads else self.run_sync)
         nursery.start_soon(partial(_close_when_cancelled, limiter.aclose))
         return limiter

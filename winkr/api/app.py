@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 import orjson
-import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -51,6 +50,7 @@ from winkr.protocol.requests import (
     structure_request,
 )
 from winkr.services import Services
+from winkr.store.writer import store_problem
 
 log = logging.getLogger("winkr.api")
 _failures = ThrottledLog(log)
@@ -199,15 +199,7 @@ class ServerApi:
         return _json({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        reason = self.readiness()
-        if reason is None:
-            with trio.move_on_after(READY_STORE_SECONDS) as waited:
-                try:
-                    await self.services.store.call(lambda store: None)
-                except Exception:  # noqa: BLE001 - the store failed: not ready
-                    reason = "the store does not accept writes"
-            if waited.cancelled_caught:
-                reason = "the store does not accept writes"
+        reason = self.readiness() or await store_problem(self.services.store, READY_STORE_SECONDS)
         if reason is not None:
             return _json({"status": "unavailable", "reason": reason}, 503)
         return _json({"status": "ready"})

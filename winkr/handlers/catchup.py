@@ -2,20 +2,26 @@
 its catching up produces for the senders."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from winkr.actor import Frames
 from winkr.handlers.context import ConnectionContext
 from winkr.protocol.wire import delivered_data, unread_data
 from winkr.records import Delivery, UnreadSummary
 from winkr.store.store import Store
 
 
+def delivered_frames(frames: Frames, deliveries: Iterable[Delivery]) -> list[tuple[str, str]]:
+    """(sender, ``message:delivered`` frame) for each delivery, for ``presence.send_each``."""
+    return [(delivery.sender_id, frames.event("message:delivered", delivered_data(delivery)))
+            for delivery in deliveries]
+
+
 async def announce_deliveries(conn: ConnectionContext, deliveries: list[Delivery]) -> None:
     """``message:delivered`` to every connection of each message's sender (one hand-off to
     presence for the whole list)."""
     if deliveries:
-        frames = conn.services.frames
-        await conn.services.presence.send_each(
-            (delivery.sender_id, frames.event("message:delivered", delivered_data(delivery)))
-            for delivery in deliveries)
+        await conn.services.presence.send_each(delivered_frames(conn.services.frames, deliveries))
 
 
 async def send_unread_summary(conn: ConnectionContext) -> None:

@@ -2,6 +2,7 @@
 close made elsewhere (a block) and by the ``conversation:close`` handler."""
 from __future__ import annotations
 
+from winkr.broker.events import CLOSED
 from winkr.handlers.context import RoomContext
 from winkr.peer import Peer
 from winkr.protocol.wire import closed_data
@@ -12,6 +13,7 @@ async def announce_closed(room: RoomContext, closed_at: float, requester: Peer |
     connection of every participant, joined or not: ``conversation:closed``. The requester's
     own connection gets it with ``ref`` (its reply)."""
     participants = room.mark_closed()
+    room.share(CLOSED, {"closed_at": closed_at})  # the other nodes' rooms forget it too
     data = closed_data(room.id, closed_at)
     if requester is not None:
         requester.deliver(room.frames.event("conversation:closed", data, ref))

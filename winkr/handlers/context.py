@@ -18,6 +18,7 @@ from winkr.auth import Principal
 from winkr.peer import Peer
 from winkr.protocol.requests import ClientRequest
 from winkr.ratelimit import Rate
+from winkr.records import StoredMessage
 
 if TYPE_CHECKING:
     from winkr.presence import PresenceHandle
@@ -117,6 +118,22 @@ class RoomContext(Protocol):
 
     def message_limits(self) -> tuple[Rate, ...]:
         """The message rate limits the store counts each send against."""
+
+    @property
+    def delivered_seq(self) -> int:
+        """The newest ``seq`` this room has fanned out to its joined connections."""
+
+    def fanned_out(self, seq: int) -> None:
+        """The room's own send at ``seq`` (``delivered_seq + 1``) went out."""
+
+    async def deliver_committed(self, messages: list[tuple[StoredMessage, Json]]) -> None:
+        """Fan out (message, sender object) pairs committed by other nodes, in ``seq`` order."""
+
+    def share(self, kind: str, data: Json) -> None:
+        """Publish an event of this room to the other nodes (never waits)."""
+
+    def share_messages(self, messages: list[tuple[StoredMessage, Json]]) -> None:
+        """Publish this node's new messages (with their sender objects) to the other nodes."""
 
     def mark_closed(self) -> tuple[str, ...]:
         """The conversation is closed: forget members and typing, refuse everything from now

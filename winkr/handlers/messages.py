@@ -14,6 +14,7 @@ from functools import partial
 
 import trio
 
+from winkr.broker.events import DELETED
 from winkr.clock import iso
 from winkr.errors import ProtocolError
 from winkr.handlers.catchup import announce_deliveries
@@ -63,19 +64,25 @@ async def send_run(room: RoomContext, calls: list[RoomCall]) -> None:
                               counted=call.outcome is None))  # the server API's system messages are not counted
     unconnected = await _unconnected(room, joined_users, allowed)
     senders = [sender_object(call.peer.user_id, call.peer.username, call.peer.avatar_url) for call in allowed]
-    results = await room.store.call(partial(
+    results, intervening = await room.store.call(partial(
         _insert_and_notify, conversation_id=room.id, items=items, now=room.frames.now(), rates=room.message_limits(),
-        senders=senders, unconnected=unconnected, enabled=room.webhooks.events))
+        senders=senders, unconnected=unconnected, enabled=room.webhooks.events, seen_upto=room.delivered_seq))
     if unconnected:
         room.webhooks.nudge()
+    if intervening:  # other nodes committed these before our run: they go out first (seq order)
+        await room.deliver_committed([(m, sender_object(m.sender_id, username or m.sender_id, avatar))
+                                      for m, username, avatar in intervening])
     published = []
-    for call, result in zip(allowed, results):
+    shared = []
+    for call, sender, result in zip(allowed, senders, results):
         if isinstance(result, ProtocolError):
             _reply_error(room, call, result)
             continue
         event = _fan_out(room, call, result)
         if event is not None:
             published.append(event)
+            shared.append((result.message, sender))
+    room.share_messages(shared)
     if published:  # one hand-off for the whole run
         await room.presence.published(published)
 
@@ -93,20 +100,32 @@ async def _unconnected(room: RoomContext, joined_users: set[str], calls: list[Ro
     return frozenset(candidates - await room.presence.connected(candidates))
 
 
+Intervening = list[tuple[StoredMessage, str | None, str | None]]
+
+
 def _insert_and_notify(store: Store, conversation_id: str, items: Sequence[SendItem], now: float,
                        rates: tuple[Rate, ...], senders: Sequence[Json], unconnected: frozenset[str],
-                       enabled: Collection[str]) -> list[SendResult | ProtocolError]:
+                       enabled: Collection[str], seen_upto: int) -> tuple[list[SendResult | ProtocolError],
+                                                                          Intervening]:
     """In the writer's transaction: the run's inserts, and one ``message.created`` per new
     message for each participant in ``unconnected`` other than its sender, so an event exists
-    exactly when its message does."""
+    exactly when its message does. Also the messages other nodes committed after ``seen_upto``
+    (the room's position) and before the run's first: read under the conversation's lock, so
+    the room can send them first and every client still sees ``seq`` ascending without a gap."""
     results = store.insert_messages(conversation_id, items, now, rates)
+    first_new = None
     for item, sender, result in zip(items, senders, results):
         if isinstance(result, ProtocolError) or result.duplicate:
             continue
+        if first_new is None:
+            first_new = result.message.seq
         for recipient in sorted(unconnected - {item.sender_id}):
             enqueue(store, MESSAGE_CREATED, message_created_data(
                 recipient, result.message, sender, store.unread_count(conversation_id, recipient)), now, enabled)
-    return results
+    intervening: Intervening = []
+    if first_new is not None and first_new > seen_upto + 1:
+        intervening = store.messages_after(conversation_id, seen_upto, first_new - seen_upto - 1)
+    return results, intervening
 
 
 def _fan_out(room: RoomContext, call: RoomCall, result: SendResult) -> Published | None:
@@ -121,6 +140,7 @@ def _fan_out(room: RoomContext, call: RoomCall, result: SendResult) -> Published
         call.outcome.set(result)
     if result.duplicate:  # answered to the sender only (contract §11.15)
         return None
+    room.fanned_out(result.message.seq)
     room.broadcast(frames.event("message:new", data), skip=peer)
     if frames.metrics is not None and call.received_at is not None:
         frames.metrics.fanout_seconds.observe(trio.current_time() - call.received_at)
@@ -166,10 +186,13 @@ async def delete(room: RoomContext, call: RoomCall) -> None:
 
 
 def announce_deleted(room: RoomContext, message_id: str, deleted_by: str, deleted_at: float,
-                     requester: Peer | None, ref: str | None) -> None:
-    """``message:deleted`` to the room; the requester (joined or not) gets it with its ``ref``."""
+                     requester: Peer | None, ref: str | None, *, share: bool = True) -> None:
+    """``message:deleted`` to the room; the requester (joined or not) gets it with its ``ref``;
+    with ``share``, the other nodes' rooms announce it too."""
     data = {"message_id": message_id, "conversation_id": room.id, "deleted_by": deleted_by,
             "deleted_at": iso(deleted_at)}
+    if share:
+        room.share(DELETED, {"message_id": message_id, "deleted_by": deleted_by, "deleted_at": deleted_at})
     if requester is not None:
         requester.deliver(room.frames.event("message:deleted", data, ref))
     room.broadcast(room.frames.event("message:deleted", data), skip=requester)

@@ -102,6 +102,12 @@ class Store(SafetyQueries):
             (user_id, user_id))
         return {row[0] for row in rows}
 
+    def presence_card(self, user_id: str) -> tuple[str, set[str]]:
+        """(username, contacts) of a user: what an offline announcement needs on a node that
+        holds none of the user's connections (the username is the id if never stored)."""
+        row = self.db.execute("SELECT username FROM users WHERE id = ?", (user_id,)).fetchone()
+        return (str(row[0]) if row else user_id), self.contacts(user_id)
+
     def participants(self, conversation_id: str) -> tuple[str, ...] | None:
         """The participants (sorted), or ``None`` for a conversation that does not exist."""
         cached = self._participants.get(conversation_id)
@@ -176,6 +182,31 @@ class Store(SafetyQueries):
     def last_seq(self, conversation_id: str) -> int:
         row = self.db.execute("SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
         return int(row[0]) if row else 0
+
+    def unread_since(self, user_ids: Sequence[str],
+                     since: float) -> list[tuple[str, str, int, StoredMessage | None]]:
+        """(conversation, user, unread count, last message) for every conversation of these users
+        that got a message from someone else at or after ``since`` (wall-clock seconds): what
+        a node re-sends after its bus may have lost events."""
+        if not user_ids:
+            return []
+        marks = ", ".join("?" * len(user_ids))
+        rows = self.db.execute(
+            "SELECT DISTINCT m.conversation_id, p.user_id FROM messages m JOIN participants p "  # noqa: S608
+            f"ON p.conversation_id = m.conversation_id WHERE m.created_at >= ? AND p.user_id IN ({marks}) "
+            "AND m.sender_id != p.user_id ORDER BY m.conversation_id, p.user_id",
+            (since, *user_ids)).fetchall()
+        return [(str(conversation_id), str(user_id), self.unread_count(conversation_id, user_id),
+                 self.last_message(conversation_id)) for conversation_id, user_id in rows]
+
+    def last_seqs(self, conversation_ids: Sequence[str]) -> dict[str, int]:
+        """``last_seq`` of each conversation that exists (one query)."""
+        if not conversation_ids:
+            return {}
+        marks = ", ".join("?" * len(conversation_ids))
+        rows = self.db.execute(f"SELECT id, last_seq FROM conversations WHERE id IN ({marks})",  # noqa: S608
+                               tuple(conversation_ids)).fetchall()
+        return {str(conversation_id): int(last_seq) for conversation_id, last_seq in rows}
 
     def insert_message(self, conversation_id: str, item: SendItem, now: float,
                        rates: tuple[Rate, ...] = ()) -> SendResult:
@@ -342,6 +373,19 @@ class Store(SafetyQueries):
         row = self.db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? "
                               "ORDER BY seq DESC LIMIT 1", (conversation_id,)).fetchone()
         return _message(row) if row else None
+
+    def messages_after(self, conversation_id: str, after_seq: int,
+                       limit: int) -> list[tuple[StoredMessage, str | None, str | None]]:
+        """Up to ``limit`` messages with ``seq > after_seq`` in ``seq`` order, each with its
+        sender's stored username and avatar URL (``None`` for a sender never seen, such as
+        ``system``): how a room fills a gap the bus left (``seq`` has none, so the first row is
+        ``after_seq + 1``)."""
+        columns = ", ".join(f"m.{column.strip()}" for column in _MESSAGE_COLUMNS.split(","))
+        rows = self.db.execute(
+            f"SELECT {columns}, u.username, u.avatar_url FROM messages m LEFT JOIN users u ON u.id = m.sender_id "
+            "WHERE m.conversation_id = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
+            (conversation_id, after_seq, limit)).fetchall()
+        return [(_message(row[:-2]), row[-2], row[-1]) for row in rows]
 
     # --- receipts and summaries --------------------------------------------------------
 

@@ -16,6 +16,14 @@ writer task's wake-up per request (docs/performance.md, issue 10, proposal 3). W
 On PostgreSQL other nodes write too: a batch that deadlocks with another node's (row locks
 taken in a different order) is rolled back and run again, up to ``TRANSIENT_RETRIES`` times,
 so a request's work must not act outside the database (it may run more than once).
+
+To keep such deadlocks rare, a batch runs its requests in conversation order: a request made
+as ``partial(..., conversation_id=C)`` (every room's send, read, delete) sorts by ``C``, the
+others first, each group in arrival order (a stable sort, so one actor's requests keep
+theirs). Two nodes' batches then take their conversation row locks in the same order. Without
+it, two nodes whose batches held sends into the same conversations in different orders
+deadlocked on nearly every commit, and each deadlock cost PostgreSQL's ``deadlock_timeout``
+(1 s) before the retry.
 """
 from __future__ import annotations
 
@@ -79,6 +87,13 @@ class StoreHandle:
         await self._submit(_Request(work, None))
 
 
+def _lock_order(request: _Request) -> str:
+    """The conversation a request works on, when it names one (see the module's docstring)."""
+    keywords = getattr(request.work, "keywords", None)
+    conversation = keywords.get("conversation_id") if isinstance(keywords, dict) else None
+    return conversation if isinstance(conversation, str) else ""
+
+
 def _run_batch(store: Store, batch: list[_Request]) -> Results:
     """One transaction (run again after a transient failure), one savepoint per request. Runs
     on the writer's thread."""
@@ -132,6 +147,7 @@ async def run_store_writer(store: Store, run_sync: RunSync, *, inbox_size: int =
     async with receive:
         async for first in receive:
             batch = drain(receive, first, max_batch)
+            batch.sort(key=_lock_order)
             started = trio.current_time()
             await _commit_and_answer(store, run_sync, batch)
             if metrics is not None:
@@ -211,6 +227,7 @@ class _WriterThread:
                     break
                 batch.append(item)
             requests: list[_Request] = batch  # type: ignore[assignment]  # only _STOP is not a _Request
+            requests.sort(key=_lock_order)
             started = time.perf_counter()
             try:
                 results = _run_batch(self._store, requests)
@@ -253,3 +270,15 @@ async def _run_writer_thread(store: Store, inbox_size: int, max_batch: int, metr
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(writer.join)
             await trio.lowlevel.checkpoint()  # let the last answers' run_sync_soon run
+
+
+async def store_problem(store: StoreHandle, within: float = 2.0) -> str | None:
+    """None when the writer commits an empty request within ``within`` seconds (a savepoint: it
+    reaches the database), else why not (for readiness checks)."""
+    with trio.move_on_after(within):
+        try:
+            await store.call(lambda _: None)
+        except Exception:  # noqa: BLE001 - the database failed: not ready
+            return "the store does not accept writes"
+        return None
+    return "the store does not accept writes"
