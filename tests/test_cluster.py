@@ -338,3 +338,35 @@ async def test_a_revocation_through_one_node_closes_and_refuses_everywhere(
         assert code == 4004, events
         rejection = await refused(cluster.node(1), bearer(old_token))
         assert_refused(rejection, 401, "UNAUTHORIZED")
+
+
+async def test_after_a_block_on_one_node_presence_stops_on_the_other(autojump_clock: Any, tmp_path: Any) -> None:
+    async with running_cluster(cluster_settings(tmp_path)) as cluster:
+        alice, bob = await contacts_across(cluster)
+        reply = await bob.request("user:block", {"user_id": "alice"})
+        assert reply["event"] == "user:blocked", reply
+        await alice.expect("conversation:closed")
+        await settle(alice, bob)
+        await alice.close()
+        again = await cluster.node(0).connect("alice")
+        await again.close()
+        events = await bob.nothing_more(30)
+        assert named(events, "user:offline") == [] and named(events, "user:online") == []
+
+
+async def test_an_unmatch_on_one_node_closes_for_the_other_and_ends_presence(
+        autojump_clock: Any, tmp_path: Any) -> None:
+    async with running_cluster(cluster_settings(tmp_path)) as cluster:
+        alice = await cluster.node(0).connect("alice")
+        bob = await cluster.node(1).connect("bob")
+        conv = await cluster.node(0).conversation(alice, "bob")
+        await bob.expect("conversation:created")
+        await join(bob, conv)
+        await settle(alice, bob)
+        reply = await alice.request("conversation:close", {"conversation_id": conv})
+        assert reply["event"] == "conversation:closed", reply
+        assert (await bob.expect("conversation:closed"))["data"]["conversation_id"] == conv
+        refused_send = await bob.request("message:send", text(conv, "hello?"))
+        assert refused_send["data"]["code"] == "NOT_FOUND", refused_send
+        await alice.close()
+        assert named(await bob.nothing_more(30), "user:offline") == []

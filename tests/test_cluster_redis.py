@@ -3,13 +3,29 @@ the broker (pub/sub on its own thread, resync after a reconnect), the presence r
 scripts, and two full nodes meeting only in Redis and the database. Real time, bounded."""
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
 from typing import Any
 
 import pytest
 import redis
 import trio
 from cluster_support import running_cluster
-from conftest import RATE_LIMITS_OFF, join, make_settings, send_text, settle, until
+from conftest import (
+    RATE_LIMITS_OFF,
+    REQUIRE_REDIS,
+    assert_refused,
+    bearer,
+    join,
+    make_settings,
+    metric,
+    named,
+    refused,
+    send_text,
+    settle,
+    until,
+)
 
 from winkr.broker import BusEvent, Incoming, Resync
 from winkr.broker.redis import RedisBroker
@@ -91,6 +107,7 @@ async def test_the_connection_cap_and_the_online_announcement_hold_across_nodes(
     assert await two.opened("alice", "1", True) is False  # already visible: nobody announces again
     assert await one.visible(["alice", "bob"]) == {"alice": True, "bob": False}
     assert await two.truth("alice") == (2, "online")
+    assert await one.connected(["alice", "bob"]) == frozenset({"alice"})
     assert await one.closed("alice", "1", 5.0) is False  # still open on node two
     assert await two.closed("alice", "1", 0.05) is True  # the last one: an offline check is due
     await until_async(lambda: one.due(), ["alice"])
@@ -170,3 +187,110 @@ async def test_two_nodes_on_redis_chat_and_see_each_other_online(
             await alice.close()
             offline = await bob.expect("user:offline")  # announced by one node, heard on the other
             assert offline["data"]["user_id"] == "alice"
+
+
+# --- a Redis of the test's own, restarted under the nodes ----------------------------------------
+
+class OwnRedis:
+    """A ``redis-server`` on a free loopback port, started and killed by PID (never the shared one)."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def spawn(self) -> None:
+        self.process = subprocess.Popen(  # noqa: S603 - our own redis-server, fixed arguments
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def start(self) -> None:
+        self.spawn()
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        try:
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        client.ping()
+                        return
+                    except redis.ConnectionError:
+                        await trio.sleep(0.05)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+def own_redis(redis_url: str) -> Any:  # redis_url: skipped (or failed) like every Redis test
+    if shutil.which("redis-server") is None:
+        if REQUIRE_REDIS:
+            pytest.fail("redis-server is not installed [WINKR_TEST_REQUIRE_REDIS is set]", pytrace=False)
+        pytest.skip("redis-server is not installed")
+    server = OwnRedis()
+    yield server
+    server.kill()
+
+
+@only_once
+async def test_a_redis_restart_loses_nothing_acknowledged(own_redis: OwnRedis, tmp_path: Any) -> None:
+    await own_redis.start()
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF, broker_url=own_redis.url)
+    with trio.fail_after(60):
+        async with running_cluster(settings) as cluster:
+            bob = await cluster.node(1).connect("bob")
+            alice = await cluster.node(0).connect("alice")
+            conv = await cluster.node(0).conversation(alice, "bob")
+            await bob.expect("conversation:created")
+            await join(alice, conv)
+            await join(bob, conv)
+            await settle(alice, bob)
+            await send_text(alice, conv, "before")
+            await bob.expect("message:new")
+
+            own_redis.kill()
+            during = [await send_text(alice, conv, f"while Redis is down {n}") for n in range(3)]  # acked
+            rejection = await refused(cluster.node(1), bearer(cluster.node(1).token("carol")))
+            assert_refused(rejection, 503, "CONNECTION_ERROR")  # new connections wait for Redis (§17.9)
+
+            await own_redis.start()  # empty: presence and subscriptions are rebuilt by the nodes
+            back = trio.current_time()
+            got = [(await bob.expect("message:new"))["data"]["message"] for _ in during]
+            assert got == during  # filled from the database after the reconnect, in order, once
+            assert trio.current_time() - back < 10  # by the resync, not the 30 s position check
+            after = await send_text(alice, conv, "after")
+            assert (await bob.expect("message:new"))["data"]["message"] == after
+            assert [m["seq"] for m in named(await bob.nothing_more(0.5), "message:new")] == []
+            carol = await cluster.node(1).connect("carol")  # admissions work again
+            await carol.close()
+
+
+@only_once
+async def test_a_user_who_left_while_redis_was_down_goes_offline_once_it_is_back(
+        own_redis: OwnRedis, tmp_path: Any) -> None:
+    await own_redis.start()
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF, broker_url=own_redis.url, presence_grace=0.5)
+    with trio.fail_after(60):
+        async with running_cluster(settings) as cluster:
+            bob = await cluster.node(1).connect("bob")
+            alice = await cluster.node(0).connect("alice")
+            await cluster.node(0).conversation(alice, "bob")
+            await bob.expect("conversation:created")
+            await settle(alice, bob)
+            own_redis.kill()
+            await alice.close()  # the registry cannot be told now
+            node0 = cluster.nodes[0].server.metrics
+            await until(lambda: metric(node0.text(), "winkr_online_users") == 0)  # node 0 saw her go
+            await own_redis.start()  # empty
+            offline = await bob.expect("user:offline")
+            assert offline["data"]["user_id"] == "alice"
+            assert named(await bob.nothing_more(2), "user:offline") == []

@@ -99,7 +99,7 @@ class Settings:
     # More than one node (contract §16, docs/architecture.md "More than one node"): empty or
     # "memory" is one node; redis://... joins the nodes that share it and the database.
     broker_url: str = ""
-    node_id: str = ""  # empty: hostname-pid, chosen at start (winkr.broker.default_node_id)
+    node_id: str = ""  # empty: hostname-pid, chosen at start (winkr.cluster.node_name)
     # Starts every Redis key of the cluster: several deployments (or test runs) may share a Redis.
     redis_key_prefix: str = "winkr:"
     # Load balancers whose connections open with a PROXY header (v1/v2) naming the client

@@ -9,6 +9,8 @@ overflowed drops what did not fit and resyncs every room instead of growing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 
 import trio
 
@@ -17,11 +19,14 @@ from winkr.broker.base import BusEvent, Incoming, Resync
 from winkr.hub import HubHandle
 from winkr.presence import PresenceHandle
 from winkr.revocations import RevocationsHandle
-from winkr.room import CatchUp, FromBus, RoomHandle, RoomMessage, RoomRetired
+from winkr.room import CatchUp, FromBus, Position, RoomHandle, RoomMessage, RoomRetired
+from winkr.store.readers import ReaderHandle
+from winkr.store.store import Store
 
 log = logging.getLogger("winkr.dispatcher")
 
 INBOX_SIZE = 8192
+POSITION_BATCH = 100  # conversations whose last seq one read compares
 
 
 class NodeInbox:
@@ -44,21 +49,23 @@ class NodeInbox:
 
 
 async def run_dispatcher(inbox: NodeInbox, hub: HubHandle, presence: PresenceHandle,
-                         revocations: RevocationsHandle) -> None:
-    """Route incoming items until cancelled."""
+                         revocations: RevocationsHandle, *,
+                         on_resync: Callable[[int], None] = lambda rooms: None) -> None:
+    """Route incoming items until cancelled. ``on_resync(rooms)`` counts the rooms sent to catch
+    up (``winkr_broker_resyncs_total``)."""
     async with inbox.receive:
         async for item in inbox.receive:
             if inbox.overflowed:
                 inbox.overflowed = False
                 log.warning("the bus inbox overflowed: every room catches up from the store")
-                await _to_rooms(await hub.awake(None), CatchUp())
+                on_resync(await _to_rooms(await hub.awake(None), CatchUp()))
             match item:
                 case Resync(topics=None):
-                    await _to_rooms(await hub.awake(None), CatchUp())
+                    on_resync(await _to_rooms(await hub.awake(None), CatchUp()))
                 case Resync(topics=frozenset() as topics):
                     for topic in topics:
                         if topic.startswith("c:"):
-                            await _to_rooms(await hub.awake(topic[2:]), CatchUp())
+                            on_resync(await _to_rooms(await hub.awake(topic[2:]), CatchUp()))
                 case BusEvent(topic=topic) if topic.startswith("c:"):
                     await _to_rooms(await hub.awake(topic[2:]), FromBus(item))
                 case BusEvent(topic=topic) if topic.startswith("u:"):
@@ -67,9 +74,30 @@ async def run_dispatcher(inbox: NodeInbox, hub: HubHandle, presence: PresenceHan
                     await revocations.revoked_elsewhere(str(data["user_id"]), float(data["at"]))
 
 
-async def _to_rooms(rooms: list[RoomHandle], message: RoomMessage) -> None:
+async def _to_rooms(rooms: list[RoomHandle], message: RoomMessage) -> int:
+    """Hand ``message`` to each room still awake; returns how many took it."""
+    taken = 0
     for room in rooms:
         try:
             await room.send(message)
+            taken += 1
         except RoomRetired:
             pass  # asleep now: it reads its position when it wakes
+    return taken
+
+
+async def run_position_checks(hub: HubHandle, readers: ReaderHandle, interval: float) -> None:
+    """Every ``interval`` seconds, read the store's ``last_seq`` of every awake room (one read
+    per ``POSITION_BATCH`` rooms, on a reader: the writer is not involved) and tell each room;
+    a room behind it fills the gap. The bus is a hint: a message it lost and no later one
+    revealed arrives within ``interval``."""
+    while True:
+        await trio.sleep(interval)
+        rooms = await hub.awake(None)
+        for start in range(0, len(rooms), POSITION_BATCH):
+            chunk = rooms[start:start + POSITION_BATCH]
+            positions = await readers.call(partial(Store.last_seqs, conversation_ids=[r.conversation_id
+                                                                                      for r in chunk]))
+            for room in chunk:
+                if (last_seq := positions.get(room.conversation_id)) is not None:
+                    await _to_rooms([room], Position(last_seq))

@@ -207,6 +207,11 @@ class _CloseUser:
 
 
 @attrs.frozen
+class _Unfinished:
+    """The registry answers again: tell it what it missed."""
+
+
+@attrs.frozen
 class _RegisterAgain:
     """The registry lost this node's members: register every connection held here again."""
 
@@ -228,7 +233,7 @@ class _FromBus:
 PresenceRequest = (_Admit | _Release | _Connect | _Disconnect | _SetStatus | _Published | _SendToUsers
                    | _SendEach | _Online | _Connected | _AddContacts | _CloseAll | _UpdateSettings | _SendReceipt
                    | _Apart | _Together | _DropContacts | _Inspect | _CloseUser | _FromBus | _CheckGrace
-                   | _RegisterAgain)
+                   | _RegisterAgain | _Unfinished)
 
 
 class PresenceHandle:
@@ -344,6 +349,10 @@ class PresenceHandle:
         await self._inbox.send(_CloseUser(user_id, reason, reply))
         return await reply.wait()
 
+    async def finish_unfinished(self) -> None:
+        """Retry the opens and closes the registry missed (after a heartbeat that succeeded)."""
+        await self._inbox.send(_Unfinished())
+
     async def register_again(self) -> None:
         """The registry forgot this node (Redis restarted empty, or a partition longer than the
         node TTL): put every connection held here back; contacts may hear ``user:online`` again."""
@@ -367,6 +376,9 @@ class _Presence:
         self.broker = broker
         self.sharing = broker is not None and broker.shared
         self.registry: PresenceRegistry = registry or InProcessRegistry(shared=False).attach("local")
+        # (open|close, user, member) the registry could not be told (Redis unreachable); retried
+        # in order after each heartbeat that succeeds.
+        self.unfinished: list[tuple[str, str, str]] = []
         self._members = itertools.count(1)
         self.online_gauge = online_gauge  # users with at least one open connection
         self.users: dict[str, _User] = {}
@@ -380,7 +392,8 @@ class _Presence:
         """``frame`` to every connection of each user, on this node and the others."""
         user_ids = tuple(user_ids)
         self._deliver_here(user_ids, frame, except_connection, key)
-        self._share(user_ids, bus.FRAME, {"frame": frame, "except": except_connection, "key": bus.key_json(key)})
+        if self.sharing:
+            self._share(user_ids, bus.FRAME, {"frame": frame, "except": except_connection, "key": bus.key_json(key)})
 
     def _deliver_here(self, user_ids: Iterable[str], frame: str, except_connection: str | None = None,
                       key: CoalesceKey | None = None) -> None:
@@ -409,7 +422,7 @@ class _Presence:
         """Announce for a user, with this node's knowledge of them, or the store's when this node
         holds none of their connections (an offline check left by another node)."""
         state = self.users.get(user_id)
-        if state is not None:
+        if state is not None and state.username:
             self._announce(user_id, state.username, state.contacts, online)
             return
         username, contacts = await self.store.call(partial(Store.presence_card, user_id=user_id))
@@ -479,6 +492,8 @@ class _Presence:
             case _Disconnect(peer=peer):
                 if await self._disconnect(peer):
                     await self._unsubscribe(peer.user_id)
+            case _Unfinished():
+                await self._finish_unfinished()
             case _SetStatus():
                 await self._set_status(request)
             case _Online(user_ids=user_ids, reply=reply):
@@ -643,10 +658,14 @@ class _Presence:
         state.grace_pending = False
         # The registry decides (once for every node) whether this is the user's first open
         # connection while their contacts do not see them; appearing offline lasts a session.
-        announce = await self.registry.opened(peer.user_id, member, state.online_status)
         if self.closing is not None:
             peer.request_close(self.closing)
-        elif announce:
+        try:
+            announce = await self.registry.opened(peer.user_id, member, state.online_status)
+        except RegistryUnavailable:
+            self.unfinished.append(("open", peer.user_id, member))  # told once Redis answers again
+            return
+        if announce and self.closing is None:
             self._announce(peer.user_id, state.username, state.contacts, online=True)
 
     async def _release(self, user_id: str) -> None:
@@ -672,11 +691,36 @@ class _Presence:
         member = state.members.pop(peer.id)
         if not state.peers:
             self._gauge(-1)
-        if await self.registry.closed(peer.user_id, member, self.grace) and not state.peers:
-            self._start_grace(peer.user_id, state, self.grace)
-        else:
+        try:
+            last = await self.registry.closed(peer.user_id, member, self.grace)
+        except RegistryUnavailable:
+            self.unfinished.append(("close", peer.user_id, member))  # finished once Redis answers again
             self._forget_if_idle(peer.user_id, state)
+            return True
+        self._closed(peer.user_id, last)
         return True
+
+    def _closed(self, user_id: str, last_anywhere: bool) -> None:
+        state = self.users.get(user_id)
+        if last_anywhere and (state is None or not state.peers):
+            if state is None:  # forgotten meanwhile: the announcement reads the store (no username here)
+                state = self.users[user_id] = _User("")
+            self._start_grace(user_id, state, self.grace)
+        elif state is not None:
+            self._forget_if_idle(user_id, state)
+
+    async def _finish_unfinished(self) -> None:
+        """Tell the registry the opens and closes it missed while unreachable, in order."""
+        while self.unfinished:
+            what, user_id, member = self.unfinished[0]
+            if what == "open":
+                state = self.users.get(user_id)
+                if state is not None and member in state.members.values():
+                    if await self.registry.opened(user_id, member, state.online_status):
+                        self._announce(user_id, state.username, state.contacts, online=True)
+            else:
+                self._closed(user_id, await self.registry.closed(user_id, member, self.grace))
+            self.unfinished.pop(0)
 
     def _start_grace(self, user_id: str, state: _User, seconds: float) -> None:
         state.grace_generation += 1
@@ -751,10 +795,11 @@ class _Presence:
         """Receipts to the senders (``message:delivered``, for deliveries the room recorded with
         the message) and ``conversation:unread`` to participants' connections outside the room,
         whose deliveries and counts take ONE store request for the whole list."""
-        for event in events:
-            message = event.message
-            self._share((p for p in event.participants if p != message.sender_id), bus.COMMITTED,
-                        {"m": bus.message_json(message)})
+        if self.sharing:
+            for event in events:
+                message = event.message
+                self._share((p for p in event.participants if p != message.sender_id), bus.COMMITTED,
+                            {"m": bus.message_json(message)})
         await self._published_outside([self._delivery_job(event) for event in events])
 
     async def _published_outside(self, jobs: list[_DeliveryJob]) -> None:
@@ -817,6 +862,7 @@ async def run_registry_upkeep(registry: PresenceRegistry, presence: PresenceHand
             if not await registry.heartbeat() and not first:
                 await presence.register_again()  # Redis lost our state, or took us for dead
             first = False
+            await presence.finish_unfinished()
             due = set(await registry.sweep(grace)) | set(await registry.due())
             if due:
                 await presence.check_grace(sorted(due))

@@ -82,7 +82,15 @@ class CatchUp:
     """The bus may have lost events (a reconnect, an overflow): fill the gap from the store."""
 
 
-RoomMessage = RoomCall | Depart | SystemDeleted | Closed | FromBus | CatchUp
+@attrs.frozen
+class Position:
+    """The store's ``last_seq`` of the conversation (the node's periodic check): a room behind
+    it lost a message on the bus that nothing after it revealed."""
+
+    last_seq: int
+
+
+RoomMessage = RoomCall | Depart | SystemDeleted | Closed | FromBus | CatchUp | Position
 """What a room's inbox carries."""
 
 
@@ -134,7 +142,6 @@ class RoomServices:
     message_rates: tuple[Rate, ...] = ()
     webhooks: WebhookHandle = WEBHOOKS_OFF
     broker: Broker | None = None  # None: a node alone, as before the broker seam (tests of one room)
-    position_check_seconds: float = 0.0  # > 0: compare with the store's last seq this often (a cluster)
 
 
 class Room:
@@ -151,7 +158,6 @@ class Room:
         # strictly as delivered_seq + 1 (its own sends, the bus, or the store filling a gap).
         self.delivered_seq = last_seq
         self._sharing = services.broker is not None and services.broker.shared
-        self._next_check = trio.current_time() + services.position_check_seconds
         self._members: dict[str, Peer] = {}  # connection id -> Peer
         self._typing: dict[str, tuple[float, str]] = {}  # user -> (expiry deadline, username)
         self.idle_since = trio.current_time()
@@ -331,17 +337,10 @@ class Room:
         deadline = min((expiry for expiry, _ in self._typing.values()), default=math.inf)
         if not self._members and not self.retiring:
             deadline = min(deadline, self.idle_since + self.s.idle_timeout)
-        if self._members and self.s.position_check_seconds:
-            deadline = min(deadline, self._next_check)
         return deadline
 
     async def on_timeout(self) -> None:
         now = trio.current_time()
-        if self._members and self.s.position_check_seconds and now >= self._next_check:
-            # The bus is a hint: a message it lost (and no later one revealed) is found here.
-            self._next_check = now + self.s.position_check_seconds
-            if not self.closed:
-                await self.catch_up()
         for user_id, (expiry, username) in list(self._typing.items()):
             if expiry <= now:
                 self._set_typing_state(user_id, username, False)
@@ -392,6 +391,13 @@ class Room:
                 case CatchUp():
                     if not self.closed:
                         await self.catch_up()
+                case Position(last_seq=last_seq) if last_seq > self.delivered_seq and not self.closed:
+                    if self._members:
+                        await self.catch_up()
+                    else:
+                        self.delivered_seq = last_seq  # nobody here to deliver to
+                case Position():
+                    pass
         except ProtocolError as exc:
             if isinstance(first, RoomCall):
                 if first.outcome is not None and not first.outcome.is_set():

@@ -28,7 +28,7 @@ from winkr.clock import WallClock, system_wall_clock
 from winkr.cluster import BrokerHealth, cluster_redis_url, node_name
 from winkr.config import Settings
 from winkr.connection import Connection
-from winkr.dispatcher import NodeInbox, run_dispatcher
+from winkr.dispatcher import NodeInbox, run_dispatcher, run_position_checks
 from winkr.errors import (
     CONNECTION_ERROR,
     FORBIDDEN,
@@ -76,7 +76,7 @@ RECEIVE_QUEUE = 8  # frames trio-websocket may read ahead of the connection's re
 RECEIVE_BUFFER = 64 * 1024  # bytes per socket read: a burst of frames in one syscall
 LIBRARY_FRAME_LIMIT = 1024 * 1024
 RUNTIME_SAMPLE_SECONDS = 2.0
-POSITION_CHECK_SECONDS = 30.0  # in a cluster, each room with joined connections compares its position this often
+POSITION_CHECK_SECONDS = 30.0  # in a cluster, every awake room's position is compared with the store this often
 
 
 class HandshakeRefused(Exception):
@@ -465,14 +465,16 @@ class Server:
         def room_services(hub: HubHandle) -> RoomServices:
             return RoomServices(frames, store_handle, presence, hub.room, hub.retire, reaper.nudge,
                                 settings.typing_timeout, settings.max_room_connections,
-                                ROOM_IDLE_SECONDS, rates, webhooks, broker,
-                                POSITION_CHECK_SECONDS if broker.shared else 0.0)
+                                ROOM_IDLE_SECONDS, rates, webhooks, broker)
 
         hub = await nursery.start(partial(run_hub, room_services, rooms_gauge=self.metrics.rooms))
         nursery.start_soon(run_reaper, store_handle, hub.room, self.clock, reaper_inbox)
         nursery.start_soon(self._sample_runtime)
         revocations = await nursery.start(partial(run_revocations, store_handle, broker=broker))
-        nursery.start_soon(run_dispatcher, inbox, hub, presence, revocations)
+        nursery.start_soon(partial(run_dispatcher, inbox, hub, presence, revocations,
+                                   on_resync=self.broker_health.resynced))
+        if broker.shared:
+            nursery.start_soon(run_position_checks, hub, readers, POSITION_CHECK_SECONDS)
         return Services(settings, frames, self.verifier, self.policy, store_handle, presence, hub, reaper, limiter,
                         rates, webhooks, revocations, readers)
 

@@ -14,10 +14,9 @@ from winkr.broker.base import (
     Incoming,
     Resync,
     conversation_topic,
-    default_node_id,
     user_topic,
 )
 from winkr.broker.memory import InProcessBroker
 
 __all__ = ["ALL", "BROADCAST_TOPIC", "Broker", "BusEvent", "InProcessBroker", "Incoming", "Resync",
-           "conversation_topic", "default_node_id", "user_topic"]
+           "conversation_topic", "user_topic"]

@@ -11,8 +11,6 @@ in-process broker hands the object over, Redis carries its JSON.
 """
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -30,11 +28,6 @@ def conversation_topic(conversation_id: str) -> str:
 
 def user_topic(user_id: str) -> str:
     return f"u:{user_id}"
-
-
-def default_node_id() -> str:
-    """``hostname-pid``: unique among the processes of one service."""
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 @attrs.frozen

@@ -93,11 +93,14 @@ class InProcessRegistryNode:
 
     async def closed(self, user_id: str, member: str, grace: float) -> bool:
         state, _, _ = self._r._state(user_id)
-        if state.members.pop((self.node_id, member), None) is None:
-            return False
+        known = state.members.pop((self.node_id, member), None) is not None
         _, _, open_now = self._r._state(user_id)
         if open_now:
             return False
+        if not known:  # the registry lost it (as Redis does when restarted empty): check as usual
+            if user_id in self._r.grace:
+                return False
+            state.visible = True
         self._r.grace[user_id] = trio.current_time() + grace
         return True
 

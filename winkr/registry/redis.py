@@ -83,11 +83,17 @@ end
 return 0
 """
 
-# KEYS: conns, nodes, grace, node_users. ARGV: member, ttl ms, user, grace ms, node.
+# KEYS: conns, nodes, grace, node_users, visible. ARGV: member, ttl ms, user, grace ms, node.
 _CLOSED = _COMMON + """
 local now = now_ms()
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+local known = redis.call('HDEL', KEYS[1], ARGV[1])
 local live, open = prune(KEYS[1], KEYS[2], tonumber(ARGV[2]), now)
+if known == 0 then
+  -- Redis lost the member (restarted empty, or took our node for dead): the contacts may
+  -- have seen the user online, so with nothing open an offline check is due as usual.
+  if open > 0 or redis.call('ZSCORE', KEYS[3], ARGV[3]) then return 0 end
+  redis.call('SET', KEYS[5], '1')
+end
 local mine = false
 for _, member in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(member, 1, #ARGV[5] + 1) == ARGV[5] .. '|' then mine = true end
@@ -166,6 +172,17 @@ redis.call('SREM', KEYS[2], ARGV[2])
 return 1
 """
 
+# KEYS: nodes, then one conns key per user. ARGV: ttl ms. The open connections of each user.
+_OPEN_COUNTS = _COMMON + """
+local now = now_ms()
+local counts = {}
+for i = 2, #KEYS do
+  local live, open = prune(KEYS[i], KEYS[1], tonumber(ARGV[1]), now)
+  counts[i - 1] = open
+end
+return counts
+"""
+
 # KEYS: nodes. ARGV: node, ttl ms. 1 if the node was known and live, else 0.
 _HEARTBEAT = _COMMON + """
 local now = now_ms()
@@ -214,7 +231,8 @@ class RedisRegistry:
         self._run_sync: RunSync = run_sync or partial(trio.to_thread.run_sync, limiter=self._threads)
         scripts = {"admit": _ADMIT, "opened": _OPENED, "closed": _CLOSED, "grace": _GRACE_EXPIRED,
                    "status": _SET_STATUS, "online_status": _SET_ONLINE_STATUS, "truth": _TRUTH,
-                   "heartbeat": _HEARTBEAT, "sweep": _SWEEP, "due": _DUE, "release": _RELEASE}
+                   "heartbeat": _HEARTBEAT, "sweep": _SWEEP, "due": _DUE, "release": _RELEASE,
+                   "open_counts": _OPEN_COUNTS}
         self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
 
     @classmethod
@@ -265,7 +283,8 @@ class RedisRegistry:
 
     async def closed(self, user_id: str, member: str, grace: float) -> bool:
         node_users = f"{self._prefix}{{n:{self.node_id}}}:users"
-        left = await self._call("closed", [self._user(user_id, "conns"), self._nodes, self._grace, node_users],
+        left = await self._call("closed", [self._user(user_id, "conns"), self._nodes, self._grace, node_users,
+                                           self._user(user_id, "visible")],
                                 [self._member(member), self._ttl_ms, user_id, int(grace * 1000), self.node_id])
         return bool(left)
 
@@ -303,12 +322,12 @@ class RedisRegistry:
         return {user: value is not None for user, value in zip(users, values)}
 
     async def connected(self, user_ids: Iterable[str]) -> frozenset[str]:
-        found = set()
-        for user in user_ids:
-            connections, _ = await self.truth(user)
-            if connections:
-                found.add(user)
-        return frozenset(found)
+        users = list(user_ids)
+        if not users:
+            return frozenset()
+        counts = await self._call("open_counts", [self._nodes, *(self._user(u, "conns") for u in users)],
+                                  [self._ttl_ms])
+        return frozenset(user for user, count in zip(users, counts) if int(count))
 
     async def truth(self, user_id: str) -> tuple[int, str]:
         connections, status = await self._call("truth", [self._user(user_id, "conns"), self._nodes,

@@ -183,6 +183,15 @@ class Store(SafetyQueries):
         row = self.db.execute("SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
         return int(row[0]) if row else 0
 
+    def last_seqs(self, conversation_ids: Sequence[str]) -> dict[str, int]:
+        """``last_seq`` of each conversation that exists (one query)."""
+        if not conversation_ids:
+            return {}
+        marks = ", ".join("?" * len(conversation_ids))
+        rows = self.db.execute(f"SELECT id, last_seq FROM conversations WHERE id IN ({marks})",  # noqa: S608
+                               tuple(conversation_ids)).fetchall()
+        return {str(conversation_id): int(last_seq) for conversation_id, last_seq in rows}
+
     def insert_message(self, conversation_id: str, item: SendItem, now: float,
                        rates: tuple[Rate, ...] = ()) -> SendResult:
         """Store a message with the next ``seq``; a repeated ``client_message_id`` returns the

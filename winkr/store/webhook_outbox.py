@@ -56,10 +56,14 @@ def due(store: Store, now: float, limit: int, lease: float) -> list[DueEvent]:
     """Claim up to ``limit`` events whose time has come (earliest first): each gets one more
     attempt counted and ``next_attempt_at = now + lease``, so it is not claimed again while
     its attempt runs, and is attempted again after the lease if the process dies meanwhile."""
+    # Nodes drain one queue (contract §16): on PostgreSQL the rows another node is claiming are
+    # passed over (SKIP LOCKED), and the outer condition is checked again on the row as it is
+    # once its lock is ours, so an event is never claimed twice for one attempt.
     rows = store.db.execute(
-        "UPDATE webhook_events SET next_attempt_at = ?, attempts = attempts + 1 WHERE id IN "
-        "(SELECT id FROM webhook_events WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?) "
-        "RETURNING id, type, payload, created_at, attempts", (now + lease, now, limit)).fetchall()
+        "UPDATE webhook_events SET next_attempt_at = ?, attempts = attempts + 1 WHERE next_attempt_at <= ? "
+        "AND id IN (SELECT id FROM webhook_events WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
+        + store.db.dialect.skip_locked + ") RETURNING id, type, payload, created_at, attempts",
+        (now + lease, now, now, limit)).fetchall()
     events = [DueEvent(id_, type_, payload.encode(), created_at, attempts)
               for id_, type_, payload, created_at, attempts in rows]
     events.sort(key=lambda event: event.created_at)
