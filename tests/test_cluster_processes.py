@@ -5,8 +5,9 @@ one PostgreSQL schema and one Redis, real clients on loopback, the real clock.
 - ``kill -9`` of a node under load: nothing acknowledged is lost, its clients reconnect to the
   other node and catch up, and a partner of a user who does not come back sees ``user:offline``
   within the grace period plus 15 s;
-- Redis killed and restarted under load (a ``redis-server`` of the test's own): after catch-up
-  every acknowledged message reached every receiver once, in order;
+- Redis killed and restarted under load (a ``redis-server`` of the test's own): ``/readyz`` is
+  503 while it is away and 200 once it is back; after catch-up every acknowledged message
+  reached every receiver once, in order;
 - three nodes, concurrent senders into one conversation: one gap-free ``seq``;
 - scripts/loadtest.py driving two nodes: nothing lost, cross-node latency reported.
 
@@ -261,8 +262,10 @@ async def test_a_redis_restart_under_load_loses_nothing_after_catch_up(
                 load.start_soon(send, sender, conv, 150)
             await progress.wait_until(lambda: min(map(len, acked.values())) >= 30)
             own_redis.kill()
-            await trio.sleep(1.0)  # sends go on without Redis
+            # Sends go on without Redis; the balancer's check takes the nodes out meanwhile.
+            assert await readiness_becomes(node1.port, 503)
             own_redis.start()  # empty: no persistence
+            assert await readiness_becomes(node1.port, 200)
         # Within 30 s of Redis's return every receiver has every message once, in order (§17.9).
         for _, receiver, conv in conversations:
             with trio.fail_after(30):
@@ -271,6 +274,22 @@ async def test_a_redis_restart_under_load_loses_nothing_after_catch_up(
             assert receiver.messages(conv) == acked[conv]
         assert sum(map(len, acked.values())) == 4 * 150
         nursery.cancel_scope.cancel()
+
+
+async def readiness_becomes(port: int, status: int, timeout: float = WAIT) -> bool:
+    """Whether ``GET /readyz`` on the node answers ``status`` within ``timeout`` (asked every 0.1 s)."""
+    for _ in range(int(timeout / 0.1)):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(4096):
+                answer += chunk
+        await stream.aclose()
+        if answer.startswith(f"HTTP/1.1 {status} ".encode()):
+            return True
+        await trio.sleep(0.1)
+    return False
 
 
 async def test_concurrent_senders_on_three_nodes_into_one_conversation_get_one_gap_free_seq(nodes: Nodes) -> None:
