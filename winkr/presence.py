@@ -207,6 +207,13 @@ class _CloseUser:
 
 
 @attrs.frozen
+class _Resync:
+    """The bus may have lost events since ``since`` (wall clock): re-send unread counts."""
+
+    since: float
+
+
+@attrs.frozen
 class _Unfinished:
     """The registry answers again: tell it what it missed."""
 
@@ -233,7 +240,7 @@ class _FromBus:
 PresenceRequest = (_Admit | _Release | _Connect | _Disconnect | _SetStatus | _Published | _SendToUsers
                    | _SendEach | _Online | _Connected | _AddContacts | _CloseAll | _UpdateSettings | _SendReceipt
                    | _Apart | _Together | _DropContacts | _Inspect | _CloseUser | _FromBus | _CheckGrace
-                   | _RegisterAgain | _Unfinished)
+                   | _RegisterAgain | _Unfinished | _Resync)
 
 
 class PresenceHandle:
@@ -348,6 +355,11 @@ class PresenceHandle:
         reply: Reply[int] = Reply()
         await self._inbox.send(_CloseUser(user_id, reason, reply))
         return await reply.wait()
+
+    async def resync(self, since: float) -> None:
+        """The bus may have lost events since ``since`` (wall-clock seconds): connections here
+        outside a room get the unread count of every conversation that got a message since."""
+        await self._inbox.send(_Resync(since))
 
     async def finish_unfinished(self) -> None:
         """Retry the opens and closes the registry missed (after a heartbeat that succeeded)."""
@@ -494,6 +506,8 @@ class _Presence:
                     await self._unsubscribe(peer.user_id)
             case _Unfinished():
                 await self._finish_unfinished()
+            case _Resync(since=since):
+                await self._resync_unread(since)
             case _SetStatus():
                 await self._set_status(request)
             case _Online(user_ids=user_ids, reply=reply):
@@ -708,6 +722,20 @@ class _Presence:
             self._start_grace(user_id, state, self.grace)
         elif state is not None:
             self._forget_if_idle(user_id, state)
+
+    async def _resync_unread(self, since: float) -> None:
+        connected = [user_id for user_id, state in self.users.items() if state.peers]
+        if not connected:
+            return
+        counts = await self.store.call(partial(Store.unread_since, user_ids=connected, since=since))
+        for conversation_id, user_id, unread_count, last_message in counts:
+            state = self.users.get(user_id)
+            if state is None:
+                continue
+            frame = self.frames.event("conversation:unread", unread_data(conversation_id, unread_count, last_message))
+            for peer in state.peers.values():
+                if conversation_id not in peer.joined:  # a joined one got the messages from its room
+                    peer.deliver(frame, ("unread", conversation_id))
 
     async def _finish_unfinished(self) -> None:
         """Tell the registry the opens and closes it missed while unreachable, in order."""

@@ -47,6 +47,7 @@ PUBLISH_QUEUE = 4096  # batches waiting for the publisher; beyond: dropped and c
 POLL_SECONDS = 0.05  # how long the subscriber thread waits for a message before looking at its commands
 IDLE_PING_SECONDS = 15.0  # a pub/sub connection silent this long is pinged (a stale one shows up)
 RECONNECT_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
+RESYNC_MARGIN_SECONDS = 2.0  # unread counts are re-sent from this long before the connection was lost
 
 
 class BrokerHealthSink:
@@ -188,6 +189,7 @@ class RedisBroker:
         resync_at_confirmation = False
         failures = 0
         last_traffic = time.monotonic()
+        last_good = time.time()
         while not self._stopping.is_set():
             try:
                 if pubsub is None:
@@ -198,7 +200,7 @@ class RedisBroker:
                         pubsub.subscribe(*channels)
                     resync_at_confirmation = connected_before
                     if connected_before and not channels:
-                        self._to_trio(self._sink, Resync(ALL))
+                        self._to_trio(self._sink, Resync(ALL, last_good - RESYNC_MARGIN_SECONDS))
                     connected_before = True
                     failures = 0
                     self._to_trio(self._set_up, True)
@@ -218,6 +220,8 @@ class RedisBroker:
                         channels.difference_update(names)
                         pubsub.unsubscribe(*names)
                 message = pubsub.get_message(timeout=POLL_SECONDS)
+                if not resync_at_confirmation:
+                    last_good = time.time()  # the connection answered: nothing lost before this
                 now = time.monotonic()
                 if message is None:
                     if now - last_traffic > IDLE_PING_SECONDS:
@@ -228,7 +232,8 @@ class RedisBroker:
                 self._handle(message, waiting)
                 if message["type"] == "subscribe" and resync_at_confirmation:
                     resync_at_confirmation = False
-                    self._to_trio(self._sink, Resync(ALL))  # what was published while we were away
+                    # what was published while we were away
+                    self._to_trio(self._sink, Resync(ALL, last_good - RESYNC_MARGIN_SECONDS))
             except (redis.RedisError, OSError) as exc:
                 self._to_trio(self._set_up, False)
                 self._errors.info("pubsub", "broker: the pub/sub connection failed; reconnecting",
