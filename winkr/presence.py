@@ -458,11 +458,20 @@ class _Presence:
                 published.extend(request.events)
                 continue
             if published:
-                await self._published(published)
+                await self._published_guarded(published)
                 published = []
-            await self.handle(request)
+            try:
+                await self.handle(request)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not drop the rest of the batch
+                _failures.exception(exc, "presence failed on a request")
         if published:
+            await self._published_guarded(published)
+
+    async def _published_guarded(self, published: list[Published]) -> None:
+        try:
             await self._published(published)
+        except Exception as exc:  # noqa: BLE001 - as above: the batch goes on
+            _failures.exception(exc, "presence failed on published messages")
 
     async def handle(self, request: PresenceRequest) -> None:
         match request:
@@ -476,11 +485,7 @@ class _Presence:
             case _Admit():
                 await self._admit(request)
             case _Release(user_id=user_id):
-                state = self.users[user_id]
-                member = state.admissions.pop()
-                self._forget_if_idle(user_id, state)
-                await self.registry.release(user_id, member)
-                await self._unsubscribe(user_id)
+                await self._release(user_id)
             case _RegisterAgain():
                 for user_id, state in list(self.users.items()):
                     for peer_id in list(state.members):
@@ -678,10 +683,25 @@ class _Presence:
         if announce:
             self._announce(peer.user_id, state.username, state.contacts, online=True)
 
+    async def _release(self, user_id: str) -> None:
+        """Give back one admission of the user (a handshake that did not become a connection)."""
+        state = self.users.get(user_id)
+        if state is None or not state.admissions:
+            return  # nothing reserved: already given back
+        member = state.admissions.pop()
+        self._forget_if_idle(user_id, state)
+        await self.registry.release(user_id, member)
+        await self._unsubscribe(user_id)
+
     async def _disconnect(self, peer: Peer) -> bool:
-        """Forget the connection; ``True`` if presence held it."""
+        """Forget the connection; ``True`` if presence held it. A connection whose ``connect``
+        request never arrived (cancelled while waiting for room in the inbox) gives back its
+        admission instead."""
         state = self.users.get(peer.user_id)
-        if state is None or state.peers.pop(peer.id, None) is None:
+        if state is None:
+            return False
+        if state.peers.pop(peer.id, None) is None:
+            await self._release(peer.user_id)
             return False
         member = state.members.pop(peer.id)
         if not state.peers:
