@@ -386,3 +386,16 @@ async def test_after_a_bus_outage_connections_outside_the_room_get_the_unread_co
         unread = await bob.expect("conversation:unread")
         assert unread["data"]["conversation_id"] == conv and unread["data"]["unread_count"] == 2
         assert unread["data"]["last_message"]["id"] == last["id"]
+
+
+async def test_the_message_limit_counts_a_user_s_sends_through_every_node(autojump_clock: Any, tmp_path: Any) -> None:
+    settings = make_settings(tmp_path, limits={**RATE_LIMITS_OFF, "messages_per_minute": 3})
+    async with running_cluster(settings) as cluster:
+        alice, bob, conv = await pair_across(cluster)
+        alice_laptop = await cluster.node(1).connect("alice")
+        await send_text(alice, conv, "one")
+        await send_text(alice_laptop, conv, "two")
+        await send_text(alice, conv, "three")
+        refused_send = await alice_laptop.request("message:send", text(conv, "four"))
+        assert refused_send["event"] == "error" and refused_send["data"]["code"] == "RATE_LIMITED", refused_send
+        assert [m["seq"] for m in await history_messages(bob, conv)] == [1, 2, 3]

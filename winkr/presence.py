@@ -673,13 +673,14 @@ class _Presence:
         # The registry decides (once for every node) whether this is the user's first open
         # connection while their contacts do not see them; appearing offline lasts a session.
         if self.closing is not None:
-            peer.request_close(self.closing)
+            peer.request_close(self.closing)  # it stays an admission: nobody is told it came
+            return
         try:
             announce = await self.registry.opened(peer.user_id, member, state.online_status)
         except RegistryUnavailable:
             self.unfinished.append(("open", peer.user_id, member))  # told once Redis answers again
             return
-        if announce and self.closing is None:
+        if announce:
             self._announce(peer.user_id, state.username, state.contacts, online=True)
 
     async def _release(self, user_id: str) -> None:
