@@ -296,13 +296,9 @@ class Connection:
     # --- the reader --------------------------------------------------------------------------
 
     async def _read_frames(self) -> None:
-        while True:
-            try:
-                frame = await self.ws.get_message()
-            except ConnectionClosed:
-                self._socket_gone = True
-                return
-            await self.handle_frame(frame)
+        # In this task, frame by frame: no read-ahead queue and no second task (transport.py).
+        await self.ws.read_frames(self.handle_frame)
+        self._socket_gone = True
 
     async def handle_frame(self, frame: str | bytes) -> None:
         """Decode, budget, validate and route one client frame; every failure becomes an error
