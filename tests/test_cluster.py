@@ -370,3 +370,32 @@ async def test_an_unmatch_on_one_node_closes_for_the_other_and_ends_presence(
         assert refused_send["data"]["code"] == "NOT_FOUND", refused_send
         await alice.close()
         assert named(await bob.nothing_more(30), "user:offline") == []
+
+
+async def test_after_a_bus_outage_connections_outside_the_room_get_the_unread_counts_again(
+        autojump_clock: Any, tmp_path: Any) -> None:
+    async with running_cluster(cluster_settings(tmp_path)) as cluster:
+        alice, bob, conv = await pair_across(cluster, bob_joined=False)
+        lost_since = cluster.nodes[1].server.clock()
+        cluster.bus.lose(lambda event, node: True)  # the bus is away: nothing reaches node 1
+        await send_text(alice, conv, "one")
+        last = await send_text(alice, conv, "two")
+        assert named(await bob.nothing_more(1), "conversation:unread") == []
+        cluster.bus.lose(None)
+        cluster.bus.reconnect(cluster.nodes[1].server.node_id, since=lost_since)
+        unread = await bob.expect("conversation:unread")
+        assert unread["data"]["conversation_id"] == conv and unread["data"]["unread_count"] == 2
+        assert unread["data"]["last_message"]["id"] == last["id"]
+
+
+async def test_the_message_limit_counts_a_user_s_sends_through_every_node(autojump_clock: Any, tmp_path: Any) -> None:
+    settings = make_settings(tmp_path, limits={**RATE_LIMITS_OFF, "messages_per_minute": 3})
+    async with running_cluster(settings) as cluster:
+        alice, bob, conv = await pair_across(cluster)
+        alice_laptop = await cluster.node(1).connect("alice")
+        await send_text(alice, conv, "one")
+        await send_text(alice_laptop, conv, "two")
+        await send_text(alice, conv, "three")
+        refused_send = await alice_laptop.request("message:send", text(conv, "four"))
+        assert refused_send["event"] == "error" and refused_send["data"]["code"] == "RATE_LIMITED", refused_send
+        assert [m["seq"] for m in await history_messages(bob, conv)] == [1, 2, 3]

@@ -20,12 +20,13 @@ from test_plain_http import exchange, get
 from winkr.store.writer import run_inline
 
 BROKER = "redis://127.0.0.1:6379/0"  # never contacted: these nodes refuse to start first
+SHARED_DB = "postgresql://127.0.0.1:5432/never-contacted"  # a cluster's database (refused before it is used)
 # winkr's CLI with redis-py made unimportable: a machine without the cluster extra.
 WITHOUT_REDIS = "import sys; sys.modules['redis'] = None; from winkr.cli import main; sys.exit(main())"
 
 
 def test_a_node_with_a_broker_and_no_jwt_secret_exits_2_saying_what_to_set(tmp_path: Path) -> None:
-    result = winkr(["serve", "--port", "0", "--broker-url", BROKER], tmp_path)
+    result = winkr(["serve", "--port", "0", "--broker-url", BROKER, "--database-url", SHARED_DB], tmp_path)
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -37,12 +38,13 @@ def test_a_node_with_a_broker_and_no_jwt_secret_exits_2_saying_what_to_set(tmp_p
 
 def test_a_secret_file_from_a_single_node_run_is_not_enough(tmp_path: Path) -> None:
     (tmp_path / "winkr.db.secret").write_text("x" * 48)
-    result = winkr(["serve", "--port", "0"], tmp_path, WINKR_BROKER_URL=BROKER)
+    result = winkr(["serve", "--port", "0"], tmp_path, WINKR_BROKER_URL=BROKER, WINKR_DATABASE_URL=SHARED_DB)
     assert result.returncode == 2 and "jwt_secret" in result.stderr, result
 
 
 def test_without_the_cluster_extra_a_broker_exits_2_naming_it(tmp_path: Path) -> None:
-    result = subprocess_winkr(["serve", "--port", "0", "--broker-url", BROKER], tmp_path, WINKR_JWT_SECRET=SECRET)
+    result = subprocess_winkr(["serve", "--port", "0", "--broker-url", BROKER, "--database-url", SHARED_DB], tmp_path,
+                              WINKR_JWT_SECRET=SECRET)
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -50,10 +52,21 @@ def test_without_the_cluster_extra_a_broker_exits_2_naming_it(tmp_path: Path) ->
 
 
 def test_check_config_reports_both(tmp_path: Path) -> None:
-    result = subprocess_winkr(["check-config"], tmp_path, WINKR_BROKER_URL=BROKER)
+    result = subprocess_winkr(["check-config"], tmp_path, WINKR_BROKER_URL=BROKER, WINKR_DATABASE_URL=SHARED_DB)
     assert result.returncode == 2, result
     errors = [line for line in result.stdout.splitlines() if line.startswith("error")]
     assert len(errors) == 2 and "pip install 'winkr[cluster]'" in errors[0] and "jwt_secret" in errors[1], errors
+
+
+def test_a_node_with_a_broker_on_a_sqlite_file_exits_2_saying_to_share_postgresql(tmp_path: Path) -> None:
+    # Forgetting database_url on the nodes of a cluster must not give each node a record of its
+    # own behind one shared presence and fan-out (conversations NOT_FOUND on the other nodes).
+    result = winkr(["serve", "--port", "0", "--broker-url", BROKER], tmp_path, WINKR_JWT_SECRET=SECRET)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "SQLite file winkr.db" in lines[0] and "set database_url (or WINKR_DATABASE_URL)" in lines[0], lines
+    assert "listening" not in result.stdout and not list(tmp_path.glob("winkr.db*")), result
 
 
 def test_one_node_needs_neither(tmp_path: Path) -> None:

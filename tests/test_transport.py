@@ -8,8 +8,9 @@ from typing import Any
 
 import trio
 import trio.testing
-from conftest import Harness
+from conftest import RATE_LIMITS_OFF, Harness, make_settings, running, still_works
 from trio_websocket import WebSocketRequest, wrap_client_stream
+from wire_clients import RawClient
 from wsproto import WSConnection
 from wsproto.connection import Connection
 
@@ -24,12 +25,27 @@ async def _open_pair(nursery: trio.Nursery) -> tuple[WinkrWebSocket, Any]:
         clients.append(await wrap_client_stream(nursery, client_stream, "localhost", "/ws"))
 
     nursery.start_soon(connect)
-    request = await wrap_server_stream(nursery, server_stream, message_queue_size=8,
-                                       max_message_size=1 << 20, receive_buffer_size=4096)
+    request = await wrap_server_stream(nursery, server_stream, max_message_size=1 << 20, receive_buffer_size=4096)
     server = await request.accept()
     assert isinstance(server, WinkrWebSocket)
     await trio.testing.wait_all_tasks_blocked()  # the client has read the 101
     return server, clients[0]
+
+
+async def _next_frame(server: WinkrWebSocket) -> str | bytes:
+    """The next client message, read the way a connection reads (``read_frames``)."""
+    got: list[str | bytes] = []
+    with trio.CancelScope() as scope:
+        async def handle(message: str | bytes) -> None:
+            got.append(message)
+            scope.cancel()
+
+        await server.read_frames(handle)
+    return got[0]
+
+
+async def _ignore(message: str | bytes) -> None:
+    pass
 
 
 async def test_the_handshake_state_is_let_go_once_open_and_frames_still_flow() -> None:
@@ -41,8 +57,7 @@ async def test_the_handshake_state_is_let_go_once_open_and_frames_still_flow() -
             await wrap_client_stream(nursery, client_stream, "localhost", "/ws")
 
         nursery.start_soon(connect)
-        request = await wrap_server_stream(nursery, server_stream, message_queue_size=8,
-                                           max_message_size=1 << 20, receive_buffer_size=4096)
+        request = await wrap_server_stream(nursery, server_stream, max_message_size=1 << 20, receive_buffer_size=4096)
         ws = request._connection
         assert isinstance(ws._wsproto, WSConnection)  # the handshake is needed until accepted
         await request.accept()
@@ -52,10 +67,12 @@ async def test_the_handshake_state_is_let_go_once_open_and_frames_still_flow() -
     async with trio.open_nursery() as nursery:
         server, client = await _open_pair(nursery)
         await client.send_message("hello")
-        assert await server.get_message() == "hello"
+        assert await _next_frame(server) == "hello"
         await send_frames(server, ["one", "two"])
         assert [await client.get_message(), await client.get_message()] == ["one", "two"]
-        await client.aclose()
+        nursery.start_soon(server.read_frames, _ignore)  # the server reads on, as a connection does
+        await client.aclose()  # answered by the server's reading
+        assert server.closed is not None
         nursery.cancel_scope.cancel()
 
 
@@ -69,7 +86,7 @@ async def test_a_pong_sets_the_flag_of_its_ping() -> None:
         await send_frames(server, ["after the ping"])
         assert await client.get_message() == "after the ping"
         await client.send_message("reply")
-        assert await server.get_message() == "reply"
+        assert await _next_frame(server) == "reply"
         assert pong.arrived and pong.is_set()
         nursery.cancel_scope.cancel()
 
@@ -85,3 +102,47 @@ async def test_a_served_connection_holds_nothing_of_its_handshake(harness: Harne
     assert all(type(ws._wsproto) is Connection for ws in served)
     held = [o for o in gc.get_objects() if isinstance(o, WebSocketRequest) and o._connection in served]
     assert held == []
+
+
+def _tasks_named(suffix: str) -> list[trio.lowlevel.Task]:
+    found: list[trio.lowlevel.Task] = []
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(suffix):
+            found.append(task)
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child)
+
+    walk(trio.lowlevel.current_root_task())
+    return found
+
+
+async def test_an_open_connection_is_read_by_its_own_task_alone(autojump_clock: Any, harness: Harness) -> None:
+    """trio-websocket's reader task ends with the handshake; the connection's task reads its
+    frames (issue 10: one task and one hand-off per frame fewer). Only the two test clients'
+    own (trio-websocket) readers are left."""
+    alice = await harness.connect("alice")
+    bob = await harness.connect("bob")
+    assert len(_tasks_named("._reader_task")) == 2
+    conversation = await harness.conversation(alice, "bob")
+    await still_works(alice)
+    await still_works(bob)
+    assert conversation
+
+
+async def test_a_pong_behind_frames_waiting_for_the_budget_still_counts(autojump_clock: Any, tmp_path: Any) -> None:
+    """While the connection waits for its inbound budget it reads nothing (the frames wait in
+    the socket), pongs included: a pong read a few seconds late, well inside pong_timeout,
+    keeps the connection open."""
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF | {"inbound_events_per_second": 1, "inbound_burst": 1},
+                             ping_interval=5.0, pong_timeout=10.0)
+    async with running(settings) as harness:
+        raw = RawClient(harness, answer_pings=True)
+        await raw.handshake(harness.token("alice"))
+        for n in range(8):  # one within the budget, seven waiting ~1 s each (an unknown event costs 1)
+            await raw.send_event("no:such", {}, f"r{n}")
+        await raw.pump_for(40)
+        assert raw.close_code is None, raw.events
+        assert len(raw.pings) >= 7
+        assert len([e for e in raw.events if e.get("ref", "").startswith("r")]) == 8

@@ -10,6 +10,8 @@ Cluster mode needs what one node could do without:
 
 - an explicit JWT secret (HS256) or public key (RS256/ES256): one node generates a secret beside
   its database when none is configured, and each node of a cluster would then make its own;
+- a PostgreSQL ``database_url``: nodes on SQLite files of their own would each keep a separate
+  record behind one shared presence and fan-out;
 - the ``cluster`` extra (redis-py, and psycopg for PostgreSQL).
 
 ``BrokerHealth`` is the broker's state as this node sees it: the broker writes it, ``/readyz``
@@ -50,6 +52,12 @@ def cluster_problems(settings: Settings) -> list[str]:
     except ImportError as exc:
         problems.append(f"broker_url names a Redis, and the Redis client ({exc.name}) is not installed: "
                         f"{CLUSTER_EXTRA}")
+    if settings.database.engine == "sqlite":
+        # Each node would keep its own record: conversations made on one node are NOT_FOUND on
+        # the others, while presence and fan-out say they are one service.
+        problems.append("broker_url is set (more than one node) but the database is the SQLite file "
+                        f"{settings.database.path}: every node must share one PostgreSQL database; set "
+                        "database_url (or WINKR_DATABASE_URL) to the same postgresql://… URL on every node")
     if settings.jwt_algorithm == "HS256" and not settings.jwt_secret:
         problems.append("broker_url is set (more than one node) but jwt_secret is not: every node must verify "
                         "the same tokens, and a node without a secret would generate one of its own; set "

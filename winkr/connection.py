@@ -158,8 +158,11 @@ class Connection:
                         "user_id": self._principal.user_id, "connection_id": self._id,
                         "timestamp": iso(services.frames.now()), "settings": settings_object(session.settings)},
                         None)
-                    await services.presence.connect(self._peer, session.contacts, session.settings, session.apart)
+                    # Registered from the moment the request may reach presence: if the client
+                    # leaves while this waits for the answer, presence holds the peer all the
+                    # same, and the disconnect that follows (FIFO) must take it out again.
                     self._registered = True
+                    await services.presence.connect(self._peer, session.contacts, session.settings, session.apart)
                     if session.revoked:
                         self._outbox.request_close("disconnected")
                     await send_unread_summary(self)
@@ -293,13 +296,9 @@ class Connection:
     # --- the reader --------------------------------------------------------------------------
 
     async def _read_frames(self) -> None:
-        while True:
-            try:
-                frame = await self.ws.get_message()
-            except ConnectionClosed:
-                self._socket_gone = True
-                return
-            await self.handle_frame(frame)
+        # In this task, frame by frame: no read-ahead queue and no second task (transport.py).
+        await self.ws.read_frames(self.handle_frame)
+        self._socket_gone = True
 
     async def handle_frame(self, frame: str | bytes) -> None:
         """Decode, budget, validate and route one client frame; every failure becomes an error

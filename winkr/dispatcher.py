@@ -60,8 +60,10 @@ async def run_dispatcher(inbox: NodeInbox, hub: HubHandle, presence: PresenceHan
                 log.warning("the bus inbox overflowed: every room catches up from the store")
                 on_resync(await _to_rooms(await hub.awake(None), CatchUp()))
             match item:
-                case Resync(topics=None):
+                case Resync(topics=None, since=since):
                     on_resync(await _to_rooms(await hub.awake(None), CatchUp()))
+                    if since is not None:
+                        await presence.resync(since)
                 case Resync(topics=frozenset() as topics):
                     for topic in topics:
                         if topic.startswith("c:"):

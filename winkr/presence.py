@@ -207,6 +207,13 @@ class _CloseUser:
 
 
 @attrs.frozen
+class _Resync:
+    """The bus may have lost events since ``since`` (wall clock): re-send unread counts."""
+
+    since: float
+
+
+@attrs.frozen
 class _Unfinished:
     """The registry answers again: tell it what it missed."""
 
@@ -233,7 +240,7 @@ class _FromBus:
 PresenceRequest = (_Admit | _Release | _Connect | _Disconnect | _SetStatus | _Published | _SendToUsers
                    | _SendEach | _Online | _Connected | _AddContacts | _CloseAll | _UpdateSettings | _SendReceipt
                    | _Apart | _Together | _DropContacts | _Inspect | _CloseUser | _FromBus | _CheckGrace
-                   | _RegisterAgain | _Unfinished)
+                   | _RegisterAgain | _Unfinished | _Resync)
 
 
 class PresenceHandle:
@@ -349,6 +356,11 @@ class PresenceHandle:
         await self._inbox.send(_CloseUser(user_id, reason, reply))
         return await reply.wait()
 
+    async def resync(self, since: float) -> None:
+        """The bus may have lost events since ``since`` (wall-clock seconds): connections here
+        outside a room get the unread count of every conversation that got a message since."""
+        await self._inbox.send(_Resync(since))
+
     async def finish_unfinished(self) -> None:
         """Retry the opens and closes the registry missed (after a heartbeat that succeeded)."""
         await self._inbox.send(_Unfinished())
@@ -446,11 +458,20 @@ class _Presence:
                 published.extend(request.events)
                 continue
             if published:
-                await self._published(published)
+                await self._published_guarded(published)
                 published = []
-            await self.handle(request)
+            try:
+                await self.handle(request)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not drop the rest of the batch
+                _failures.exception(exc, "presence failed on a request")
         if published:
+            await self._published_guarded(published)
+
+    async def _published_guarded(self, published: list[Published]) -> None:
+        try:
             await self._published(published)
+        except Exception as exc:  # noqa: BLE001 - as above: the batch goes on
+            _failures.exception(exc, "presence failed on published messages")
 
     async def handle(self, request: PresenceRequest) -> None:
         match request:
@@ -464,11 +485,7 @@ class _Presence:
             case _Admit():
                 await self._admit(request)
             case _Release(user_id=user_id):
-                state = self.users[user_id]
-                member = state.admissions.pop()
-                self._forget_if_idle(user_id, state)
-                await self.registry.release(user_id, member)
-                await self._unsubscribe(user_id)
+                await self._release(user_id)
             case _RegisterAgain():
                 for user_id, state in list(self.users.items()):
                     for peer_id in list(state.members):
@@ -489,6 +506,8 @@ class _Presence:
                     await self._unsubscribe(peer.user_id)
             case _Unfinished():
                 await self._finish_unfinished()
+            case _Resync(since=since):
+                await self._resync_unread(since)
             case _SetStatus():
                 await self._set_status(request)
             case _Online(user_ids=user_ids, reply=reply):
@@ -654,19 +673,35 @@ class _Presence:
         # The registry decides (once for every node) whether this is the user's first open
         # connection while their contacts do not see them; appearing offline lasts a session.
         if self.closing is not None:
-            peer.request_close(self.closing)
+            peer.request_close(self.closing)  # it stays an admission: nobody is told it came
+            return
         try:
             announce = await self.registry.opened(peer.user_id, member, state.online_status)
         except RegistryUnavailable:
             self.unfinished.append(("open", peer.user_id, member))  # told once Redis answers again
             return
-        if announce and self.closing is None:
+        if announce:
             self._announce(peer.user_id, state.username, state.contacts, online=True)
 
+    async def _release(self, user_id: str) -> None:
+        """Give back one admission of the user (a handshake that did not become a connection)."""
+        state = self.users.get(user_id)
+        if state is None or not state.admissions:
+            return  # nothing reserved: already given back
+        member = state.admissions.pop()
+        self._forget_if_idle(user_id, state)
+        await self.registry.release(user_id, member)
+        await self._unsubscribe(user_id)
+
     async def _disconnect(self, peer: Peer) -> bool:
-        """Forget the connection; ``True`` if presence held it."""
+        """Forget the connection; ``True`` if presence held it. A connection whose ``connect``
+        request never arrived (cancelled while waiting for room in the inbox) gives back its
+        admission instead."""
         state = self.users.get(peer.user_id)
-        if state is None or state.peers.pop(peer.id, None) is None:
+        if state is None:
+            return False
+        if state.peers.pop(peer.id, None) is None:
+            await self._release(peer.user_id)
             return False
         member = state.members.pop(peer.id)
         if not state.peers:
@@ -688,6 +723,20 @@ class _Presence:
             self._start_grace(user_id, state, self.grace)
         elif state is not None:
             self._forget_if_idle(user_id, state)
+
+    async def _resync_unread(self, since: float) -> None:
+        connected = [user_id for user_id, state in self.users.items() if state.peers]
+        if not connected:
+            return
+        counts = await self.store.call(partial(Store.unread_since, user_ids=connected, since=since))
+        for conversation_id, user_id, unread_count, last_message in counts:
+            state = self.users.get(user_id)
+            if state is None:
+                continue
+            frame = self.frames.event("conversation:unread", unread_data(conversation_id, unread_count, last_message))
+            for peer in state.peers.values():
+                if conversation_id not in peer.joined:  # a joined one got the messages from its room
+                    peer.deliver(frame, ("unread", conversation_id))
 
     async def _finish_unfinished(self) -> None:
         """Tell the registry the opens and closes it missed while unreachable, in order."""

@@ -72,7 +72,6 @@ log = logging.getLogger("winkr.server")
 
 ROOM_IDLE_SECONDS = 60.0
 WS_PATH = "/ws"
-RECEIVE_QUEUE = 8  # frames trio-websocket may read ahead of the connection's reader
 RECEIVE_BUFFER = 64 * 1024  # bytes per socket read: a burst of frames in one syscall
 LIBRARY_FRAME_LIMIT = 1024 * 1024
 RUNTIME_SAMPLE_SECONDS = 2.0
@@ -148,7 +147,7 @@ class Gateway:
                         request = await wrap_server_stream(
                             nursery, opening.replay(stream),
                             max_message_size=_library_frame_limit(settings.limits.max_frame_bytes),
-                            message_queue_size=RECEIVE_QUEUE, receive_buffer_size=RECEIVE_BUFFER)
+                            receive_buffer_size=RECEIVE_BUFFER)
                 connection = await self._open_connection(request, ip) if request is not None else None
                 # Hold nothing of the handshake while the connection lives (its head, replayed
                 # bytes and headers: ~1.5 KB per idle connection, docs/performance.md).

@@ -9,6 +9,13 @@
   connection talks to wsproto's ``Connection`` directly and the handshake state (its h11
   connection, buffers and event queue, ~1.5 KB) is let go; a ping's pong is a flag, not a
   ``trio.Event``.
+- One reading task per connection: trio-websocket's reader task reads only the handshake
+  request; once the connection is accepted, :meth:`WinkrWebSocket.read_frames` reads in the
+  connection's own task and hands each complete message straight to its handler — no
+  memory channel, no hand-off between two tasks per frame, one task and its stack fewer per
+  connection (docs/performance.md, issue 10, proposal 4). Client frames not yet read wait in
+  the socket while the handler works (back-pressure instead of a read-ahead queue);
+  :meth:`WinkrWebSocket._aclose` reads on until the client's close frame.
 - A clean close on a protocol violation: trio-websocket drops the TCP connection without a
   close frame when the client breaks RFC 6455 (invalid UTF-8 in a text frame, a bad opcode,
   an unmasked frame). :class:`WinkrWebSocket` sends ``connection:closed`` and a close frame
@@ -22,13 +29,17 @@ This reaches into trio-websocket's internals (``_wsproto``, ``_stream``, ``_stre
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+import wsproto.utilities
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Ping, Request, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Ping, Request, TextMessage
+from wsproto.events import Pong as PongEvent
+
+FrameHandler = Callable[[str | bytes], Awaitable[None]]
 
 # RFC 6455 close codes of violations wsproto detects in what the client sent.
 _VIOLATIONS = {1007: "invalid_payload", 1009: "message_too_large"}
@@ -40,6 +51,118 @@ class WinkrWebSocket(WebSocketConnection):
 
     goodbye: Callable[[str, int], str] | None = None  # (reason, code) -> the connection:closed frame
     protocol_error: tuple[int, str] | None = None  # (code, reason) once a violation closed it
+    _request_read = False
+
+    async def _reader_task(self) -> None:
+        """trio-websocket's reader, until the handshake request has been read: what follows
+        is read by :meth:`read_frames` in the connection's task (the request goes to the
+        gateway, which refuses it or accepts it and runs the connection)."""
+        try:
+            async with self._send_channel:
+                while self._reader_running and not self._request_read:
+                    for event in self._wsproto.events():
+                        if isinstance(event, Request):
+                            await self._handle_request_event(event)
+                            self._request_read = True
+                        elif isinstance(event, CloseConnection):
+                            await self._handle_close_connection_event(event)
+                    if self._request_read or not self._reader_running:
+                        return
+                    if not await self._receive():
+                        return
+        except ConnectionClosed:
+            self._reader_running = False
+
+    async def _receive(self) -> bool:
+        """Read from the socket into wsproto; False when the connection is gone (the socket
+        closed or broke, or the bytes broke the protocol)."""
+        try:
+            data = await self._stream.receive_some(self._receive_buffer_size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._abort_web_socket()
+            return False
+        if not data:
+            if self._wsproto.state != ConnectionState.CLOSED:
+                await self._abort_web_socket()
+            return False
+        if self._wsproto.state != ConnectionState.CLOSED:
+            try:
+                self._wsproto.receive_data(data)  # type: ignore[arg-type]  # trio returns bytearray; wsproto takes it
+            except wsproto.utilities.RemoteProtocolError as err:
+                if err.event_hint:
+                    await self._send(err.event_hint)
+                await self._close_stream()
+                return False
+        return True
+
+    async def read_frames(self, handle: FrameHandler) -> None:
+        """Read the open connection in this task until it closes: each complete message goes
+        to ``handle`` (awaited before anything more is read), pings are answered, pongs
+        noted, the client's close frame answered, a violation said goodbye to. Returns once
+        the connection is closed (by the client, a violation, a message above
+        ``max_message_size`` (1009) or a broken socket); raises only what ``handle`` raises.
+        Cancelling it loses nothing not yet handed over (unread bytes stay in the socket,
+        parsed frames in wsproto)."""
+        proto = self._wsproto
+        while self._reader_running:
+            for event in proto.events():
+                try:
+                    if isinstance(event, (TextMessage, BytesMessage)):
+                        message = await self._message(event)
+                        if message is not None:
+                            await handle(message)
+                    elif isinstance(event, Ping):
+                        await self._handle_ping_event(event)
+                    elif isinstance(event, PongEvent):
+                        await self._handle_pong_event(event)
+                    elif isinstance(event, CloseConnection):
+                        await self._handle_close_connection_event(event)
+                except ConnectionClosed:
+                    self._reader_running = False
+                if not self._reader_running:
+                    return
+            if not await self._receive():
+                return
+
+    async def _message(self, event: TextMessage | BytesMessage) -> str | bytes | None:
+        """A complete message, or None while parts are still coming (or it grew too big:
+        closed with 1009, as trio-websocket does)."""
+        self._message_size += len(event.data)
+        self._message_parts.append(event.data)  # type: ignore[arg-type]  # bytearray parts join like bytes
+        if self._message_size > self._max_message_size:
+            reason = f"Exceeded maximum message size: {self._max_message_size} bytes"
+            self._message_size = 0
+            self._message_parts = []
+            self._close_reason = CloseReason(1009, reason)
+            await self._send(CloseConnection(code=1009, reason=reason))
+            self._reader_running = False
+            return None
+        if not event.message_finished:
+            return None
+        parts = self._message_parts
+        self._message_size = 0
+        self._message_parts = []
+        if isinstance(event, BytesMessage):
+            return b"".join(parts)  # type: ignore[arg-type]
+        return "".join(parts)  # type: ignore[arg-type]
+
+    async def _aclose(self, code: int, reason: str | None) -> None:
+        """trio-websocket's close, reading on (in the closing task: nobody else reads now)
+        until the client answers the close frame; messages that arrive meanwhile are dropped."""
+        if self._close_reason:
+            return
+        try:
+            if self._wsproto.state == ConnectionState.OPEN:
+                self._close_reason = CloseReason(1000, None)
+                await self._send(CloseConnection(code=code, reason=reason))
+            elif self._wsproto.state in (ConnectionState.CONNECTING, ConnectionState.REJECTING):
+                self._close_handshake.set()
+            if not self._close_handshake.is_set():
+                await self.read_frames(_drop)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._close_stream()
 
     async def _accept(self, request: Request, subprotocol: str | None,
                       extra_headers: list[tuple[bytes, bytes]]) -> None:
@@ -71,11 +194,16 @@ class WinkrWebSocket(WebSocketConnection):
         await self._close_stream()
 
 
-async def wrap_server_stream(nursery: trio.Nursery, stream: trio.abc.Stream, *, message_queue_size: int,
+async def _drop(message: str | bytes) -> None:
+    """What a closing connection does with a client message that arrives after its close frame."""
+
+
+async def wrap_server_stream(nursery: trio.Nursery, stream: trio.abc.Stream, *,
                              max_message_size: int, receive_buffer_size: int) -> WebSocketRequest:
     """trio-websocket's ``wrap_server_stream`` with :class:`WinkrWebSocket`: the reader task
-    runs in ``nursery``; returns the handshake request once it arrived."""
-    connection = WinkrWebSocket(stream, WSConnection(ConnectionType.SERVER), message_queue_size=message_queue_size,
+    (the handshake only) runs in ``nursery``; returns the handshake request once it arrived.
+    The connection is then read with :meth:`WinkrWebSocket.read_frames`."""
+    connection = WinkrWebSocket(stream, WSConnection(ConnectionType.SERVER), message_queue_size=0,
                                 max_message_size=max_message_size, receive_buffer_size=receive_buffer_size)
     nursery.start_soon(connection._reader_task)
     return await connection._get_request()

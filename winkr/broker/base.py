@@ -44,9 +44,12 @@ class BusEvent:
 class Resync:
     """The broker may have lost events on ``topics`` (``ALL``: every subscription of this node):
     a reconnect, a resubscription, or this node's inbox overflowing. Rooms fill their gaps
-    from the store."""
+    from the store. ``since``: the wall-clock time (seconds) from which events may be missing,
+    when known; presence then re-sends the unread counts of the conversations that got messages
+    since (connections outside a room hear of those only through the bus)."""
 
     topics: frozenset[str] | None = ALL
+    since: float | None = None
 
 
 Incoming = BusEvent | Resync

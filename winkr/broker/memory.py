@@ -55,11 +55,11 @@ class InProcessBroker:
         is true (``None``: lose nothing again)."""
         self._lose = predicate
 
-    def reconnect(self, node_id: str) -> None:
+    def reconnect(self, node_id: str, since: float | None = None) -> None:
         """Fault injection: tell ``node_id`` its connection to the bus was re-established, as a
-        real broker does after a reconnect (``Resync(ALL)``)."""
+        real broker does after a reconnect (``Resync(ALL)``; ``since``: when it was lost)."""
         if (node := self._nodes.get(node_id)) is not None:
-            node.sink(Resync(ALL))
+            node.sink(Resync(ALL, since))
 
     def subscribers(self, topic: str) -> frozenset[str]:
         return frozenset(self._subscribers.get(topic, ()))

@@ -46,7 +46,9 @@ SUBSCRIBE_WAIT_SECONDS = 1.0  # a subscribe returns after this even unconfirmed 
 PUBLISH_QUEUE = 4096  # batches waiting for the publisher; beyond: dropped and counted
 POLL_SECONDS = 0.05  # how long the subscriber thread waits for a message before looking at its commands
 IDLE_PING_SECONDS = 15.0  # a pub/sub connection silent this long is pinged (a stale one shows up)
+PONG_WAIT_SECONDS = 5.0  # a ping unanswered this long means the connection is dead: reconnect
 RECONNECT_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
+RESYNC_MARGIN_SECONDS = 2.0  # unread counts are re-sent from this long before the connection was lost
 
 
 class BrokerHealthSink:
@@ -188,6 +190,8 @@ class RedisBroker:
         resync_at_confirmation = False
         failures = 0
         last_traffic = time.monotonic()
+        last_good = time.time()
+        ping_sent: float | None = None
         while not self._stopping.is_set():
             try:
                 if pubsub is None:
@@ -197,8 +201,9 @@ class RedisBroker:
                     if channels:
                         pubsub.subscribe(*channels)
                     resync_at_confirmation = connected_before
+                    ping_sent = None
                     if connected_before and not channels:
-                        self._to_trio(self._sink, Resync(ALL))
+                        self._to_trio(self._sink, Resync(ALL, last_good - RESYNC_MARGIN_SECONDS))
                     connected_before = True
                     failures = 0
                     self._to_trio(self._set_up, True)
@@ -218,17 +223,23 @@ class RedisBroker:
                         channels.difference_update(names)
                         pubsub.unsubscribe(*names)
                 message = pubsub.get_message(timeout=POLL_SECONDS)
+                if not resync_at_confirmation:
+                    last_good = time.time()  # the connection answered: nothing lost before this
                 now = time.monotonic()
                 if message is None:
-                    if now - last_traffic > IDLE_PING_SECONDS:
+                    if ping_sent is not None and now - ping_sent > PONG_WAIT_SECONDS:
+                        raise redis.ConnectionError("no answer to a ping on the pub/sub connection")
+                    if ping_sent is None and now - last_traffic > IDLE_PING_SECONDS:
                         pubsub.ping()
-                        last_traffic = now
+                        ping_sent = now
                     continue
                 last_traffic = now
+                ping_sent = None  # any answer (a pong included) shows the connection is alive
                 self._handle(message, waiting)
                 if message["type"] == "subscribe" and resync_at_confirmation:
                     resync_at_confirmation = False
-                    self._to_trio(self._sink, Resync(ALL))  # what was published while we were away
+                    # what was published while we were away
+                    self._to_trio(self._sink, Resync(ALL, last_good - RESYNC_MARGIN_SECONDS))
             except (redis.RedisError, OSError) as exc:
                 self._to_trio(self._set_up, False)
                 self._errors.info("pubsub", "broker: the pub/sub connection failed; reconnecting",

@@ -260,14 +260,69 @@ def _exception_pattern(phrases: list[str]) -> re.Pattern[str] | None:
     return re.compile(f"(?<![^\\W_])(?:{'|'.join(alternatives)})(?![^\\W_])")
 
 
+# The pre-check (issue 10, proposal 6): which letters each character can stand for in a
+# match — the letter itself and its look-alikes — as bits of a mask, one bit per letter.
+_LETTER_BITS: dict[str, int] = {}
+for _index, _letter in enumerate("abcdefghijklmnopqrstuvwxyz"):
+    for _ch in _letter + _LOOKALIKES.get(_letter, ""):
+        _LETTER_BITS[_ch] = _LETTER_BITS.get(_ch, 0) | 1 << _index
+
+
+def _letter_bit(letter: str) -> int:
+    """The bit of a letter (not of what a character may stand for: that is ``_LETTER_BITS``)."""
+    return 1 << (ord(letter) - ord("a")) if "a" <= letter <= "z" else 0
+
+
+def _letter_mask(letters: str) -> int:
+    mask = 0
+    for ch in letters:
+        mask |= _letter_bit(ch)
+    return mask
+
+
+def _letters_needed(entry: _Entry) -> list[tuple[int, int]]:
+    """What the matches of ``entry`` show, as masks of letters (each as itself or a
+    look-alike): one (needed, hideable) pair per kind of match. The word (with its endings):
+    every letter, but a wildcard may hide one the word has once, inside it, in words of four
+    letters or more. The stem without its final "e" ("whor" + "ing"): every letter, no
+    wildcard. A match of a kind shows its needed letters but at most one hideable one."""
+    word = entry.word
+    hideable = 0
+    runs = _runs(word)
+    if sum(n for _, n in runs) >= _MIN_LETTERS_WITH_WILDCARD + 1:
+        for ch, n in runs[1:-1]:
+            if n == 1 and word.count(ch) == 1:  # hidden here, shown nowhere else
+                hideable |= _letter_bit(ch)
+    kinds = [(_letter_mask(word), hideable)]
+    if entry.e_dropped():
+        kinds.append((_letter_mask(word[:-1]), 0))
+    return kinds
+
+
 @attrs.frozen
 class BlockList:
     """A compiled block list: ``pattern`` finds candidates (wildcards allowed),
-    ``exceptions`` the phrases never masked."""
+    ``exceptions`` the phrases never masked, ``needed`` the letters each entry's matches
+    show (:meth:`may_match`)."""
 
     entries: tuple[_Entry, ...]
     pattern: re.Pattern[str]
     exceptions: re.Pattern[str] | None
+    needed: tuple[tuple[int, int], ...] = ()
+
+    def may_match(self, text: str) -> bool:
+        """False only when ``pattern`` cannot match anywhere in ``text`` (folded): for no
+        entry are the letters a match shows (:func:`_letters_needed`) all in the text, as
+        themselves or look-alikes. Costs a few µs where the pattern costs 10-30 µs; a long
+        line has most letters and passes, a short one or one of symbols and digits mostly not."""
+        present = 0
+        for ch in set(text):
+            present |= _LETTER_BITS.get(ch, 0)
+        for needed, hideable in self.needed:
+            missing = needed & ~present
+            if not missing or (missing & (missing - 1) == 0 and missing & hideable):
+                return True
+        return False
 
     def acceptable(self, matched: str) -> bool:
         """Whether a candidate keeps enough real letters for its look-alikes/wildcard."""
@@ -309,13 +364,15 @@ def compile_block_list(words: tuple[str, ...]) -> BlockList | None:
         entries=listed,
         pattern=_compile(list(listed), wildcards=True),
         exceptions=_exception_pattern(exceptions),
+        needed=tuple(sorted({kind for entry in listed for kind in _letters_needed(entry)},
+                            key=lambda kind: kind[0].bit_count())),
     )
 
 
 def find_blocked(folded: Folded, words: tuple[str, ...]) -> list[tuple[int, int]]:
     """Spans of blocked words in ``folded.original`` (code point offsets), in order."""
     block_list = compile_block_list(words)
-    if block_list is None or not folded.text:
+    if block_list is None or not folded.text or not block_list.may_match(folded.text):
         return []
     text = folded.text
     found = [m.span() for m in block_list.pattern.finditer(text)

@@ -388,7 +388,9 @@ def find_pii_in(folded: Folded) -> list[tuple[int, int]]:
     """Sorted, non-overlapping spans of PII in ``folded.original`` (code point offsets)."""
     text = folded.text
     spans: list[tuple[int, int]] = []
-    if _EMAIL_HINT.search(text):
+    # Every address has a dot (".", "(dot)" or " dot "): " at " in a line without one is not
+    # worth the address pattern (issue 10, proposal 6).
+    if ("." in text or "dot" in text) and _EMAIL_HINT.search(text):
         spans += _email_spans(text)
     # Cheap gate: most messages have too few digits to hold a phone or card number, and
     # phonenumbers is by far the most expensive step.

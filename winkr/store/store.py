@@ -183,6 +183,22 @@ class Store(SafetyQueries):
         row = self.db.execute("SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
         return int(row[0]) if row else 0
 
+    def unread_since(self, user_ids: Sequence[str],
+                     since: float) -> list[tuple[str, str, int, StoredMessage | None]]:
+        """(conversation, user, unread count, last message) for every conversation of these users
+        that got a message from someone else at or after ``since`` (wall-clock seconds): what
+        a node re-sends after its bus may have lost events."""
+        if not user_ids:
+            return []
+        marks = ", ".join("?" * len(user_ids))
+        rows = self.db.execute(
+            "SELECT DISTINCT m.conversation_id, p.user_id FROM messages m JOIN participants p "  # noqa: S608
+            f"ON p.conversation_id = m.conversation_id WHERE m.created_at >= ? AND p.user_id IN ({marks}) "
+            "AND m.sender_id != p.user_id ORDER BY m.conversation_id, p.user_id",
+            (since, *user_ids)).fetchall()
+        return [(str(conversation_id), str(user_id), self.unread_count(conversation_id, user_id),
+                 self.last_message(conversation_id)) for conversation_id, user_id in rows]
+
     def last_seqs(self, conversation_ids: Sequence[str]) -> dict[str, int]:
         """``last_seq`` of each conversation that exists (one query)."""
         if not conversation_ids:

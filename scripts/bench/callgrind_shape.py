@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Instructions per message in the realistic shape, counted by callgrind (issue 10): a figure
+for one change's saving that the shared machine's noise does not move (CPU time per message
+swings ±10 % with what else runs; instruction counts move a few %).
+
+winkr runs under ``valgrind --tool=callgrind`` with instrumentation off; the shared load
+generator drives quiet pairs (each message alone in its room, as in the realistic shape, at
+a rate the slowed-down server keeps up with, well below its capacity); once messages flow,
+instrumentation (and so counting) is switched on for a window (``callgrind_control -i on``),
+then off, and the counts dumped. Messages in the window come from the metrics endpoint
+(``message:send`` events received). Every thread of the server is counted (the store
+writer's too). Loopback only; bounded in time; the server is stopped by
+its PID.
+
+    .venv/bin/python scripts/bench/callgrind_shape.py [--pairs 50] [--rate 4] [--window 20]
+
+Prints one JSON line: instructions (Ir) in the window, messages, Ir per message.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench_run  # noqa: E402  # the side-by-side runner's targets and helpers
+
+SENDS = 'winkr_events_received_total{event="message:send"}'
+
+
+class CallgrindWinkr(bench_run.Winkr):
+    def __init__(self, bench: Path, workdir: Path, metrics_port: int) -> None:
+        super().__init__(bench, workdir, metrics_port)
+        self.out = workdir / "callgrind.out"
+
+    def server_argv(self) -> list[str]:
+        return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={self.out}",
+                *super().server_argv()]
+
+
+def total_ir(path: Path) -> int:
+    """The dump's ``totals:`` line (its ``summary:`` line counts since the last zeroing, which
+    with instrumentation toggled reads 0)."""
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=50)
+    ap.add_argument("--rate", type=float, default=4.0, help="messages per second in all")
+    ap.add_argument("--window", type=float, default=20.0, help="seconds counted")
+    ap.add_argument("--shared", default=None)
+    args = ap.parse_args()
+    bench = bench_run.find_shared_bench(args.shared)
+    with tempfile.TemporaryDirectory(prefix="winkr-callgrind-") as tmp:
+        workdir = Path(tmp)
+        port = bench_run.free_port()
+        target = CallgrindWinkr(bench, workdir, port)
+        bench_run.START_TIMEOUT = 120.0
+        with target.running() as pid:
+            target.prepare("realistic", args.pairs, 0)
+            lg_args = ["pairs", "--pairs", str(args.pairs), "--rate", str(args.rate), "--warmup", "2",
+                       "--duration", str(args.window + 30)]
+            loadgen = bench_run.start_loadgen(bench, target, pid, lg_args, "callgrind")
+            deadline = time.monotonic() + 300
+            while bench_run.scrape(port).get(SENDS, 0) == 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no messages within 300 s")
+                time.sleep(0.5)
+            time.sleep(3.0)  # past the first messages' one-off costs (caches, room start-up)
+            before = bench_run.scrape(port).get(SENDS, 0)
+            subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
+            time.sleep(args.window)
+            subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
+            after = bench_run.scrape(port).get(SENDS, 0)
+            subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+            loadgen.kill()
+            loadgen.wait()
+        dumps = sorted(p for p in workdir.glob("callgrind.out*") if re.search(r"\.\d+$", p.name))
+        instructions = total_ir(dumps[0])
+    messages = after - before
+    print(json.dumps({"pairs": args.pairs, "rate": args.rate, "window_s": args.window, "messages": messages,
+                      "instructions": instructions, "ir_per_message": round(instructions / messages)}))
+
+
+if __name__ == "__main__":
+    main()

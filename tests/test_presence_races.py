@@ -1,0 +1,71 @@
+"""Presence when a client leaves at awkward moments: a connection closed by its client right
+after the handshake (before it read ``connection:established``) still leaves presence — its
+user goes offline for their contacts after the grace period and its connection slot is free.
+
+Found over loopback against two ``winkr serve`` nodes on Redis: six clients that opened and at
+once closed a WebSocket stayed ``online`` forever (their registry members were never removed)
+and the presence actor logged ``IndexError: pop from empty list``; five such connections locked
+their user out ("at most 5 open connections per user").
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import pytest
+import trio
+from conftest import Harness, bearer, running
+
+from winkr.config import Settings
+
+T = TypeVar("T")
+
+
+async def like_a_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Blocking work as ``trio.to_thread.run_sync`` does it: the caller waits (some mock
+    milliseconds) and cannot be cancelled meanwhile; then the work runs (inline: MockClock)."""
+    with trio.CancelScope(shield=True):
+        await trio.sleep(0.002)
+    return fn(*args)
+
+
+@pytest.fixture
+async def threaded(settings: Settings, watchdog: dict[str, Any]) -> AsyncIterator[Harness]:
+    async with running(settings, watchdog, run_sync=like_a_thread) as harness:
+        yield harness
+
+
+async def _open_and_close_at_once(harness: Harness, user_id: str) -> None:
+    ws = await harness.open_ws(headers=bearer(harness.token(user_id)))
+    await ws.aclose()
+
+
+async def test_a_connection_closed_right_after_the_handshake_goes_offline(autojump_clock: Any,
+                                                                           threaded: Harness) -> None:
+    harness = threaded
+    bob = await harness.connect("bob")
+    await harness.conversation(bob, "alice")
+    await bob.nothing_more(1.0)
+
+    for _ in range(3):
+        await _open_and_close_at_once(harness, "alice")
+    await trio.sleep(10.0)  # past the grace period
+
+    # alice has no connection left: bob sees her offline, and she is not counted as connected
+    listed = await bob.request("conversation:list")
+    alice = next(p for c in listed["data"]["conversations"] for p in c["participants"] if p["id"] == "alice")
+    assert alice["online"] is False, listed
+    assert await harness.server.gateway.services.presence.connected(["alice"]) == frozenset()
+
+
+async def test_connections_closed_right_after_the_handshake_free_their_slots(autojump_clock: Any,
+                                                                              threaded: Harness) -> None:
+    harness = threaded
+    limit = harness.settings.limits.connections_per_user
+    for _ in range(limit):
+        await _open_and_close_at_once(harness, "alice")
+    await trio.sleep(1.0)
+    # every slot is free again: the user can open `limit` connections
+    for _ in range(limit):
+        await harness.connect("alice")
+

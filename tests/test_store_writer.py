@@ -1,0 +1,108 @@
+"""The store writer's own thread (production): group commit across callers, an answer only
+after the commit, the inbox bound, and what is queued when it stops. Real threads, a real
+database on either engine, the real clock."""
+from __future__ import annotations
+
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from conftest import make_settings, query
+
+from winkr.errors import INVALID_MESSAGE_TYPE, ProtocolError
+from winkr.metrics import Metrics
+from winkr.store.engine import open_engine
+from winkr.store.store import Store
+from winkr.store.writer import StoreHandle, run_store_writer
+
+
+def _upsert(user_id: str, store: Store) -> str:
+    store.upsert_user(user_id, user_id, None)
+    return user_id
+
+
+def _refuse(store: Store) -> None:
+    store.upsert_user("ghost", "ghost", None)  # rolled back with its savepoint
+    raise ProtocolError(INVALID_MESSAGE_TYPE, "no")
+
+
+def _users(settings: Any) -> set[str]:
+    return {row[0] for row in query(settings, "SELECT id FROM users")}
+
+
+async def test_the_writer_thread_answers_each_caller_after_its_commit(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    db = open_engine(settings.database).open_writer()
+    metrics = Metrics()
+    seen_committed: dict[str, bool] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            store: StoreHandle = await nursery.start(partial(run_store_writer, Store(db), trio.to_thread.run_sync,
+                                                             metrics=metrics))
+
+            async def caller(user_id: str) -> None:
+                assert await store.call(partial(_upsert, user_id)) == user_id
+                # The answer means durable: another connection sees the row already.
+                seen_committed[user_id] = user_id in await trio.to_thread.run_sync(_users, settings)
+
+            async with trio.open_nursery() as callers:
+                for i in range(40):
+                    callers.start_soon(caller, f"user{i}")
+            with pytest.raises(ProtocolError):
+                await store.call(_refuse)
+            await store.fire(partial(_upsert, "background"))
+            assert await store.call(partial(_upsert, "last")) == "last"  # after the fire, in order
+            nursery.cancel_scope.cancel()
+    finally:
+        db.close()
+    assert seen_committed == {f"user{i}": True for i in range(40)}
+    assert _users(settings) == {f"user{i}" for i in range(40)} | {"background", "last"}
+    # 40 concurrent callers shared commits (they were queued while a transaction ran).
+    assert sum(metrics.commit_batch.counts) < 43
+
+
+async def test_a_full_writer_inbox_makes_callers_wait_and_a_stop_still_answers_what_was_queued(
+        tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    db = open_engine(settings.database).open_writer()
+    entered, release = threading.Event(), threading.Event()
+    answered: list[str] = []
+
+    def _blocked(store: Store) -> str:
+        entered.set()
+        release.wait(30)
+        return _upsert("first", store)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            store: StoreHandle = await nursery.start(partial(run_store_writer, Store(db), trio.to_thread.run_sync,
+                                                             inbox_size=2))
+
+            async def caller(work: Any) -> None:
+                answered.append(await store.call(work))
+
+            third = trio.Event()
+
+            async def submit_third() -> None:
+                await store.fire(partial(_upsert, "third"))
+                third.set()
+
+            async with trio.open_nursery() as callers:
+                callers.start_soon(caller, _blocked)
+                await trio.to_thread.run_sync(entered.wait, 30)  # the thread is inside the first transaction
+                callers.start_soon(caller, partial(_upsert, "second"))
+                await trio.testing.wait_all_tasks_blocked()
+                callers.start_soon(submit_third)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not third.is_set()  # two requests outstanding: the third waits for room
+                release.set()
+            assert third.is_set()
+            nursery.cancel_scope.cancel()  # the writer stops after what was queued (the third)
+    finally:
+        db.close()
+    assert sorted(answered) == ["first", "second"]
+    assert _users(settings) == {"first", "second", "third"}
