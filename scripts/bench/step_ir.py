@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Instructions (callgrind's Ir) per operation of the send-path steps issue 10 changed, each
+alone: noise-free per-change evidence on a shared machine (timings swing with other work;
+instruction counts do not). Each step runs ``--n`` and ``2 * --n`` times in its own process
+under ``valgrind --tool=callgrind``; the difference divided by ``--n`` is the step's cost
+without start-up. Run it against an older checkout with ``PYTHONPATH=<that checkout>`` to
+compare versions of the winkr steps (``policy-*``, ``metrics``); the ``pattern-*`` steps
+contrast the old and new shape of a change directly.
+
+    .venv/bin/python scripts/bench/step_ir.py [--n 2000] [--steps policy-plain,metrics,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LINES = {
+    "bench": "!#$%,;=?^~!#$%,;=?^~!#$%:" + "x" * 64,  # what the shared load generator sends
+    "plain": "hey, how are you doing tonight? want to grab a coffee tomorrow at the usual place?",
+    "short": "haha ok 😂",
+}
+STEPS = ["policy-bench", "policy-plain", "policy-short", "metrics",
+         "pattern-two-scopes", "pattern-moved-deadline", "pattern-to-thread", "pattern-own-thread",
+         "pattern-channel-hop", "pattern-direct-call"]
+
+
+def run_step(step: str, n: int) -> None:  # noqa: C901 - one small body per step
+    """In the child: ``n`` operations of ``step``."""
+    if step.startswith("policy-"):
+        from winkr.policy import PolicySettings, check_message, default_blocked_words
+        settings = PolicySettings(blocked_words=default_blocked_words())
+        line = LINES[step.split("-", 1)[1]]
+        for _ in range(n):
+            check_message("text", line, {}, is_service=False, settings=settings)
+        return
+    if step == "metrics":
+        from winkr.metrics import Metrics
+        metrics = Metrics(["message:send"])
+        for _ in range(n):  # what one message of the realistic shape counts
+            metrics.event_in("message:send")
+            metrics.frame_out("message:new")
+            metrics.frame_out("message:new")
+            metrics.frame_out("message:delivered")
+            metrics.frames_per_write.observe(1)
+            metrics.frames_per_write.observe(2)
+            metrics.fanout_seconds.observe(0.0012)
+            metrics.commit_seconds.observe(0.0004)
+            metrics.commit_batch.observe(1)
+        return
+    import trio
+    import trio.lowlevel
+
+    async def two_scopes() -> None:  # the outbox writer before: two new deadline scopes per write
+        for _ in range(n):
+            with trio.move_on_at(trio.current_time() + 30):
+                await trio.lowlevel.checkpoint()
+            with trio.move_on_after(20):
+                await trio.lowlevel.checkpoint()
+
+    async def moved_deadline() -> None:  # after: one scope, its deadline moved twice per write
+        with trio.CancelScope() as scope:
+            for _ in range(n):
+                scope.deadline = trio.current_time() + 30
+                await trio.lowlevel.checkpoint()
+                scope.deadline = trio.current_time() + 20
+                await trio.lowlevel.checkpoint()
+
+    async def to_thread() -> None:
+        for _ in range(n):
+            await trio.to_thread.run_sync(int)
+
+    async def own_thread() -> None:
+        from winkr.actor import Reply
+        from winkr.store.writer import _Request, _WriterThread
+
+        class _NoStore:
+            db = None
+
+        writer = _WriterThread(_NoStore(), 64, 512, None)  # type: ignore[arg-type]
+        import winkr.store.writer as w
+        w._run_batch = lambda store, batch: [(None, None)] * len(batch)  # the hop alone, no SQL
+        writer.start()
+        for _ in range(n):
+            reply: Reply[object] = Reply()
+            await writer.submit(_Request(lambda store: None, reply))
+            await reply.wait()
+        writer.stop()
+        await trio.to_thread.run_sync(writer.join)
+
+    async def channel_hop() -> None:  # trio-websocket's reader → message channel → our reader
+        send, receive = trio.open_memory_channel[int](8)
+
+        async def reader() -> None:
+            async for _ in receive:
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            for i in range(n):
+                await send.send(i)
+                await trio.lowlevel.checkpoint()
+            await send.aclose()
+
+    async def direct_call() -> None:  # the reader hands the frame to the handler itself
+        async def handle(i: int) -> None:
+            pass
+
+        for i in range(n):
+            await handle(i)
+            await trio.lowlevel.checkpoint()
+
+    patterns = {"pattern-two-scopes": two_scopes, "pattern-moved-deadline": moved_deadline,
+                "pattern-to-thread": to_thread, "pattern-own-thread": own_thread,
+                "pattern-channel-hop": channel_hop, "pattern-direct-call": direct_call}
+    trio.run(patterns[step])
+
+
+def ir_of(step: str, n: int, workdir: Path) -> int:
+    out = workdir / f"{step}-{n}.out"
+    subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
+                    "--child", step, "--n", str(n)], check=True, capture_output=True, env=dict(os.environ))
+    for line in out.read_text(errors="replace").splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--steps", default=",".join(STEPS))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        run_step(args.child, args.n)
+        return
+    with tempfile.TemporaryDirectory(prefix="winkr-step-ir-") as tmp:
+        for step in args.steps.split(","):
+            once, twice = ir_of(step, args.n, Path(tmp)), ir_of(step, 2 * args.n, Path(tmp))
+            print(json.dumps({"step": step, "n": args.n, "ir_per_op": round((twice - once) / args.n)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
