@@ -81,6 +81,7 @@ _NOT_BEFORE_ALNUM = r"(?![^\W_])"
 _MIN_LETTERS_WITH_DIGITS = 2
 _MIN_LETTERS_WITH_WILDCARD = 3
 _ASCII_LETTERS = re.compile(r"[a-z]")
+PRECHECK_MIN_CHARS = 24  # shorter lines go straight to the pattern (BlockList.may_match)
 _DIGITS = re.compile(r"\d")
 
 
@@ -372,7 +373,10 @@ def compile_block_list(words: tuple[str, ...]) -> BlockList | None:
 def find_blocked(folded: Folded, words: tuple[str, ...]) -> list[tuple[int, int]]:
     """Spans of blocked words in ``folded.original`` (code point offsets), in order."""
     block_list = compile_block_list(words)
-    if block_list is None or not folded.text or not block_list.may_match(folded.text):
+    if block_list is None or not folded.text:
+        return []
+    # On a short line the pattern costs less than the pre-check (~0.5 µs against ~2 µs).
+    if len(folded.text) >= PRECHECK_MIN_CHARS and not block_list.may_match(folded.text):
         return []
     text = folded.text
     found = [m.span() for m in block_list.pattern.finditer(text)
