@@ -886,11 +886,14 @@ class _Presence:
             for peer in peers:
                 peer.deliver(frame, ("unread", conversation_id))
         sender = job.message.sender_id
-        if self.sharing or sender in self.users:
+        state = self.users.get(sender)
+        elsewhere = state is not None and any(peer_id not in job.joined for peer_id in state.peers)
+        if job.recorded and (self.sharing or elsewhere):
             for delivery in job.recorded:  # the room gave these to the sender's joined connections
                 frame = self.frames.event("message:delivered", delivered_data(delivery))
                 self._deliver_here((sender,), frame, skip=job.joined)
                 self._share((sender,), bus.FRAME, {"frame": frame, "except": None, "key": bus.key_json(None)})
+        if self.sharing or state is not None:
             for delivery in deliveries:
                 self._deliver((sender,), self.frames.event("message:delivered", delivered_data(delivery)))
 
