@@ -8,10 +8,12 @@ is what production uses) so that the arithmetic is checked exactly and determini
 from __future__ import annotations
 
 import socket
+import threading
 from typing import Any
 
 import pytest
 import redis
+import trio
 from conftest import (
     RATE_LIMITS_OFF,
     assert_refused,
@@ -23,7 +25,7 @@ from conftest import (
 )
 
 from winkr.ratelimit import LimiterUnavailable, Limits, Rate
-from winkr.redis_limiter import RedisLimiter
+from winkr.redis_limiter import PAUSE_AFTER_FAILURE_SECONDS, RedisLimiter
 from winkr.store.writer import run_inline
 
 
@@ -171,3 +173,48 @@ async def test_a_node_given_a_broker_url_counts_its_limits_in_that_redis(
         client = redis.Redis.from_url(redis_url)
         assert client.exists(f"{redis_prefix}rl:2/minute:connect\x1falice") == 1
         client.close()
+
+
+class HangingUp:
+    """A TCP server (on a thread of its own) that accepts and closes at once, counting the
+    connections: a Redis that fails every call."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.sqlite_only
+async def test_after_a_failed_call_redis_is_not_asked_again_for_a_second(redis_prefix: str) -> None:
+    server = HangingUp()
+    errors: list[int] = []
+    node = limiter(f"redis://127.0.0.1:{server.port}/0", redis_prefix, on_error=lambda: errors.append(1))
+    try:
+        assert await node.hit("typing\x1falice", Rate(1, "minute")) == 0.0  # failed open
+        tried = server.accepted
+        assert tried >= 1
+        # Within the pause: answered at once, without Redis (and still counted as unanswered).
+        assert await node.hit("typing\x1falice", Rate(1, "minute")) == 0.0
+        with pytest.raises(LimiterUnavailable):
+            await node.check("connect\x1falice", Rate(10, "minute"))
+        assert server.accepted == tried and len(errors) == 3
+        await trio.sleep(PAUSE_AFTER_FAILURE_SECONDS)
+        assert await node.hit("typing\x1falice", Rate(1, "minute")) == 0.0
+        assert server.accepted > tried  # asked again after the pause
+    finally:
+        await node.aclose()
+        server.close()

@@ -464,6 +464,10 @@ class _Presence:
                 await self.handle(request)
             except Exception as exc:  # noqa: BLE001 - one bad request must not drop the rest of the batch
                 _failures.exception(exc, "presence failed on a request")
+                # Whoever waits for an answer gets the error instead of waiting forever.
+                reply = getattr(request, "reply", None)
+                if isinstance(reply, Reply) and not reply.is_set():
+                    reply.fail(exc)
         if published:
             await self._published_guarded(published)
 
@@ -511,9 +515,15 @@ class _Presence:
             case _SetStatus():
                 await self._set_status(request)
             case _Online(user_ids=user_ids, reply=reply):
-                reply.set(await self.registry.visible(user_ids))
+                try:
+                    reply.set(await self.registry.visible(user_ids))
+                except RegistryUnavailable:  # Redis away (§17.9): what this node sees
+                    reply.set({user: self._visible_here(user) for user in user_ids})
             case _Connected(user_ids=user_ids, reply=reply):
-                reply.set(await self.registry.connected(user_ids))
+                try:
+                    reply.set(await self.registry.connected(user_ids))
+                except RegistryUnavailable:  # Redis away: a send must still be acknowledged
+                    reply.set(frozenset(user for user in user_ids if self._connected_here(user)))
             case _AddContacts(user_ids=user_ids):
                 for user in user_ids:
                     self._add_contacts(user, user_ids)
@@ -555,6 +565,14 @@ class _Presence:
                 reply.set(max(everywhere, here))
             case _FromBus(event=event):
                 await self._from_bus(event)
+
+    def _connected_here(self, user_id: str) -> bool:
+        state = self.users.get(user_id)
+        return state is not None and bool(state.peers)
+
+    def _visible_here(self, user_id: str) -> bool:
+        state = self.users.get(user_id)
+        return state is not None and bool(state.peers) and state.online_status
 
     # --- what every node does for a user it holds (asked here, or by another node) -----------
 

@@ -16,11 +16,14 @@ is imported only when a Redis URL is configured.
 When Redis cannot be reached a limit of a fail-open kind (typing, status) allows the event,
 and one of a fail-closed kind (connect, failed) raises ``LimiterUnavailable`` (the handshake
 gets HTTP 503, contract §17.9): a node must not accept unlimited new connections while it
-cannot count them, but a typing indicator is not worth refusing.
+cannot count them, but a typing indicator is not worth refusing. After a failed call the
+limiter does not ask Redis again for ``PAUSE_AFTER_FAILURE_SECONDS``: a Redis that times out
+would otherwise hold every typing event (and every handshake) for ``CALL_TIMEOUT_SECONDS``.
 """
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -38,6 +41,7 @@ log = logging.getLogger("winkr.limiter")
 FAIL_CLOSED_KINDS = frozenset({"connect", "failed"})
 """Kinds of key (the part before ``\\x1f``) refused when Redis is unreachable; others are allowed."""
 CALL_TIMEOUT_SECONDS = 1.0  # a limiter answer later than this is worse than no answer
+PAUSE_AFTER_FAILURE_SECONDS = 1.0  # after a failed call, answer without Redis this long
 THREADS = 16  # concurrent Redis calls per node
 
 # KEYS[1]: the GCRA state (the theoretical arrival time, seconds, as text).
@@ -85,6 +89,7 @@ class RedisLimiter:
         self._threads = trio.CapacityLimiter(THREADS)
         self._run_sync: RunSync = run_sync or partial(trio.to_thread.run_sync, limiter=self._threads)
         self._error_log = ThrottledLines(log, trio.current_time)
+        self._paused_until = -math.inf  # trio time: after a failure, no Redis call before this
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisLimiter:
@@ -114,8 +119,12 @@ class RedisLimiter:
         args = (rate.count, rate.seconds, cost, now)
         call = partial(self._script, keys=[f"{self._prefix}rl:{rate.label}:{key}"], args=args)
         try:
+            if trio.current_time() < self._paused_until:
+                raise redis.ConnectionError("paused after a failed call")
             answer = await self._run_sync(call)
         except redis.RedisError as exc:
+            if trio.current_time() >= self._paused_until:
+                self._paused_until = trio.current_time() + PAUSE_AFTER_FAILURE_SECONDS
             self._on_error()
             kind = key.partition("\x1f")[0]
             closed = kind in FAIL_CLOSED_KINDS
