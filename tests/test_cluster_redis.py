@@ -292,6 +292,7 @@ async def test_with_push_webhooks_on_sends_and_lists_are_answered_while_redis_is
             conv = await cluster.node(0).conversation(alice, "bob")
             await bob.expect("conversation:created")
             await join(alice, conv)
+            await join(bob, conv)  # joined on the other node: bob is a candidate for a push
             await settle(alice, bob)
             own_redis.kill()
             with trio.fail_after(10):
