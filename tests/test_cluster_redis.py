@@ -3,10 +3,10 @@ the broker (pub/sub on its own thread, resync after a reconnect), the presence r
 scripts, and two full nodes meeting only in Redis and the database. Real time, bounded."""
 from __future__ import annotations
 
+import base64
 import shutil
 import socket
 import subprocess
-import base64
 from typing import Any
 
 import pytest
