@@ -373,6 +373,30 @@ async def test_delivered_once_when_recipient_gets_message_new(autojump_clock: An
     assert delivered(await alice.nothing_more()) == []
 
 
+async def test_the_room_sends_the_receipt_with_the_ack_and_every_connection_gets_it_once(
+        autojump_clock: Any, harness: Harness) -> None:
+    """The receipt of a delivery recorded with the message reaches the sender's joined
+    connections from the room, right behind the acknowledgement (issue 10: one write for
+    both), and the sender's other connections from presence: once each, never twice."""
+    alice, bob, conv = await joined_pair(harness)
+    alice_joined_too = await harness.connect("alice")
+    await join(alice_joined_too, conv)
+    alice_elsewhere = await harness.connect("alice")
+    await settle(alice, bob, alice_joined_too, alice_elsewhere)
+
+    ref = await alice.send("message:send", text(conv, "hi"))
+    ack = await alice.recv()
+    assert ack["event"] == "message:new" and ack["ref"] == ref
+    receipt = await alice.recv()  # next on the wire: nothing comes between
+    assert receipt["event"] == "message:delivered"
+    assert receipt["data"]["message_id"] == ack["data"]["message"]["id"]
+    assert receipt["data"]["recipient_id"] == "bob"
+    expected = [(ack["data"]["message"]["id"], "bob")]
+    assert delivered(await alice.nothing_more()) == []
+    assert delivered(await alice_joined_too.nothing_more()) == expected
+    assert delivered(await alice_elsewhere.nothing_more()) == expected
+
+
 async def test_delivered_when_recipient_gets_conversation_unread(
         autojump_clock: Any, harness: Harness) -> None:
     alice, bob, conv = await joined_pair(harness, bob_joined=False)

@@ -14,7 +14,7 @@ import heapq
 import itertools
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from functools import partial
 
 import attrs
@@ -408,12 +408,14 @@ class _Presence:
             self._share(user_ids, bus.FRAME, {"frame": frame, "except": except_connection, "key": bus.key_json(key)})
 
     def _deliver_here(self, user_ids: Iterable[str], frame: str, except_connection: str | None = None,
-                      key: CoalesceKey | None = None) -> None:
+                      key: CoalesceKey | None = None, skip: Collection[str] = ()) -> None:
+        """``frame`` to each user's connections on this node but ``except_connection`` and
+        those in ``skip``."""
         for user_id in user_ids:
             state = self.users.get(user_id)
             if state is not None:
                 for peer in state.peers.values():
-                    if peer.id != except_connection:
+                    if peer.id != except_connection and peer.id not in skip:
                         peer.deliver(frame, key)
 
     def _share(self, user_ids: Iterable[str], kind: str, data: dict[str, object]) -> None:
@@ -874,7 +876,7 @@ class _Presence:
                 peers = [p for p in state.peers.values() if p.id not in event.joined_connections]
                 if peers:
                     outside[user_id] = peers
-        return _DeliveryJob(message, outside, event.deliveries)
+        return _DeliveryJob(message, outside, event.deliveries, event.joined_connections)
 
     def _finish(self, job: _DeliveryJob, counts: dict[str, int], deliveries: list[Delivery]) -> None:
         conversation_id = job.message.conversation_id
@@ -883,10 +885,14 @@ class _Presence:
                                                                          job.message))
             for peer in peers:
                 peer.deliver(frame, ("unread", conversation_id))
-        if self.sharing or job.message.sender_id in self.users:
-            for delivery in (*job.recorded, *deliveries):
-                self._deliver((job.message.sender_id,),
-                              self.frames.event("message:delivered", delivered_data(delivery)))
+        sender = job.message.sender_id
+        if self.sharing or sender in self.users:
+            for delivery in job.recorded:  # the room gave these to the sender's joined connections
+                frame = self.frames.event("message:delivered", delivered_data(delivery))
+                self._deliver_here((sender,), frame, skip=job.joined)
+                self._share((sender,), bus.FRAME, {"frame": frame, "except": None, "key": bus.key_json(None)})
+            for delivery in deliveries:
+                self._deliver((sender,), self.frames.event("message:delivered", delivered_data(delivery)))
 
 
 @attrs.frozen
@@ -896,6 +902,7 @@ class _DeliveryJob:
     message: StoredMessage
     outside: dict[str, list[Peer]]  # recipient -> its connections that have not joined the room
     recorded: tuple[Delivery, ...]  # deliveries the room recorded with the message
+    joined: frozenset[str] = frozenset()  # connections in the room (they had ``recorded``'s receipts from it)
 
 
 async def run_registry_upkeep(registry: PresenceRegistry, presence: PresenceHandle, grace: float, *,

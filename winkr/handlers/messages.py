@@ -24,7 +24,7 @@ from winkr.policy import CheckedMessage, check_message
 from winkr.presence import Published
 from winkr.protocol.requests import MessageHistory, MessageRef, MessageSend
 from winkr.protocol.webhook_data import MESSAGE_CREATED, message_created_data
-from winkr.protocol.wire import Json, message_object, sender_object, unread_data
+from winkr.protocol.wire import Json, delivered_data, message_object, sender_object, unread_data
 from winkr.ratelimit import Rate
 from winkr.records import Delivery, SendItem, SendResult, StoredMessage
 from winkr.store.store import Store
@@ -142,6 +142,15 @@ def _fan_out(room: RoomContext, call: RoomCall, result: SendResult) -> Published
         return None
     room.fanned_out(result.message.seq)
     room.broadcast(frames.event("message:new", data), skip=peer)
+    if result.deliveries:
+        # The receipts of the deliveries recorded with the message go to the sender's joined
+        # connections in this same step, so the acknowledgement and the receipt leave in one
+        # write; presence sends them to the sender's other connections (issue 10, proposal 1).
+        receipts = [frames.event("message:delivered", delivered_data(delivery)) for delivery in result.deliveries]
+        for member in room.members():
+            if member.user_id == peer.user_id:
+                for receipt in receipts:
+                    member.deliver(receipt)
     if frames.metrics is not None and call.received_at is not None:
         frames.metrics.fanout_seconds.observe(trio.current_time() - call.received_at)
     return Published(result.message, room.authorize(peer), frozenset(m.id for m in room.members()),
