@@ -3,6 +3,7 @@ the broker (pub/sub on its own thread, resync after a reconnect), the presence r
 scripts, and two full nodes meeting only in Redis and the database. Real time, bounded."""
 from __future__ import annotations
 
+import base64
 import shutil
 import socket
 import subprocess
@@ -34,7 +35,8 @@ from winkr.registry.redis import RedisRegistry
 # Real time: Redis keeps its own clock (TIME) and the broker has a thread of its own, which
 # MockClock's autojump would not wait for. Every wait is bounded.
 pytestmark = pytest.mark.trio(run=trio.run)
-only_once = pytest.mark.sqlite_only  # no store involved: one run is enough
+only_once = pytest.mark.sqlite_only
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()  # no store involved: one run is enough
 
 
 @pytest.fixture
@@ -273,6 +275,33 @@ async def test_a_redis_restart_loses_nothing_acknowledged(own_redis: OwnRedis, t
             assert [m["seq"] for m in named(await bob.nothing_more(0.5), "message:new")] == []
             carol = await cluster.node(1).connect("carol")  # admissions work again
             await carol.close()
+
+
+@only_once
+async def test_with_push_webhooks_on_sends_and_lists_are_answered_while_redis_is_down(
+        own_redis: OwnRedis, tmp_path: Any) -> None:
+    # message.created asks presence who has no open connection before the commit; with Redis
+    # away that question failed and the send was never acknowledged (contract §17.9: it is).
+    await own_redis.start()
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF, broker_url=own_redis.url,
+                             webhook_url="http://127.0.0.1:9/never-answers", webhook_secret=WEBHOOK_SECRET)
+    with trio.fail_after(60):
+        async with running_cluster(settings) as cluster:
+            bob = await cluster.node(1).connect("bob")
+            alice = await cluster.node(0).connect("alice")
+            conv = await cluster.node(0).conversation(alice, "bob")
+            await bob.expect("conversation:created")
+            await join(alice, conv)
+            await join(bob, conv)  # joined on the other node: bob is a candidate for a push
+            await settle(alice, bob)
+            own_redis.kill()
+            with trio.fail_after(10):
+                sent = await send_text(alice, conv, "while Redis is down")
+                listed = await alice.request("conversation:list")
+            assert sent["seq"] == 1
+            assert listed["event"] == "conversation:list", listed
+            await own_redis.start()
+            assert (await bob.expect("message:new"))["data"]["message"] == sent
 
 
 @only_once
