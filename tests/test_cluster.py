@@ -399,3 +399,21 @@ async def test_the_message_limit_counts_a_user_s_sends_through_every_node(autoju
         refused_send = await alice_laptop.request("message:send", text(conv, "four"))
         assert refused_send["event"] == "error" and refused_send["data"]["code"] == "RATE_LIMITED", refused_send
         assert [m["seq"] for m in await history_messages(bob, conv)] == [1, 2, 3]
+
+
+async def test_an_ephemeral_photo_is_erased_even_when_the_node_that_set_its_deadline_dies(
+        autojump_clock: Any, tmp_path: Any) -> None:
+    async with running_cluster(cluster_settings(tmp_path)) as cluster:
+        alice, bob, conv = await pair_across(cluster)
+        ref = await alice.send("message:send", {"conversation_id": conv, "type": "photo_ephemeral", "content": "peek",
+                                                "metadata": {"url": "https://cdn.winkr.test/p/abc.jpg",
+                                                             "ttl_seconds": 5}})
+        message = (await alice.expect("message:new", ref=ref))["data"]["message"]
+        await bob.expect("message:new")
+        reply = await bob.request("message:read", {"conversation_id": conv, "message_id": message["id"]})
+        assert reply["event"] == "message:viewed", reply
+        read_at = trio.current_time()
+        await cluster.kill(1)  # the node whose reaper knew the deadline
+        deleted = await alice.expect("message:deleted")
+        assert deleted["data"]["message_id"] == message["id"] and deleted["data"]["deleted_by"] == "system"
+        assert trio.current_time() - read_at <= 5 + 30  # node 0's reaper looks at least every 30 s
