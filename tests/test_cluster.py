@@ -6,11 +6,10 @@ from typing import Any
 
 import trio
 import trio.testing
-from cluster_support import Cluster, running_cluster
+from cluster_support import Cluster, attempt, running_cluster
 from conftest import (
     RATE_LIMITS_OFF,
     Client,
-    Harness,
     assert_refused,
     bearer,
     history_messages,
@@ -22,9 +21,7 @@ from conftest import (
     settle,
     text,
     until_closed,
-    welcomed,
 )
-from trio_websocket import ConnectionRejected, WebSocketConnection, wrap_client_stream
 
 from winkr.api.operations import disconnect_user
 from winkr.config import Settings
@@ -276,31 +273,6 @@ async def test_a_killed_node_s_users_go_offline_and_free_their_slots(autojump_cl
         assert 5 <= trio.current_time() - t1 <= 5 + 15  # grace + 15 s (contract §16)
         assert named(await bob.nothing_more(30), "user:offline") == []  # told once
         del again
-
-
-async def attempt(harness: Harness, user_id: str) -> Client | None:
-    """A connection of ``user_id``, or None when the handshake is refused. The accepted one
-    lives in a task of the harness's client nursery."""
-    result: list[WebSocketConnection] = []
-    done = trio.Event()
-
-    async def run() -> None:
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        harness.server.accept_stream(server_stream)
-        try:
-            async with trio.open_nursery() as inner:
-                result.append(await wrap_client_stream(inner, client_stream, "localhost", "/ws",
-                                                       extra_headers=bearer(harness.token(user_id))))
-                done.set()
-                await trio.sleep_forever()
-        except* ConnectionRejected:
-            pass
-        finally:
-            done.set()
-
-    harness.nursery.start_soon(run)
-    await done.wait()
-    return await welcomed(result[0], user_id) if result else None
 
 
 async def test_reconnecting_elsewhere_before_a_dead_node_is_noticed_causes_no_flap(
