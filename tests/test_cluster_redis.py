@@ -309,6 +309,38 @@ async def test_with_push_webhooks_on_sends_and_lists_are_answered_while_redis_is
 
 
 @only_once
+async def test_appearing_offline_survives_a_redis_restart(own_redis: OwnRedis, tmp_path: Any) -> None:
+    # The registry kept the status alone: Redis restarted empty, the nodes registered their
+    # connections again and announced an invisible user online to her contacts.
+    await own_redis.start()
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF, broker_url=own_redis.url)
+    with trio.fail_after(60):
+        async with running_cluster(settings) as cluster:
+            bob = await cluster.node(1).connect("bob")
+            alice = await cluster.node(0).connect("alice")
+            await cluster.node(0).conversation(alice, "bob")
+            await bob.expect("conversation:created")
+            alice_too = await cluster.node(1).connect("alice")  # chooses for both of her connections
+            await settle(alice, bob, alice_too)
+            hidden = await alice_too.request("user:status", {"status": "offline"})
+            assert hidden["event"] == "user:status_updated", hidden
+            await bob.expect("user:offline")
+            await settle(alice, bob, alice_too)
+
+            own_redis.kill()
+            await own_redis.start()  # empty: both nodes register alice's connections again
+            admin = redis.Redis.from_url(own_redis.url)
+            try:
+                await until(lambda: len(admin.keys("*alice*conns")) == 1, timeout=15)
+            finally:
+                admin.close()
+            assert named(await bob.nothing_more(3.0), "user:online") == []
+            listed = await bob.request("conversation:list")
+            seen = [p for c in listed["data"]["conversations"] for p in c["participants"] if p["id"] == "alice"]
+            assert [p["online"] for p in seen] == [False], listed
+
+
+@only_once
 async def test_a_user_who_left_while_redis_was_down_goes_offline_once_it_is_back(
         own_redis: OwnRedis, tmp_path: Any) -> None:
     await own_redis.start()

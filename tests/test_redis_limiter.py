@@ -218,3 +218,18 @@ async def test_after_a_failed_call_redis_is_not_asked_again_for_a_second(redis_p
     finally:
         await node.aclose()
         server.close()
+
+
+async def test_failed_handshakes_per_address_are_counted_across_nodes(
+        tmp_path: Any, redis_url: str, redis_prefix: str) -> None:
+    settings = make_settings(tmp_path, limits={"failed_handshakes_per_minute_per_ip": 2})
+    clock = Clock()
+    bad = [("Authorization", "Bearer not-a-token")]
+    async with running(settings, limiter=limiter(redis_url, redis_prefix, clock)) as node_a, \
+            running(settings, limiter=limiter(redis_url, redis_prefix, clock)) as node_b:
+        assert_refused(await refused(node_a, headers=bad), 401, "UNAUTHORIZED")
+        assert_refused(await refused(node_b, headers=bad), 401, "UNAUTHORIZED")
+        # The third from the same address, on either node, is over the limit.
+        data = assert_refused(await refused(node_a, headers=bad), 429, "RATE_LIMITED")
+        assert data["details"]["limit"] == "2/minute", data
+        assert data["message"] == "too many failed handshakes from this address"
