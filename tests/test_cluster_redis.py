@@ -30,6 +30,7 @@ from conftest import (
 
 from winkr.broker import BusEvent, Incoming, Resync
 from winkr.broker.redis import RedisBroker
+from winkr.redis_limiter import PAUSE_AFTER_FAILURE_SECONDS
 from winkr.registry.redis import RedisRegistry
 
 # Real time: Redis keeps its own clock (TIME) and the broker has a thread of its own, which
@@ -273,7 +274,10 @@ async def test_a_redis_restart_loses_nothing_acknowledged(own_redis: OwnRedis, t
             after = await send_text(alice, conv, "after")
             assert (await bob.expect("message:new"))["data"]["message"] == after
             assert [m["seq"] for m in named(await bob.nothing_more(0.5), "message:new")] == []
-            carol = await cluster.node(1).connect("carol")  # admissions work again
+            # Admissions work again once the limiter asks Redis again: by design it does not for
+            # PAUSE_AFTER_FAILURE_SECONDS after the failed call that refused carol above.
+            await trio.sleep(PAUSE_AFTER_FAILURE_SECONDS)
+            carol = await cluster.node(1).connect("carol")
             await carol.close()
 
 
