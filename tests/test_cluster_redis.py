@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 import trio
-from cluster_support import running_cluster
+from cluster_support import attempt, running_cluster
 from conftest import (
     RATE_LIMITS_OFF,
     REQUIRE_REDIS,
@@ -273,7 +273,11 @@ async def test_a_redis_restart_loses_nothing_acknowledged(own_redis: OwnRedis, t
             after = await send_text(alice, conv, "after")
             assert (await bob.expect("message:new"))["data"]["message"] == after
             assert [m["seq"] for m in named(await bob.nothing_more(0.5), "message:new")] == []
-            carol = await cluster.node(1).connect("carol")  # admissions work again
+            for _ in range(50):  # admissions work again (a client retries a 503 after a moment)
+                if (carol := await attempt(cluster.node(1), "carol")) is not None:
+                    break
+                await trio.sleep(0.1)
+            assert carol is not None
             await carol.close()
 
 
