@@ -341,6 +341,30 @@ async def test_appearing_offline_survives_a_redis_restart(own_redis: OwnRedis, t
 
 
 @only_once
+async def test_a_user_who_left_just_before_a_redis_restart_still_goes_offline(
+        own_redis: OwnRedis, tmp_path: Any) -> None:
+    # Found over loopback: alice left, Redis restarted empty within her grace period (the
+    # offline check lived there), and bob never got user:offline: she stayed online in his UI.
+    await own_redis.start()
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF, broker_url=own_redis.url, presence_grace=2.0)
+    with trio.fail_after(60):
+        async with running_cluster(settings) as cluster:
+            bob = await cluster.node(1).connect("bob")
+            alice = await cluster.node(0).connect("alice")
+            await cluster.node(0).conversation(alice, "bob")
+            await bob.expect("conversation:created")
+            await settle(alice, bob)
+            await alice.close()
+            node0 = cluster.nodes[0].server.metrics
+            await until(lambda: metric(node0.text(), "winkr_online_users") == 0)  # node 0 saw her go
+            own_redis.kill()
+            await own_redis.start()  # empty: her offline check is gone with it
+            offline = await bob.expect("user:offline")
+            assert offline["data"]["user_id"] == "alice"
+            assert named(await bob.nothing_more(2), "user:offline") == []
+
+
+@only_once
 async def test_a_user_who_left_while_redis_was_down_goes_offline_once_it_is_back(
         own_redis: OwnRedis, tmp_path: Any) -> None:
     await own_redis.start()

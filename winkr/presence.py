@@ -509,6 +509,12 @@ class _Presence:
                         announce = announce and state.status != "offline"
                     if announce:
                         self._announce(user_id, state.username, state.contacts, online=True)
+                    if not state.members and state.grace_pending and state.status != "offline" \
+                            and state.online_status:
+                        # Left here within the grace period: the registry lost the offline check
+                        # with everything else, and the contacts saw the user online. A close of
+                        # a member it does not know starts the check again.
+                        await self.registry.closed(user_id, str(next(self._members)), self.grace)
             case _CheckGrace(user_ids=user_ids):
                 for user_id in user_ids:
                     await self._grace_expired(user_id)
