@@ -105,21 +105,33 @@ class Peer:
 
     async def connect(self, nursery: trio.Nursery, url: str | None = None) -> None:
         """Connect (to ``url``: another node) and wait for ``connection:established``; retries
-        a refused handshake (a node still starting, 503 while Redis is away) until ``WAIT``."""
+        a refused handshake (a node still starting, a slot not yet free, 503 while Redis is
+        away) until ``WAIT``. The connection lives in a task of ``nursery``."""
         self.url = url or self.url
         deadline = trio.current_time() + WAIT
-        while True:
-            try:
-                ws = await connect_websocket_url(nursery, self.url,
-                                                 extra_headers=[("Authorization", f"Bearer {token(self.user_id)}")])
-                break
-            except (HandshakeError, OSError):
-                if trio.current_time() > deadline:
-                    raise
-                await trio.sleep(0.2)
-        self.ws, self.closed = ws, trio.Event()
-        nursery.start_soon(self._read, ws)
-        await self.wait_for(lambda e: e["event"] == "connection:established", since=len(self.events))
+        since = len(self.events)
+        while not await nursery.start(self._hold, self.url):
+            assert trio.current_time() < deadline, f"{self.user_id} could not connect to {self.url}"
+            await trio.sleep(0.2)
+        await self.wait_for(lambda e: e["event"] == "connection:established", since=since)
+
+    async def _hold(self, url: str, *, task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED) -> None:
+        """One connection, until it closes; reports whether the handshake was accepted. (A
+        refusal is raised by trio-websocket's reader task: it gets a nursery of its own.)"""
+        started = False
+        try:
+            async with trio.open_nursery() as inner:
+                ws = await connect_websocket_url(inner, url, extra_headers=[
+                    ("Authorization", f"Bearer {token(self.user_id)}")])
+                self.ws, self.closed = ws, trio.Event()
+                started = True
+                task_status.started(True)
+                await self._read(ws)
+                inner.cancel_scope.cancel()
+        except* (HandshakeError, ConnectionClosed, OSError):
+            pass  # refused (not started), or the node went away (the reader marked it closed)
+        if not started:
+            task_status.started(False)
 
     async def _read(self, ws: WebSocketConnection) -> None:
         try:

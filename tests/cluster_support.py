@@ -14,7 +14,9 @@ from contextlib import asynccontextmanager
 
 import attrs
 import trio
-from conftest import SECRET, Harness
+import trio.testing
+from conftest import SECRET, Client, Harness, bearer, welcomed
+from trio_websocket import ConnectionRejected, WebSocketConnection, wrap_client_stream
 
 from winkr.broker import InProcessBroker
 from winkr.clock import trio_wall_clock
@@ -97,3 +99,28 @@ async def running_cluster(settings: Settings, nodes: int = 2) -> AsyncIterator[C
                 for node in cluster.nodes:
                     node.server.request_shutdown()
         clients.cancel_scope.cancel()
+
+
+async def attempt(harness: Harness, user_id: str) -> Client | None:
+    """A connection of ``user_id``, or None when the handshake is refused. The accepted one
+    lives in a task of the harness's client nursery."""
+    result: list[WebSocketConnection] = []
+    done = trio.Event()
+
+    async def run() -> None:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        harness.server.accept_stream(server_stream)
+        try:
+            async with trio.open_nursery() as inner:
+                result.append(await wrap_client_stream(inner, client_stream, "localhost", "/ws",
+                                                       extra_headers=bearer(harness.token(user_id))))
+                done.set()
+                await trio.sleep_forever()
+        except* ConnectionRejected:
+            pass
+        finally:
+            done.set()
+
+    harness.nursery.start_soon(run)
+    await done.wait()
+    return await welcomed(result[0], user_id) if result else None

@@ -6,11 +6,10 @@ from typing import Any
 
 import trio
 import trio.testing
-from cluster_support import Cluster, running_cluster
+from cluster_support import Cluster, attempt, running_cluster
 from conftest import (
     RATE_LIMITS_OFF,
     Client,
-    Harness,
     assert_refused,
     bearer,
     history_messages,
@@ -22,9 +21,7 @@ from conftest import (
     settle,
     text,
     until_closed,
-    welcomed,
 )
-from trio_websocket import ConnectionRejected, WebSocketConnection, wrap_client_stream
 
 from winkr.api.operations import disconnect_user
 from winkr.config import Settings
@@ -278,31 +275,6 @@ async def test_a_killed_node_s_users_go_offline_and_free_their_slots(autojump_cl
         del again
 
 
-async def attempt(harness: Harness, user_id: str) -> Client | None:
-    """A connection of ``user_id``, or None when the handshake is refused. The accepted one
-    lives in a task of the harness's client nursery."""
-    result: list[WebSocketConnection] = []
-    done = trio.Event()
-
-    async def run() -> None:
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        harness.server.accept_stream(server_stream)
-        try:
-            async with trio.open_nursery() as inner:
-                result.append(await wrap_client_stream(inner, client_stream, "localhost", "/ws",
-                                                       extra_headers=bearer(harness.token(user_id))))
-                done.set()
-                await trio.sleep_forever()
-        except* ConnectionRejected:
-            pass
-        finally:
-            done.set()
-
-    harness.nursery.start_soon(run)
-    await done.wait()
-    return await welcomed(result[0], user_id) if result else None
-
-
 async def test_reconnecting_elsewhere_before_a_dead_node_is_noticed_causes_no_flap(
         autojump_clock: Any, tmp_path: Any) -> None:
     async with running_cluster(cluster_settings(tmp_path), nodes=3) as cluster:
@@ -399,3 +371,21 @@ async def test_the_message_limit_counts_a_user_s_sends_through_every_node(autoju
         refused_send = await alice_laptop.request("message:send", text(conv, "four"))
         assert refused_send["event"] == "error" and refused_send["data"]["code"] == "RATE_LIMITED", refused_send
         assert [m["seq"] for m in await history_messages(bob, conv)] == [1, 2, 3]
+
+
+async def test_an_ephemeral_photo_is_erased_even_when_the_node_that_set_its_deadline_dies(
+        autojump_clock: Any, tmp_path: Any) -> None:
+    async with running_cluster(cluster_settings(tmp_path)) as cluster:
+        alice, bob, conv = await pair_across(cluster)
+        ref = await alice.send("message:send", {"conversation_id": conv, "type": "photo_ephemeral", "content": "peek",
+                                                "metadata": {"url": "https://cdn.winkr.test/p/abc.jpg",
+                                                             "ttl_seconds": 5}})
+        message = (await alice.expect("message:new", ref=ref))["data"]["message"]
+        await bob.expect("message:new")
+        reply = await bob.request("message:read", {"conversation_id": conv, "message_id": message["id"]})
+        assert reply["event"] == "message:viewed", reply
+        read_at = trio.current_time()
+        await cluster.kill(1)  # the node whose reaper knew the deadline
+        deleted = await alice.expect("message:deleted")
+        assert deleted["data"]["message_id"] == message["id"] and deleted["data"]["deleted_by"] == "system"
+        assert trio.current_time() - read_at <= 5 + 30  # node 0's reaper looks at least every 30 s

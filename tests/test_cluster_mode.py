@@ -136,3 +136,14 @@ async def test_every_node_has_an_id_in_its_metrics(tmp_path: Any, node_id: str) 
         expected = node_id or harness.server.node_id
         assert expected and (node_id or "-" in expected)  # hostname-pid by default
         assert metric(harness.server.metrics.text(), "winkr_node_info", node_id=expected) == 1
+
+
+def test_check_config_names_the_cluster_without_its_password(tmp_path: Path) -> None:
+    result = winkr(["check-config"], tmp_path, WINKR_BROKER_URL="redis://:hunter2@127.0.0.1:6379/0",
+                   WINKR_DATABASE_URL="postgresql://winkr@127.0.0.1:5432/winkr", WINKR_JWT_SECRET=SECRET,
+                   WINKR_NODE_ID="node-7", WINKR_PROXY_PROTOCOL_FROM="10.0.0.5")
+    assert result.returncode == 0, result.stdout
+    assert "ok    more than one node: broker redis://:***@127.0.0.1:6379/0, node_id node-7, Redis keys under " \
+           "winkr:" in result.stdout, result.stdout
+    assert "ok    PROXY protocol required from 10.0.0.5" in result.stdout
+    assert "hunter2" not in result.stdout + result.stderr

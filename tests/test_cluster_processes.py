@@ -9,7 +9,9 @@ one PostgreSQL schema and one Redis, real clients on loopback, the real clock.
   503 while it is away and 200 once it is back; after catch-up every acknowledged message
   reached every receiver once, in order;
 - three nodes, concurrent senders into one conversation: one gap-free ``seq``;
-- scripts/loadtest.py driving two nodes: nothing lost, cross-node latency reported.
+- scripts/loadtest.py driving two nodes: nothing lost, cross-node latency reported;
+- the connection cap across nodes: a slot closed on one node is usable on the other within
+  5 s, one held by a killed node once its lease lapses.
 
 Each test has its own PostgreSQL schema and Redis key prefix, starts its processes itself and
 kills them by PID; every wait is bounded (``cluster_processes.WAIT``)."""
@@ -25,12 +27,13 @@ from typing import Any
 
 import pytest
 import trio
-from cluster_processes import SECRET, WAIT, OwnRedis, Peer, Progress
+from cluster_processes import SECRET, WAIT, OwnRedis, Peer, Progress, token
 from conftest import make_settings
 from processes import Servers
 from trio_websocket import ConnectionClosed
 
 from scripts._common import RunningServer
+from winkr.registry.base import NODE_TTL_SECONDS
 
 pytestmark = [pytest.mark.postgres_only, pytest.mark.trio(run=trio.run)]
 
@@ -60,23 +63,19 @@ class Nodes:
     def __init__(self, servers: Servers, database_url: str, redis_url: str, prefix: str) -> None:
         self.servers, self.database_url, self.redis_url, self.prefix = servers, database_url, redis_url, prefix
         self.started: list[RunningServer] = []
+        self.extra_env: dict[str, str] = {}
 
     def start(self, name: str) -> RunningServer:
         node = self.servers.start(None, args=["--log-format", "json"], WINKR_JWT_SECRET=SECRET,
                                   WINKR_DATABASE_URL=self.database_url, WINKR_BROKER_URL=self.redis_url,
                                   WINKR_REDIS_KEY_PREFIX=self.prefix, WINKR_NODE_ID=name,
-                                  WINKR_PRESENCE_GRACE=str(GRACE), **LIMITS_OFF, **short_timings())
+                                  WINKR_PRESENCE_GRACE=str(GRACE), **LIMITS_OFF, **self.extra_env)
         self.started.append(node)
         return node
 
 
 LIMITS_OFF = {"WINKR_MESSAGES_PER_MINUTE": "0", "WINKR_MESSAGES_PER_HOUR": "0", "WINKR_MESSAGES_PER_DAY": "0",
               "WINKR_INBOUND_EVENTS_PER_SECOND": "0"}  # the load is the test's, not an abuser's
-
-
-def short_timings() -> dict[str, str]:
-    """The cluster's liveness timings, short for tests (the settings of winkr/registry)."""
-    return {}
 
 
 @pytest.fixture
@@ -339,3 +338,38 @@ async def test_the_load_test_drives_two_nodes_and_reports_cross_node_latency(nod
     summary = json.loads(run.stdout.decode().splitlines()[-1])
     assert summary["nodes"] == 2 and summary["lost"] == 0 and summary["duplicated"] == 0, summary
     assert summary["delivered_cross_node"] > 0 and summary["cross_node_peer_latency_ms"]["p50"] is not None, summary
+
+
+async def test_a_freed_connection_slot_is_usable_on_the_other_node(nodes: Nodes) -> None:
+    # connections_per_user = 1 on both nodes: the cap counts across them (contract §16), a slot
+    # closed on one node is usable on the other within 5 s (§17.8), and one held by a node that
+    # was killed frees itself once the node's lease lapses.
+    nodes.extra_env = {"WINKR_CONNECTIONS_PER_USER": "1"}
+    node1, node2 = nodes.start("n1"), nodes.start("n2")
+    async with trio.open_nursery() as nursery:
+        first = Peer("alice", node1.url)
+        await first.connect(nursery)
+        assert await handshake_status(node2.port, "alice") == 429
+        await first.aclose()
+        closed_at = trio.current_time()
+        second = Peer("alice", node2.url)
+        await second.connect(nursery)  # retried while refused
+        assert trio.current_time() - closed_at <= 5.0
+        os.kill(node2.proc.pid, signal.SIGKILL)
+        killed_at = trio.current_time()
+        third = Peer("alice", node1.url)
+        await third.connect(nursery)
+        assert trio.current_time() - killed_at <= NODE_TTL_SECONDS + 5.0
+        nursery.cancel_scope.cancel()
+
+
+async def handshake_status(port: int, user_id: str) -> int:
+    """The HTTP status a WebSocket handshake of ``user_id`` gets (101 when accepted)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                          f"Authorization: Bearer {token(user_id)}\r\n\r\n".encode())
+    with trio.fail_after(WAIT):
+        head = await stream.receive_some(4096)
+    await stream.aclose()
+    return int(head.split(b" ", 2)[1])

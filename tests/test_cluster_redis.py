@@ -3,6 +3,7 @@ the broker (pub/sub on its own thread, resync after a reconnect), the presence r
 scripts, and two full nodes meeting only in Redis and the database. Real time, bounded."""
 from __future__ import annotations
 
+import base64
 import shutil
 import socket
 import subprocess
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 import trio
-from cluster_support import running_cluster
+from cluster_support import attempt, running_cluster
 from conftest import (
     RATE_LIMITS_OFF,
     REQUIRE_REDIS,
@@ -34,7 +35,8 @@ from winkr.registry.redis import RedisRegistry
 # Real time: Redis keeps its own clock (TIME) and the broker has a thread of its own, which
 # MockClock's autojump would not wait for. Every wait is bounded.
 pytestmark = pytest.mark.trio(run=trio.run)
-only_once = pytest.mark.sqlite_only  # no store involved: one run is enough
+only_once = pytest.mark.sqlite_only
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()  # no store involved: one run is enough
 
 
 @pytest.fixture
@@ -271,8 +273,95 @@ async def test_a_redis_restart_loses_nothing_acknowledged(own_redis: OwnRedis, t
             after = await send_text(alice, conv, "after")
             assert (await bob.expect("message:new"))["data"]["message"] == after
             assert [m["seq"] for m in named(await bob.nothing_more(0.5), "message:new")] == []
-            carol = await cluster.node(1).connect("carol")  # admissions work again
+            for _ in range(50):  # admissions work again (a client retries a 503 after a moment)
+                if (carol := await attempt(cluster.node(1), "carol")) is not None:
+                    break
+                await trio.sleep(0.1)
+            assert carol is not None
             await carol.close()
+
+
+@only_once
+async def test_with_push_webhooks_on_sends_and_lists_are_answered_while_redis_is_down(
+        own_redis: OwnRedis, tmp_path: Any) -> None:
+    # message.created asks presence who has no open connection before the commit; with Redis
+    # away that question failed and the send was never acknowledged (contract §17.9: it is).
+    await own_redis.start()
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF, broker_url=own_redis.url,
+                             webhook_url="http://127.0.0.1:9/never-answers", webhook_secret=WEBHOOK_SECRET)
+    with trio.fail_after(60):
+        async with running_cluster(settings) as cluster:
+            bob = await cluster.node(1).connect("bob")
+            alice = await cluster.node(0).connect("alice")
+            conv = await cluster.node(0).conversation(alice, "bob")
+            await bob.expect("conversation:created")
+            await join(alice, conv)
+            await join(bob, conv)  # joined on the other node: bob is a candidate for a push
+            await settle(alice, bob)
+            own_redis.kill()
+            with trio.fail_after(10):
+                sent = await send_text(alice, conv, "while Redis is down")
+                listed = await alice.request("conversation:list")
+            assert sent["seq"] == 1
+            assert listed["event"] == "conversation:list", listed
+            await own_redis.start()
+            assert (await bob.expect("message:new"))["data"]["message"] == sent
+
+
+@only_once
+async def test_appearing_offline_survives_a_redis_restart(own_redis: OwnRedis, tmp_path: Any) -> None:
+    # The registry kept the status alone: Redis restarted empty, the nodes registered their
+    # connections again and announced an invisible user online to her contacts.
+    await own_redis.start()
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF, broker_url=own_redis.url)
+    with trio.fail_after(60):
+        async with running_cluster(settings) as cluster:
+            bob = await cluster.node(1).connect("bob")
+            alice = await cluster.node(0).connect("alice")
+            await cluster.node(0).conversation(alice, "bob")
+            await bob.expect("conversation:created")
+            alice_too = await cluster.node(1).connect("alice")  # chooses for both of her connections
+            await settle(alice, bob, alice_too)
+            hidden = await alice_too.request("user:status", {"status": "offline"})
+            assert hidden["event"] == "user:status_updated", hidden
+            await bob.expect("user:offline")
+            await settle(alice, bob, alice_too)
+
+            own_redis.kill()
+            await own_redis.start()  # empty: both nodes register alice's connections again
+            admin = redis.Redis.from_url(own_redis.url)
+            try:
+                await until(lambda: len(admin.keys("*alice*conns")) == 1, timeout=15)
+            finally:
+                admin.close()
+            assert named(await bob.nothing_more(3.0), "user:online") == []
+            listed = await bob.request("conversation:list")
+            seen = [p for c in listed["data"]["conversations"] for p in c["participants"] if p["id"] == "alice"]
+            assert [p["online"] for p in seen] == [False], listed
+
+
+@only_once
+async def test_a_user_who_left_just_before_a_redis_restart_still_goes_offline(
+        own_redis: OwnRedis, tmp_path: Any) -> None:
+    # Found over loopback: alice left, Redis restarted empty within her grace period (the
+    # offline check lived there), and bob never got user:offline: she stayed online in his UI.
+    await own_redis.start()
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF, broker_url=own_redis.url, presence_grace=2.0)
+    with trio.fail_after(60):
+        async with running_cluster(settings) as cluster:
+            bob = await cluster.node(1).connect("bob")
+            alice = await cluster.node(0).connect("alice")
+            await cluster.node(0).conversation(alice, "bob")
+            await bob.expect("conversation:created")
+            await settle(alice, bob)
+            await alice.close()
+            node0 = cluster.nodes[0].server.metrics
+            await until(lambda: metric(node0.text(), "winkr_online_users") == 0)  # node 0 saw her go
+            own_redis.kill()
+            await own_redis.start()  # empty: her offline check is gone with it
+            offline = await bob.expect("user:offline")
+            assert offline["data"]["user_id"] == "alice"
+            assert named(await bob.nothing_more(2), "user:offline") == []
 
 
 @only_once

@@ -1,8 +1,9 @@
 """docs/deploy.md §8 (more than one node), followed literally where a tool can check it: the
-HAProxy and nginx configurations in the doc parse (``haproxy -c``, ``nginx -t``), and the
-doc's HAProxy backend (PROXY v2 to the nodes, PROXY on its ``/readyz`` health checks) in front
-of a real ``winkr serve`` with ``proxy_protocol_from``: the checks pass, clients get through,
-and the node sees the client's address, not HAProxy's.
+HAProxy and nginx configurations in the doc parse (``haproxy -c``, ``nginx -t``); the doc's
+HAProxy backend (PROXY v2 to the nodes, PROXY on its ``/readyz`` health checks) in front of a
+real ``winkr serve`` with ``proxy_protocol_from``: the checks pass, clients get through, and
+the node sees the client's address, not HAProxy's; and the same for the doc's nginx stream
+server (PROXY v1).
 
 HAProxy and nginx come from Debian (``.ci/run`` installs them); without them these tests skip
 with one line each."""
@@ -216,3 +217,48 @@ def test_haproxy_sends_a_connection_refused_by_a_dead_node_to_another(tmp_path: 
             assert ready.startswith(b"HTTP/1.1 200 "), ready
     finally:
         kill(proc)
+
+
+def test_nginx_with_the_documented_stream_config_sends_the_client_address(tmp_path: Path, servers: Servers) -> None:
+    nginx = tool("nginx")
+    if not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
+        pytest.skip("nginx's stream module is not installed (apt-get install libnginx-mod-stream)")
+    node = servers.start(tmp_path / "winkr.db", args=["--log-format", "json"], WINKR_JWT_SECRET=SECRET,
+                         WINKR_PROXY_PROTOCOL_FROM="127.0.0.1")
+    port = free_port()
+    # The doc's config, TLS left out, its one upstream the node, one worker, files in tmp_path.
+    config = re.sub(r"(?m)^        server 10\.0\.0\.1[23]:8080.*\n", "", doc_block("nginx"))
+    config = (config.replace("10.0.0.11:8080", f"127.0.0.1:{node.port}")
+              .replace("listen 443 ssl;", f"listen 127.0.0.1:{port};")
+              .replace("worker_processes auto;", "worker_processes 1;"))
+    config = re.sub(r"(?m)^\s*ssl_certificate(_key)? .*\n", "", config)
+    # One process (no master and workers): killing it by its PID leaves nothing behind.
+    (tmp_path / "nginx.conf").write_text(f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+                                         f"daemon off;\nmaster_process off;\n{config}")
+    proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "nginx.stderr", "w"), text=True)
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:  # nginx listening
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "nginx.stderr").read_text()
+                time.sleep(0.1)
+        upgrade = (b"GET /ws HTTP/1.1\r\nHost: chat.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                   b"Authorization: Bearer not-a-token\r\n\r\n")
+        assert exchange(port, upgrade, "127.0.0.4").startswith(b"HTTP/1.1 401 ")
+        ready = exchange(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n", "127.0.0.5")
+        assert ready.startswith(b"HTTP/1.1 200 "), ready
+    finally:
+        kill(proc)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        lines = [json.loads(line) for line in node.log_text().splitlines() if line.startswith("{")]
+        refused = [line for line in lines if line.get("msg") == "handshake refused"]
+        if refused or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert [line["ip"] for line in refused] == ["127.0.0.4"], lines

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 import trio
+from cluster_processes import OwnRedis
 from conftest import (
     RATE_LIMITS_OFF,
     assert_refused,
@@ -175,14 +176,15 @@ async def test_a_node_given_a_broker_url_counts_its_limits_in_that_redis(
         client.close()
 
 
-class HangingUp:
-    """A TCP server (on a thread of its own) that accepts and closes at once, counting the
-    connections: a Redis that fails every call."""
+class Silent:
+    """A TCP server (on a thread of its own) that accepts and never answers, counting the
+    connections: a Redis whose every call times out."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.accepted = 0
+        self.held: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -192,19 +194,21 @@ class HangingUp:
             except OSError:
                 return
             self.accepted += 1
-            conn.close()
+            self.held.append(conn)
 
     def close(self) -> None:
         self.sock.close()
+        for conn in self.held:
+            conn.close()
 
 
 @pytest.mark.sqlite_only
-async def test_after_a_failed_call_redis_is_not_asked_again_for_a_second(redis_prefix: str) -> None:
-    server = HangingUp()
+async def test_after_a_call_timed_out_redis_is_not_asked_again_for_a_second(redis_prefix: str) -> None:
+    server = Silent()
     errors: list[int] = []
     node = limiter(f"redis://127.0.0.1:{server.port}/0", redis_prefix, on_error=lambda: errors.append(1))
     try:
-        assert await node.hit("typing\x1falice", Rate(1, "minute")) == 0.0  # failed open
+        assert await node.hit("typing\x1falice", Rate(1, "minute")) == 0.0  # timed out: failed open
         tried = server.accepted
         assert tried >= 1
         # Within the pause: answered at once, without Redis (and still counted as unanswered).
@@ -218,3 +222,36 @@ async def test_after_a_failed_call_redis_is_not_asked_again_for_a_second(redis_p
     finally:
         await node.aclose()
         server.close()
+
+
+async def test_failed_handshakes_per_address_are_counted_across_nodes(
+        tmp_path: Any, redis_url: str, redis_prefix: str) -> None:
+    settings = make_settings(tmp_path, limits={"failed_handshakes_per_minute_per_ip": 2})
+    clock = Clock()
+    bad = [("Authorization", "Bearer not-a-token")]
+    async with running(settings, limiter=limiter(redis_url, redis_prefix, clock)) as node_a, \
+            running(settings, limiter=limiter(redis_url, redis_prefix, clock)) as node_b:
+        assert_refused(await refused(node_a, headers=bad), 401, "UNAUTHORIZED")
+        assert_refused(await refused(node_b, headers=bad), 401, "UNAUTHORIZED")
+        # The third from the same address, on either node, is over the limit.
+        data = assert_refused(await refused(node_a, headers=bad), 429, "RATE_LIMITED")
+        assert data["details"]["limit"] == "2/minute", data
+        assert data["message"] == "too many failed handshakes from this address"
+
+
+@pytest.mark.sqlite_only
+async def test_a_refusing_redis_is_asked_again_at_the_next_call(tmp_path: Any, redis_prefix: str) -> None:
+    # Refused at once (nothing listens yet): no pause, so the Redis that has started since
+    # counts the very next call.
+    own = OwnRedis(tmp_path)
+    errors: list[int] = []
+    node = limiter(own.url, redis_prefix, on_error=lambda: errors.append(1))
+    try:
+        with pytest.raises(LimiterUnavailable):
+            await node.check("connect\x1falice", Rate(10, "minute"))
+        own.start()
+        assert await node.hit("connect\x1falice", Rate(10, "minute")) == 0.0
+        assert len(errors) == 1
+    finally:
+        await node.aclose()
+        own.kill()

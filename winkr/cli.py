@@ -25,6 +25,7 @@ from winkr.config import ConfigError, Settings, load_settings
 from winkr.errors import ProtocolError
 from winkr.logs import json_line, setup_logging
 from winkr.store.engine import database_errors
+from winkr.store.url import redact
 
 log = logging.getLogger("winkr")
 
@@ -338,7 +339,14 @@ def _check_config(settings: Settings, config_file: str | None) -> int:
         lines.append(("ok", f"database {settings.database.redacted()} (PostgreSQL client installed; "
                             "the server is contacted at start, migrations run then)"))
     lines += [("error", problem) for problem in preflight.key_problems(settings)]
-    lines += [("error", problem) for problem in cluster_problems(settings)]
+    cluster_lines = [("error", problem) for problem in cluster_problems(settings)]
+    if settings.clustered and not cluster_lines:
+        cluster_lines.append(("ok", f"more than one node: broker {redact(settings.broker_url)}, node_id "
+                                    f"{settings.node_id or '(hostname-pid)'}, Redis keys under "
+                                    f"{settings.redis_key_prefix}"))
+    if settings.proxy_protocol_from:
+        cluster_lines.append(("ok", "PROXY protocol required from " + ", ".join(settings.proxy_protocol_from)))
+    lines += cluster_lines
     if settings.jwt_algorithm == "HS256":
         try:
             found = preflight.find_secret(settings, config_file)

@@ -57,6 +57,10 @@ class _User:
     apart: set[str] = attrs.Factory(set)
     read_receipts: bool = True
     online_status: bool = True
+    # The status the user chose while connected here (or through another node, over the bus):
+    # the registry's copy is lost when Redis restarts empty, and an "appear offline" must
+    # survive that (it lasts until the user's last connection closes).
+    status: str = "online"
 
 
 # --- requests (the closed union the inbox carries) -------------------------------------------
@@ -494,11 +498,23 @@ class _Presence:
                 await self._release(user_id)
             case _RegisterAgain():
                 for user_id, state in list(self.users.items()):
+                    announce = False
                     for peer_id in list(state.members):
                         member = state.members[peer_id]
                         await self.registry.admit(user_id, member, 0)
-                        if await self.registry.opened(user_id, member, state.online_status):
-                            self._announce(user_id, state.username, state.contacts, online=True)
+                        announce = await self.registry.opened(user_id, member, state.online_status) or announce
+                    if state.members and state.status != "online":
+                        # Restored before anyone is told: an invisible user stays invisible.
+                        await self.registry.set_status(user_id, state.status, state.online_status)
+                        announce = announce and state.status != "offline"
+                    if announce:
+                        self._announce(user_id, state.username, state.contacts, online=True)
+                    if not state.members and state.grace_pending and state.status != "offline" \
+                            and state.online_status:
+                        # Left here within the grace period: the registry lost the offline check
+                        # with everything else, and the contacts saw the user online. A close of
+                        # a member it does not know starts the check again.
+                        await self.registry.closed(user_id, str(next(self._members)), self.grace)
             case _CheckGrace(user_ids=user_ids):
                 for user_id in user_ids:
                     await self._grace_expired(user_id)
@@ -626,6 +642,9 @@ class _Presence:
             self._together(user_id, str(data["other"]), bool(data["still_apart"]), bool(data["contacts"]))
         elif kind == bus.DROP_CONTACT:
             self._drop_contact(user_id, str(data["other"]))
+        elif kind == bus.STATUS:
+            if (state := self.users.get(user_id)) is not None:
+                state.status = str(data["status"])
         elif kind == bus.SETTINGS:
             if (state := self.users.get(user_id)) is not None:
                 state.read_receipts, state.online_status = bool(data["read_receipts"]), bool(data["online_status"])
@@ -700,7 +719,8 @@ class _Presence:
         except RegistryUnavailable:
             self.unfinished.append(("open", peer.user_id, member))  # told once Redis answers again
             return
-        if announce:
+        if announce:  # the registry began a new session: an earlier "appear offline" is over
+            state.status = "online"
             self._announce(peer.user_id, state.username, state.contacts, online=True)
 
     async def _release(self, user_id: str) -> None:
@@ -812,6 +832,8 @@ class _Presence:
         state = self.users[user_id]
         now = self.frames.now()
         change = await self.registry.set_status(user_id, request.status, state.online_status)
+        state.status = request.status
+        self._share((user_id,), bus.STATUS, {"status": request.status})
         went_invisible = request.status == "offline" and change.previous != "offline"
         if change.announce is not None:
             self._announce(user_id, state.username, state.contacts, online=change.announce == "online")

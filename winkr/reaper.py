@@ -35,8 +35,10 @@ def open_reaper_channel() -> tuple[ReaperHandle, trio.MemoryReceiveChannel[None]
 
 
 async def run_reaper(store: StoreHandle, get_room: GetRoom, clock: WallClock,
-                     receive: trio.MemoryReceiveChannel[None]) -> None:
-    """Sleep until the earliest ephemeral deadline (or a nudge); erase what is due."""
+                     receive: trio.MemoryReceiveChannel[None], *, poll: float = math.inf) -> None:
+    """Sleep until the earliest ephemeral deadline (or a nudge); erase what is due. ``poll``
+    (a cluster): look again at least this often, since a deadline another node set nudges only
+    that node's reaper, and that node may die before it."""
     while True:
         next_expiry = await store.call(lambda s: s.next_expiry())
         if next_expiry is not None and next_expiry <= clock():
@@ -44,6 +46,6 @@ async def run_reaper(store: StoreHandle, get_room: GetRoom, clock: WallClock,
             for conversation_id, message_id in await store.call(partial(Store.expire_due, now=now)):
                 await send_to_room(get_room, conversation_id, SystemDeleted(message_id, now))
             continue
-        wait = math.inf if next_expiry is None else next_expiry - clock()
+        wait = min(poll, math.inf if next_expiry is None else next_expiry - clock())
         with trio.move_on_after(wait):
             await receive.receive()

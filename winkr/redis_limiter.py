@@ -16,9 +16,11 @@ is imported only when a Redis URL is configured.
 When Redis cannot be reached a limit of a fail-open kind (typing, status) allows the event,
 and one of a fail-closed kind (connect, failed) raises ``LimiterUnavailable`` (the handshake
 gets HTTP 503, contract §17.9): a node must not accept unlimited new connections while it
-cannot count them, but a typing indicator is not worth refusing. After a failed call the
-limiter does not ask Redis again for ``PAUSE_AFTER_FAILURE_SECONDS``: a Redis that times out
-would otherwise hold every typing event (and every handshake) for ``CALL_TIMEOUT_SECONDS``.
+cannot count them, but a typing indicator is not worth refusing. After a call that timed out
+the limiter does not ask Redis again for ``PAUSE_AFTER_FAILURE_SECONDS``: a Redis that does not
+answer would otherwise hold every typing event (and every handshake) for
+``CALL_TIMEOUT_SECONDS``. A refused connection fails at once and pauses nothing, so a Redis
+that is back is used at the next call.
 """
 from __future__ import annotations
 
@@ -123,7 +125,9 @@ class RedisLimiter:
                 raise redis.ConnectionError("paused after a failed call")
             answer = await self._run_sync(call)
         except redis.RedisError as exc:
-            if trio.current_time() >= self._paused_until:
+            if isinstance(exc, redis.TimeoutError) and trio.current_time() >= self._paused_until:
+                # Only a Redis that does not answer in time: one that refuses does so at once,
+                # and its return must be noticed at the next call.
                 self._paused_until = trio.current_time() + PAUSE_AFTER_FAILURE_SECONDS
             self._on_error()
             kind = key.partition("\x1f")[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -467,7 +468,8 @@ class Server:
                                 ROOM_IDLE_SECONDS, rates, webhooks, broker)
 
         hub = await nursery.start(partial(run_hub, room_services, rooms_gauge=self.metrics.rooms))
-        nursery.start_soon(run_reaper, store_handle, hub.room, self.clock, reaper_inbox)
+        nursery.start_soon(partial(run_reaper, store_handle, hub.room, self.clock, reaper_inbox,
+                                   poll=POSITION_CHECK_SECONDS if broker.shared else math.inf))
         nursery.start_soon(self._sample_runtime)
         revocations = await nursery.start(partial(run_revocations, store_handle, broker=broker))
         nursery.start_soon(partial(run_dispatcher, inbox, hub, presence, revocations,

@@ -21,6 +21,7 @@ APART = "apart"  # {"other"}: a block either way
 TOGETHER = "together"  # {"other", "still_apart", "contacts"}: an unblock
 DROP_CONTACT = "drop_contact"  # {"other"}
 SETTINGS = "settings"  # {"read_receipts", "online_status"}
+STATUS = "status"  # {"status"}: the user's chosen status (kept by every node holding them)
 CLOSE = "close"  # {"reason"}: ask every connection of the user to close
 # all
 REVOKED = "revoked"  # {"user_id", "at"}

@@ -367,6 +367,15 @@ def require_cluster_extra() -> None:
                            f"installed): {CLUSTER_EXTRA}") from None
 
 
+def one_at_a_time(db: Database, key: str) -> None:
+    """Until this transaction ends, another node's transaction that asks for ``key`` waits: for
+    a limit counted from rows (conversations or reports a day), which two nodes must not count
+    at once (each would see the other's row missing and both would write one). PostgreSQL: a
+    transaction-scoped advisory lock on a hash of ``key``; SQLite's one writer already is."""
+    if db.dialect.name == POSTGRESQL:
+        db.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (key,))
+
+
 def database_errors() -> tuple[type[Exception], ...]:
     """The exception classes of the drivers loaded so far (for "cannot open the database")."""
     errors: list[type[Exception]] = [sqlite3.Error]

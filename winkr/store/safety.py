@@ -27,7 +27,7 @@ from winkr.records import (
     StoredMessage,
     UserSettings,
 )
-from winkr.store.engine import Database
+from winkr.store.engine import Database, one_at_a_time
 
 SERVICE_CLOSER = "service"
 """``closed_by`` of a conversation closed through the server API (or a service account)."""
@@ -184,7 +184,9 @@ class SafetyQueries:
         return Report(report_id, reporter, reason, note, snapshot, now)
 
     def _count_report(self, reporter: str, per_day: int, now: float) -> None:
-        """An exact sliding day window, read from the reports themselves (survives restarts)."""
+        """An exact sliding day window, read from the reports themselves (survives restarts; one
+        node at a time per reporter)."""
+        one_at_a_time(self.db, f"reports_per_day\x1f{reporter}")
         day = PERIODS["day"]
         rows = self.db.execute("SELECT reported_at FROM reports WHERE reporter_id = ? AND reported_at > ? "
                                "ORDER BY reported_at DESC LIMIT ?", (reporter, now - day, per_day)).fetchall()

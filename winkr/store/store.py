@@ -33,7 +33,7 @@ from winkr.records import (
     UnreadSummary,
     authorize,
 )
-from winkr.store.engine import Database, SqliteDatabase
+from winkr.store.engine import Database, SqliteDatabase, one_at_a_time
 from winkr.store.safety import SafetyQueries
 
 _MESSAGE_COLUMNS = ("conversation_id, seq, sender_id, type, content, metadata, client_message_id,"
@@ -467,7 +467,9 @@ class Store(SafetyQueries):
                             "DO UPDATE SET tat = excluded.tat", updates)
 
     def _count_conversation(self, creator: str, per_day: int, now: float) -> None:
-        """An exact sliding day window, read from the conversations themselves."""
+        """An exact sliding day window, read from the conversations themselves (one node at a
+        time per creator)."""
+        one_at_a_time(self.db, f"conversations_per_day\x1f{creator}")
         day = PERIODS["day"]
         rows = self.db.execute("SELECT created_at FROM conversations WHERE created_by = ? AND "
                                "created_at > ? ORDER BY created_at DESC LIMIT ?",
