@@ -6,7 +6,7 @@ from typing import Any
 
 import trio
 import trio.testing
-from cluster_support import Cluster, attempt, running_cluster
+from cluster_support import Cluster, attempt, pair_across, running_cluster
 from conftest import (
     RATE_LIMITS_OFF,
     Client,
@@ -29,21 +29,6 @@ from winkr.config import Settings
 
 def cluster_settings(tmp_path: Any, **overrides: Any) -> Settings:
     return make_settings(tmp_path, limits=RATE_LIMITS_OFF, **overrides)
-
-
-async def pair_across(cluster: Cluster, *, alice_joined: bool = True,
-                      bob_joined: bool = True) -> tuple[Client, Client, str]:
-    """alice on node 0, bob on node 1, one conversation between them."""
-    alice = await cluster.node(0).connect("alice")
-    bob = await cluster.node(1).connect("bob")
-    conv = await cluster.node(0).conversation(alice, "bob")
-    await bob.expect("conversation:created")  # created on node 0, told on node 1
-    if alice_joined:
-        await join(alice, conv)
-    if bob_joined:
-        await join(bob, conv)
-    await settle(alice, bob)
-    return alice, bob, conv
 
 
 async def test_clients_on_two_nodes_chat_with_receipts_and_reads(autojump_clock: Any, tmp_path: Any) -> None:

@@ -12,13 +12,12 @@ from typing import Any
 import pytest
 import redis
 import trio
-from cluster_support import attempt, running_cluster
+from cluster_support import attempt, pair_across, running_cluster
 from conftest import (
     RATE_LIMITS_OFF,
     REQUIRE_REDIS,
     assert_refused,
     bearer,
-    join,
     make_settings,
     metric,
     named,
@@ -175,13 +174,7 @@ async def test_two_nodes_on_redis_chat_and_see_each_other_online(
                              presence_grace=0.2)
     with trio.fail_after(30):
         async with running_cluster(settings) as cluster:
-            bob = await cluster.node(1).connect("bob")
-            alice = await cluster.node(0).connect("alice")
-            conv = await cluster.node(0).conversation(alice, "bob")
-            await bob.expect("conversation:created")
-            await join(alice, conv)
-            await join(bob, conv)
-            await settle(alice, bob)
+            alice, bob, conv = await pair_across(cluster)
             sent = await send_text(alice, conv, "through redis")
             assert (await bob.expect("message:new"))["data"]["message"] == sent
             assert (await alice.expect("message:delivered"))["data"]["recipient_id"] == "bob"
@@ -250,13 +243,7 @@ async def test_a_redis_restart_loses_nothing_acknowledged(own_redis: OwnRedis, t
     settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF, broker_url=own_redis.url)
     with trio.fail_after(60):
         async with running_cluster(settings) as cluster:
-            bob = await cluster.node(1).connect("bob")
-            alice = await cluster.node(0).connect("alice")
-            conv = await cluster.node(0).conversation(alice, "bob")
-            await bob.expect("conversation:created")
-            await join(alice, conv)
-            await join(bob, conv)
-            await settle(alice, bob)
+            alice, bob, conv = await pair_across(cluster)
             await send_text(alice, conv, "before")
             await bob.expect("message:new")
 
@@ -292,13 +279,7 @@ async def test_with_push_webhooks_on_sends_and_lists_are_answered_while_redis_is
                              webhook_url="http://127.0.0.1:9/never-answers", webhook_secret=WEBHOOK_SECRET)
     with trio.fail_after(60):
         async with running_cluster(settings) as cluster:
-            bob = await cluster.node(1).connect("bob")
-            alice = await cluster.node(0).connect("alice")
-            conv = await cluster.node(0).conversation(alice, "bob")
-            await bob.expect("conversation:created")
-            await join(alice, conv)
-            await join(bob, conv)  # joined on the other node: bob is a candidate for a push
-            await settle(alice, bob)
+            alice, bob, conv = await pair_across(cluster)  # bob joined on node 1: a push candidate
             own_redis.kill()
             with trio.fail_after(10):
                 sent = await send_text(alice, conv, "while Redis is down")
@@ -350,11 +331,7 @@ async def test_a_user_who_left_just_before_a_redis_restart_still_goes_offline(
     settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF, broker_url=own_redis.url, presence_grace=2.0)
     with trio.fail_after(60):
         async with running_cluster(settings) as cluster:
-            bob = await cluster.node(1).connect("bob")
-            alice = await cluster.node(0).connect("alice")
-            await cluster.node(0).conversation(alice, "bob")
-            await bob.expect("conversation:created")
-            await settle(alice, bob)
+            alice, bob, _ = await pair_across(cluster, alice_joined=False, bob_joined=False)
             await alice.close()
             node0 = cluster.nodes[0].server.metrics
             await until(lambda: metric(node0.text(), "winkr_online_users") == 0)  # node 0 saw her go
@@ -372,11 +349,7 @@ async def test_a_user_who_left_while_redis_was_down_goes_offline_once_it_is_back
     settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF, broker_url=own_redis.url, presence_grace=0.5)
     with trio.fail_after(60):
         async with running_cluster(settings) as cluster:
-            bob = await cluster.node(1).connect("bob")
-            alice = await cluster.node(0).connect("alice")
-            await cluster.node(0).conversation(alice, "bob")
-            await bob.expect("conversation:created")
-            await settle(alice, bob)
+            alice, bob, _ = await pair_across(cluster, alice_joined=False, bob_joined=False)
             own_redis.kill()
             await alice.close()  # the registry cannot be told now
             node0 = cluster.nodes[0].server.metrics
