@@ -18,11 +18,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from processes import Servers
 
-from scripts._common import kill
+from scripts._common import RunningServer, kill
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "deploy.md"
@@ -30,6 +31,24 @@ SECRET = "deploy-cluster-test-secret-0123456789abcdef"
 WAIT_SECONDS = 20.0
 
 pytestmark = pytest.mark.sqlite_only
+
+
+BAD_TOKEN_UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: chat.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Authorization: Bearer not-a-token\r\n\r\n")
+"""A WebSocket upgrade the node refuses (401) and logs with the client's address."""
+
+
+def refused_handshakes(node: RunningServer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The node's JSON log lines and its "handshake refused" lines, once there is one (or
+    after WAIT_SECONDS)."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        lines = [json.loads(line) for line in node.log_text().splitlines() if line.startswith("{")]
+        refused = [line for line in lines if line.get("msg") == "handshake refused"]
+        if refused or time.monotonic() > deadline:
+            return lines, refused
+        time.sleep(0.1)
 
 
 def doc_block(language: str) -> str:
@@ -171,23 +190,14 @@ def test_haproxy_with_the_documented_backend_sends_the_client_address(tmp_path: 
             time.sleep(0.1)
         # A client on 127.0.0.2 (HAProxy reaches the node from 127.0.0.1): a refused handshake
         # is logged with the client's address, and answered through HAProxy.
-        upgrade = (b"GET /ws HTTP/1.1\r\nHost: chat.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                   b"Authorization: Bearer not-a-token\r\n\r\n")
-        assert exchange(port, upgrade, "127.0.0.2").startswith(b"HTTP/1.1 401 ")
+        assert exchange(port, BAD_TOKEN_UPGRADE, "127.0.0.2").startswith(b"HTTP/1.1 401 ")
         ready = exchange(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n", "127.0.0.3")
         assert ready.startswith(b"HTTP/1.1 200 ") and b'"ready"' in ready
         # Straight to the node, without HAProxy's header, from the trusted address: closed unanswered.
         assert exchange(node.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n", "127.0.0.1") == b""
     finally:
         kill(proc)
-    deadline = time.monotonic() + WAIT_SECONDS
-    while True:
-        lines = [json.loads(line) for line in node.log_text().splitlines() if line.startswith("{")]
-        refused = [line for line in lines if line.get("msg") == "handshake refused"]
-        if refused or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    lines, refused = refused_handshakes(node)
     assert [line["ip"] for line in refused] == ["127.0.0.2"], lines
     assert [line["ip"] for line in lines if line.get("msg") == "PROXY header refused"] == ["127.0.0.1"]
 
@@ -246,19 +256,10 @@ def test_nginx_with_the_documented_stream_config_sends_the_client_address(tmp_pa
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "nginx.stderr").read_text()
                 time.sleep(0.1)
-        upgrade = (b"GET /ws HTTP/1.1\r\nHost: chat.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                   b"Authorization: Bearer not-a-token\r\n\r\n")
-        assert exchange(port, upgrade, "127.0.0.4").startswith(b"HTTP/1.1 401 ")
+        assert exchange(port, BAD_TOKEN_UPGRADE, "127.0.0.4").startswith(b"HTTP/1.1 401 ")
         ready = exchange(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n", "127.0.0.5")
         assert ready.startswith(b"HTTP/1.1 200 "), ready
     finally:
         kill(proc)
-    deadline = time.monotonic() + WAIT_SECONDS
-    while True:
-        lines = [json.loads(line) for line in node.log_text().splitlines() if line.startswith("{")]
-        refused = [line for line in lines if line.get("msg") == "handshake refused"]
-        if refused or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    lines, refused = refused_handshakes(node)
     assert [line["ip"] for line in refused] == ["127.0.0.4"], lines
