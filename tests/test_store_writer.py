@@ -106,3 +106,57 @@ async def test_a_full_writer_inbox_makes_callers_wait_and_a_stop_still_answers_w
         db.close()
     assert sorted(answered) == ["first", "second"]
     assert _users(settings) == {"first", "second", "third"}
+
+
+def _insert_user_raw(user_id: str, store: Store) -> str:
+    """A plain INSERT: a second one for the same id breaks the primary key (the database's
+    own IntegrityError / UniqueViolation, not a ProtocolError)."""
+    store.db.execute("INSERT INTO users (id, username) VALUES (?, ?)", (user_id, user_id))
+    return user_id
+
+
+async def test_a_request_the_database_refuses_fails_only_its_caller_in_a_shared_batch(tmp_path: Path) -> None:
+    """Three requests queued behind a running transaction go into one batch; the middle one
+    breaks a constraint. Its caller gets the database's error; the two around it commit in
+    the same batch, and the thread goes on serving."""
+    settings = make_settings(tmp_path)
+    db = open_engine(settings.database).open_writer()
+    metrics = Metrics()
+    entered, release = threading.Event(), threading.Event()
+    outcomes: dict[str, object] = {}
+
+    def _blocked(store: Store) -> str:
+        entered.set()
+        release.wait(30)
+        return _upsert("first", store)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            store: StoreHandle = await nursery.start(partial(run_store_writer, Store(db), trio.to_thread.run_sync,
+                                                             metrics=metrics))
+            assert await store.call(partial(_insert_user_raw, "taken")) == "taken"
+
+            async def caller(name: str, work: Any) -> None:
+                try:
+                    outcomes[name] = await store.call(work)
+                except Exception as exc:  # noqa: BLE001 - what the caller was told
+                    outcomes[name] = exc
+
+            async with trio.open_nursery() as callers:
+                callers.start_soon(caller, "blocked", _blocked)
+                await trio.to_thread.run_sync(entered.wait, 30)
+                callers.start_soon(caller, "before", partial(_insert_user_raw, "before"))
+                await trio.testing.wait_all_tasks_blocked()
+                callers.start_soon(caller, "clash", partial(_insert_user_raw, "taken"))
+                await trio.testing.wait_all_tasks_blocked()
+                callers.start_soon(caller, "after", partial(_insert_user_raw, "after"))
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+            assert await store.call(partial(_upsert, "later")) == "later"  # the thread lives on
+            nursery.cancel_scope.cancel()
+    finally:
+        db.close()
+    assert outcomes["blocked"] == "first" and outcomes["before"] == "before" and outcomes["after"] == "after"
+    clash = outcomes["clash"]
+    assert isinstance(clash, Exception) and not isinstance(clash, ProtocolError), clash
+    assert _users(settings) == {"taken", "first", "before", "after", "later"}

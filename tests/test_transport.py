@@ -10,9 +10,10 @@ import trio
 import trio.testing
 from conftest import RATE_LIMITS_OFF, Harness, make_settings, running, still_works
 from trio_websocket import WebSocketRequest, wrap_client_stream
-from wire_clients import RawClient
-from wsproto import WSConnection
+from wire_clients import RawClient, bounded_stream_pair
+from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
+from wsproto.events import AcceptConnection, Ping, Request
 
 from winkr.transport import Pong, WinkrWebSocket, send_frames, send_ping, wrap_server_stream
 
@@ -146,3 +147,28 @@ async def test_a_pong_behind_frames_waiting_for_the_budget_still_counts(autojump
         assert raw.close_code is None, raw.events
         assert len(raw.pings) >= 7
         assert len([e for e in raw.events if e.get("ref", "").startswith("r")]) == 8
+
+
+
+async def test_a_client_that_floods_pings_and_reads_nothing_is_cut(autojump_clock: Any, tmp_path: Any) -> None:
+    """Pings keep coming, nothing is read: the pongs fill the socket and the connection's
+    reader waits in their write, holding the stream; the heartbeat's own ping then waits for
+    the stream too. Neither wait had a limit, so the connection (online, holding a slot)
+    stayed until its token expired. The ping waits as a write does: at most twice
+    ``slow_consumer_seconds``, then the connection is cut as a slow consumer."""
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF | {"slow_consumer_seconds": 5},
+                             ping_interval=5.0, pong_timeout=10.0)
+    async with running(settings) as harness:
+        client_end, server_end = bounded_stream_pair(16 * 1024)
+        harness.server.accept_stream(server_end)
+        ws = WSConnection(ConnectionType.CLIENT)
+        await client_end.send_all(ws.send(Request(host="localhost", target="/ws", extra_headers=[
+            (b"authorization", f"Bearer {harness.token('alice')}".encode())])))
+        with trio.fail_after(10):
+            while not any(isinstance(event, AcceptConnection) for event in ws.events()):
+                ws.receive_data(await client_end.receive_some(65536))
+        await client_end.send_all(b"".join(ws.send(Ping(payload=b"p" * 125)) for _ in range(2000)))
+        to_client = client_end.incoming
+        with trio.fail_after(60):  # ping 5 s + the stall limit 10 s + the goodbye's 2 s, with room
+            while not to_client.send_closed:
+                await to_client.lot.park()

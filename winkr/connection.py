@@ -284,7 +284,17 @@ class Connection:
                         continue
                     pong, pong_deadline = None, math.inf  # answered: hold nothing until the next ping
                 if now >= next_ping:
-                    pong = await send_ping(self.ws)
+                    # A ping is a write like any other: bounded by the stall limit. Without it,
+                    # a client that floods pings and reads nothing held the connection until its
+                    # token expired: the reader waits in a pong's write holding the stream, so
+                    # this ping waited for the stream forever and pong_timeout never came.
+                    # (A scope per ping, every ping_interval: not the per-write cost above.)
+                    with trio.move_on_after(stall_limit) as ping_stalled:
+                        pong = await send_ping(self.ws)
+                    if ping_stalled.cancelled_caught:
+                        self._write_interrupted = True  # a ping may be cut mid-frame
+                        self._outbox.request_close("slow_consumer")
+                        return
                     pong_deadline = now + settings.pong_timeout
                     next_ping = now + settings.ping_interval
         except ConnectionClosed:
