@@ -14,9 +14,10 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
-from conftest import Harness, bearer, running
+from conftest import Harness, bearer, join, named, running, send_text, until_closed
 
 from winkr.config import Settings
+from winkr.server import ROOM_IDLE_SECONDS
 
 T = TypeVar("T")
 
@@ -69,3 +70,27 @@ async def test_connections_closed_right_after_the_handshake_free_their_slots(aut
     for _ in range(limit):
         await harness.connect("alice")
 
+
+
+async def test_a_connection_closed_while_its_join_waits_for_the_room_leaves_no_member_behind(
+        autojump_clock: Any, threaded: Harness) -> None:
+    # Once: the connection recorded a join only after the room's answer, so a connection closed
+    # while its join waited (token expiry, an API disconnect) never departed from that room:
+    # the room kept a dead member, recorded deliveries to it and never went to sleep.
+    harness = threaded
+    alice = await harness.connect("alice")
+    conv = await harness.conversation(alice, "bob")
+    await join(alice, conv)
+    await alice.request("conversation:leave", {"conversation_id": conv})
+    await trio.sleep(ROOM_IDLE_SECONDS + 5)  # the room sleeps: a join must wake it
+
+    bob = await harness.connect("bob", token=harness.token("bob", ttl=30))
+    expires_at = int(harness.server.clock()) + 30
+    await trio.sleep(expires_at - harness.server.clock() - 0.001)
+    await bob.send("conversation:join", {"conversation_id": conv})  # the room's wake-up read takes 2 ms
+    events, code = await until_closed(bob)
+    assert code == 4001 and named(events, "conversation:joined") == [], events  # expired while it waited
+
+    await join(alice, conv)
+    await send_text(alice, conv, "anyone there?")
+    assert named(await alice.nothing_more(2.0), "message:delivered") == []  # bob is not connected

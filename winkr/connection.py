@@ -113,8 +113,11 @@ class Connection:
             raise ProtocolError(CONVERSATION_FULL, f"this connection has joined {limit} conversations, the most "
                                 "one connection may; leave one first", field="conversation_id")
 
-    def joined_room(self, conversation_id: str) -> None:
+    def joined_room(self, conversation_id: str) -> bool:
+        if conversation_id in self._joined:
+            return False
         self._joined.add(conversation_id)
+        return True
 
     def left_room(self, conversation_id: str) -> None:
         self._joined.discard(conversation_id)

@@ -53,8 +53,9 @@ class ConnectionContext(Protocol):
     def check_can_join(self, conversation_id: str) -> None:
         """Raise ``ProtocolError`` if this connection may not join one more room."""
 
-    def joined_room(self, conversation_id: str) -> None:
-        """Record that the room accepted this connection."""
+    def joined_room(self, conversation_id: str) -> bool:
+        """Record a join of the room (asked or accepted); False when it was recorded already.
+        A recorded room hears ``Depart`` when the connection ends."""
 
     def left_room(self, conversation_id: str) -> None:
         """Record that this connection left the room."""

@@ -22,14 +22,22 @@ LIST_UNIT = 5
 
 
 async def join(conn: ConnectionContext, request: ConversationRef, ref: str | None) -> None:
-    """On the connection: within its join budget, ask the room; remember the room only once
-    it accepted (a refused id is not kept)."""
+    """On the connection: within its join budget, ask the room; a refused id is not kept.
+    The room is recorded before asking: a connection that ends while the room has the join
+    in its inbox then departs after it (the room's inbox keeps the order), and no dead member
+    stays in the room."""
     conn.check_can_join(request.conversation_id)
+    newly = conn.joined_room(request.conversation_id)
     accepted: Reply[bool] = Reply()
-    await conn.to_room(request.conversation_id, RoomCall(JOIN_IN_ROOM, conn.peer, request, ref,
-                                                         outcome=accepted))
-    if await accepted.wait():
-        conn.joined_room(request.conversation_id)
+    try:
+        await conn.to_room(request.conversation_id, RoomCall(JOIN_IN_ROOM, conn.peer, request, ref,
+                                                             outcome=accepted))
+    except BaseException:
+        if newly:  # never reached the room's inbox: nothing to depart from
+            conn.left_room(request.conversation_id)
+        raise
+    if not await accepted.wait() and newly:
+        conn.left_room(request.conversation_id)
 
 
 async def _join_in_room(room: RoomContext, call: RoomCall) -> None:
