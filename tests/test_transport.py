@@ -13,7 +13,7 @@ from trio_websocket import WebSocketRequest, wrap_client_stream
 from wire_clients import RawClient, bounded_stream_pair
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
-from wsproto.events import AcceptConnection, Ping, Request
+from wsproto.events import AcceptConnection, Ping, Request, TextMessage
 
 from winkr.transport import Pong, WinkrWebSocket, send_frames, send_ping, wrap_server_stream
 
@@ -172,3 +172,35 @@ async def test_a_client_that_floods_pings_and_reads_nothing_is_cut(autojump_cloc
         with trio.fail_after(60):  # ping 5 s + the stall limit 10 s + the goodbye's 2 s, with room
             while not to_client.send_closed:
                 await to_client.lot.park()
+
+
+async def test_a_message_above_the_library_limit_gets_connection_closed_and_1009(autojump_clock: Any,
+                                                                               harness: Harness) -> None:
+    """Contract §9: ``connection:closed`` precedes every close the server starts. A message
+    past trio-websocket's own limit (fragments adding up to more than 1 MiB, each under
+    it) was closed with a bare 1009 frame, counted as the client's close."""
+    raw = RawClient(harness, answer_pings=True)
+    await raw.handshake(harness.token("alice"))
+    chunk = "a" * (256 * 1024)
+    await raw.stream.send_all(raw.ws.send(TextMessage(data='{"event":"x","data":"' + chunk, message_finished=False)))
+    for _ in range(4):
+        await raw.stream.send_all(raw.ws.send(TextMessage(data=chunk, message_finished=False)))
+    await raw.pump_until(lambda: raw.close_code is not None, timeout=10)
+    closed = [e for e in raw.events if e.get("event") == "connection:closed"]
+    assert closed and closed[0]["data"]["reason"] == "message_too_large" and closed[0]["data"]["code"] == 1009, \
+        raw.events
+    assert raw.close_code == 1009
+
+
+async def test_a_message_above_the_limit_while_closing_ends_the_close_quietly() -> None:
+    """The server's close frame is out and it reads on for the client's; a message past the
+    limit arrives first. Nothing more can be said (a frame after our close frame breaks
+    RFC 6455, and wsproto raises on it): the stream is closed, ``aclose`` returns."""
+    async with trio.open_nursery() as nursery:
+        server, client = await _open_pair(nursery)
+        big = "x" * ((1 << 20) + 1)
+        await client._stream.send_all(client._wsproto.send(TextMessage(data=big)))  # no wait for an answer
+        with trio.fail_after(5):
+            await server.aclose(4001, "token_expired")
+        assert server.closed is not None
+        nursery.cancel_scope.cancel()

@@ -125,17 +125,18 @@ class WinkrWebSocket(WebSocketConnection):
                 return
 
     async def _message(self, event: TextMessage | BytesMessage) -> str | bytes | None:
-        """A complete message, or None while parts are still coming (or it grew too big:
-        closed with 1009, as trio-websocket does)."""
+        """A complete message, or None while parts are still coming (or it grew past
+        ``max_message_size``: closed with ``connection:closed`` and 1009)."""
         self._message_size += len(event.data)
         self._message_parts.append(event.data)  # type: ignore[arg-type]  # bytearray parts join like bytes
         if self._message_size > self._max_message_size:
-            reason = f"Exceeded maximum message size: {self._max_message_size} bytes"
             self._message_size = 0
             self._message_parts = []
-            self._close_reason = CloseReason(1009, reason)
-            await self._send(CloseConnection(code=1009, reason=reason))
-            self._reader_running = False
+            if self._wsproto.state is ConnectionState.OPEN:
+                # A close the server starts: connection:closed first (contract §9), as for 1007.
+                await self._violation(1009, _VIOLATIONS[1009])
+            else:  # already closing (our close frame is out): nothing more can be said
+                await self._close_stream()
             return None
         if not event.message_finished:
             return None
@@ -181,7 +182,11 @@ class WinkrWebSocket(WebSocketConnection):
             await super()._handle_close_connection_event(event)
             return
         code = event.code if event.code in _VIOLATIONS else PROTOCOL_ERROR
-        reason = _VIOLATIONS.get(code, "protocol_error")
+        await self._violation(code, _VIOLATIONS.get(code, "protocol_error"))
+
+    async def _violation(self, code: int, reason: str) -> None:
+        """Close on what the client broke: ``connection:closed``, a close frame with ``code``,
+        then the TCP stream (the connection reads no more; ``protocol_error`` says why)."""
         self.protocol_error = (code, reason)
         try:
             if self.goodbye is not None:
