@@ -204,3 +204,17 @@ async def test_a_message_above_the_limit_while_closing_ends_the_close_quietly() 
             await server.aclose(4001, "token_expired")
         assert server.closed is not None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_ping_that_arrives_after_our_close_frame_ends_the_close_quietly() -> None:
+    """The server's close frame is out and it reads on for the client's; the client's ping,
+    sent before it saw ours, arrives first. wsproto refuses to send a pong once the close
+    frame is out (LocalProtocolError, which escaped ``aclose`` and the connection's ``run``):
+    the ping goes unanswered, the close completes."""
+    async with trio.open_nursery() as nursery:
+        server, client = await _open_pair(nursery)
+        await client._stream.send_all(client._wsproto.send(Ping(payload=b"late")))
+        with trio.fail_after(5):
+            await server.aclose(4001, "token_expired")
+        assert server.closed is not None
+        nursery.cancel_scope.cancel()

@@ -112,7 +112,10 @@ class WinkrWebSocket(WebSocketConnection):
                         if message is not None:
                             await handle(message)
                     elif isinstance(event, Ping):
-                        await self._handle_ping_event(event)
+                        # Once our close frame is out wsproto refuses a pong (LocalProtocolError);
+                        # a ping sent before the client saw our close goes unanswered.
+                        if proto.state is ConnectionState.OPEN:
+                            await self._handle_ping_event(event)
                     elif isinstance(event, PongEvent):
                         await self._handle_pong_event(event)
                     elif isinstance(event, CloseConnection):
