@@ -218,3 +218,32 @@ async def test_a_ping_that_arrives_after_our_close_frame_ends_the_close_quietly(
             await server.aclose(4001, "token_expired")
         assert server.closed is not None
         nursery.cancel_scope.cancel()
+
+
+def _masked_text_frame(payload: bytes) -> bytes:
+    """A client text frame around any bytes (wsproto only frames valid UTF-8)."""
+    mask = b"\x01\x02\x03\x04"
+    assert len(payload) < 126
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_a_violation_while_the_writer_has_more_to_write_still_says_goodbye(autojump_clock: Any,
+                                                                                 tmp_path: Any) -> None:
+    """The client breaks the protocol (invalid UTF-8) while the outbox writer is busy with a
+    backlog for it. The goodbye and the close frame wait for the stream behind a write; the
+    close frame is encoded first (wsproto is then closing), and the writer's next batch must
+    not be encoded after it (wsproto's LocalProtocolError failed the connection instead: no
+    close frame, an internal error logged)."""
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF)
+    async with running(settings) as harness:
+        raw = RawClient(harness, answer_pings=True, to_client_capacity=2048)
+        await raw.handshake(harness.token("alice"))
+        for n in range(200):  # 200 error replies wait for this client, which reads nothing yet
+            await raw.send_event("no:such", {}, f"r{n}")
+        await trio.testing.wait_all_tasks_blocked()
+        await raw.stream.send_all(_masked_text_frame(b'{"event": "\xff"}'))
+        await trio.testing.wait_all_tasks_blocked()
+        await raw.pump_for(30)
+        assert raw.close_code == 1007, (raw.close_code, raw.events[-2:])
+        closed = [e for e in raw.events if e.get("event") == "connection:closed"]
+        assert closed and closed[0]["data"]["reason"] == "invalid_payload", raw.events[-2:]

@@ -30,8 +30,14 @@ class RawClient:
     """A WebSocket client spoken by hand with wsproto over a memory stream, so it can do what
     trio-websocket never does: ignore pings, or wait before sending its handshake."""
 
-    def __init__(self, harness: Harness, *, answer_pings: bool) -> None:
-        self.stream, server_stream = trio.testing.memory_stream_pair()
+    def __init__(self, harness: Harness, *, answer_pings: bool, to_client_capacity: int | None = None) -> None:
+        # With ``to_client_capacity``, the server can get ahead of this client by only that
+        # many unread bytes (``bounded_stream_pair``).
+        self.stream: trio.abc.Stream
+        if to_client_capacity is None:
+            self.stream, server_stream = trio.testing.memory_stream_pair()
+        else:
+            self.stream, server_stream = bounded_stream_pair(to_client_capacity)
         harness.server.accept_stream(server_stream)
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.answer_pings = answer_pings

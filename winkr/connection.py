@@ -303,7 +303,8 @@ class Connection:
         except ConnectionClosed:
             self._socket_gone = True
             self._write_interrupted = False
-            if self._scope is not None:
+            # On a protocol violation the reader is saying goodbye itself: let it finish.
+            if self._scope is not None and self.ws.protocol_error is None:
                 self._scope.cancel()
 
     # --- the reader --------------------------------------------------------------------------

@@ -191,6 +191,9 @@ class WinkrWebSocket(WebSocketConnection):
         """Close on what the client broke: ``connection:closed``, a close frame with ``code``,
         then the TCP stream (the connection reads no more; ``protocol_error`` says why)."""
         self.protocol_error = (code, reason)
+        # Closed for the other senders from here: the goodbye and the close frame may wait for
+        # the stream behind the outbox writer, whose next batch must not follow the close frame.
+        self._close_reason = CloseReason(code, reason)
         try:
             if self.goodbye is not None:
                 await self._send(TextMessage(data=self.goodbye(reason, code)))
@@ -217,11 +220,19 @@ async def wrap_server_stream(nursery: trio.Nursery, stream: trio.abc.Stream, *,
     return await connection._get_request()
 
 
+def _check_open(ws: WebSocketConnection) -> None:
+    """Raise ``ConnectionClosed`` unless frames may still be sent: not once the connection is
+    closed, nor once a close frame is out (wsproto would raise ``LocalProtocolError``)."""
+    if ws.closed:
+        raise ConnectionClosed(ws.closed)
+    if ws._wsproto.state is not ConnectionState.OPEN:
+        raise ConnectionClosed(CloseReason(1006, None))
+
+
 async def send_frames(ws: WebSocketConnection, frames: list[str]) -> None:
     """Send text frames in order, in one write; raises ``ConnectionClosed`` like
     ``send_message``. Cancelling it may cut a frame in half: close the stream after that."""
-    if ws.closed:
-        raise ConnectionClosed(ws.closed)
+    _check_open(ws)
     proto = ws._wsproto
     data = b"".join([proto.send(TextMessage(data=frame)) for frame in frames])
     async with ws._stream_lock:
@@ -253,8 +264,7 @@ async def send_ping(ws: WebSocketConnection) -> Pong:
     """Send a ping without waiting for its pong: the returned flag is set when the pong (or
     a later one) arrives. ``ws.ping()`` would need a task per connection to wait in; the
     outbox writer checks the flag at its next wake-up instead."""
-    if ws.closed:
-        raise ConnectionClosed(ws.closed)
+    _check_open(ws)
     payload = secrets.token_bytes(8)
     pong = Pong()
     ws._pings[payload] = pong  # type: ignore[assignment]  # trio-websocket only calls set() on it
