@@ -14,7 +14,7 @@ from typing import Any
 
 from scripts._common import RunningServer, kill, start_server
 
-# Re-exported for tests that build the server's command themselves (main's tests/test_webhooks.py).
+# Re-exported for tests that build the server's command themselves (tests/test_cli_postgres.py starts nodes together).
 from scripts._common import wait_for_port as wait_for_port
 
 START_TIMEOUT = 30.0

@@ -22,7 +22,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -33,7 +33,7 @@ import httpx
 import pytest
 import trio
 from conftest import SECRET, Harness, make_settings, query, until
-from processes import reply_to, wait_for_port
+from processes import Servers, reply_to, winkr
 from receiver import Receiver
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
@@ -660,44 +660,23 @@ def free_port() -> int:
         return port
 
 
-@pytest.fixture
-def serve_process(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Any]]:
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
-        stderr_path = tmp_path / f"serve-{len(procs)}.stderr"
-        with open(stderr_path, "w") as stderr:
-            proc = subprocess.Popen([sys.executable, "-m", "winkr", "serve", "--port", "0"], env=env,
-                                    cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        procs.append(proc)
-        port, _ = wait_for_port(proc, stderr_path, 20.0)
-        return proc, port
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-
-
-def test_an_undelivered_event_survives_kill_9(tmp_path: Path, serve_process: Any) -> None:
+def test_an_undelivered_event_survives_kill_9(tmp_path: Path, servers: Servers) -> None:
     from websockets.asyncio.client import connect
 
     db = tmp_path / "winkr.db"
     hook_port = free_port()  # nothing listens there yet: the endpoint is down
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WINKR_")}
-    env.update(WINKR_JWT_SECRET=SECRET, WINKR_DB=str(db), WINKR_WEBHOOK_SECRET=WEBHOOK_SECRET,
+    env = dict(WINKR_JWT_SECRET=SECRET, WINKR_DB=str(db), WINKR_WEBHOOK_SECRET=WEBHOOK_SECRET,
                WINKR_WEBHOOK_URL=f"http://127.0.0.1:{hook_port}/hooks/winkr")
 
     def cli(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "winkr", *args], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=30)
+        done = winkr(list(args), tmp_path, **env)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
     conv = json.loads(cli("conversation", "create", "alice", "bob"))["id"]
     token = cli("token", "alice").strip()
-    proc, port = serve_process(env)
+    first = servers.start(None, **env)
+    proc, port = first.proc, first.port
 
     async def send_one() -> dict[str, Any]:
         async with connect(f"ws://127.0.0.1:{port}/ws", additional_headers={"Authorization": f"Bearer {token}"},
@@ -721,7 +700,7 @@ def test_an_undelivered_event_survives_kill_9(tmp_path: Path, serve_process: Any
     proc.wait(timeout=10)
 
     with Receiver(port=hook_port) as receiver:
-        serve_process(env)
+        servers.start(None, **env)
         got = receiver.next(timeout=20)
         payload = Webhook(WEBHOOK_SECRET).verify(got.body, got.headers)
     assert got.headers["webhook-id"] == row[0]
