@@ -72,6 +72,22 @@ async def test_events_reach_the_subscribed_nodes_but_not_their_publisher(brokers
 
 
 @only_once
+async def test_a_cancelled_subscribe_leaves_the_node_unsubscribed(brokers: Any) -> None:
+    # The Broker contract: a cancelled subscribe changes nothing. It used to leave its count
+    # and its channel behind: the node heard the topic for good.
+    a, b, got = brokers
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await b.subscribe(["c:z"])
+    assert scope.cancelled_caught
+    await b.subscribe(["c:other"])  # confirmed: the thread has applied the commands before it
+    a.publish([BusEvent("c:z", "message", {"n": 1}), BusEvent("c:other", "message", {"n": 2})])
+    await until(lambda: got["b"])
+    await trio.sleep(0.2)  # anything else would have arrived by now
+    assert [e.data["n"] for e in got["b"] if isinstance(e, BusEvent)] == [2]
+
+
+@only_once
 async def test_a_killed_pubsub_connection_reconnects_and_asks_for_a_resync(
         brokers: Any, redis_url: str) -> None:
     a, b, got = brokers

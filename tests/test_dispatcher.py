@@ -2,6 +2,9 @@
 remembered as "resync everything" (the bus's own rule: overflow means resync, not growth)."""
 from __future__ import annotations
 
+import pytest
+import trio
+
 from winkr.broker import BusEvent, Resync
 from winkr.dispatcher import NodeInbox
 
@@ -14,3 +17,21 @@ def test_a_full_inbox_drops_and_asks_for_a_resync() -> None:
     inbox.offer(Resync())
     assert inbox.overflowed and inbox.dropped == 2
     assert [inbox.receive.receive_nowait(), inbox.receive.receive_nowait()] == events[:2]
+
+
+@pytest.mark.sqlite_only  # no store involved
+async def test_a_cancelled_subscribe_leaves_the_in_process_bus_as_it_was() -> None:
+    # The Broker contract: a cancelled subscribe changes nothing (a room or an admission
+    # cancelled while subscribing would otherwise keep its node on the topic for good).
+    from winkr.broker import InProcessBroker
+
+    got: list[object] = []
+    bus = InProcessBroker()
+    node_a, node_b = bus.attach("a", got.append), bus.attach("b", got.append)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await node_b.subscribe(["c:x"])
+    assert scope.cancelled_caught
+    assert bus.subscribers("c:x") == frozenset()
+    node_a.publish([BusEvent("c:x", "message", {"n": 1})])
+    assert got == []

@@ -107,8 +107,9 @@ class InProcessNode:
         self._bus._publish(self.node_id, events)
 
     async def subscribe(self, topics: Sequence[str]) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled subscribe changes nothing
         self._bus._subscribe(self._node, topics)
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def unsubscribe(self, topics: Sequence[str]) -> None:
         self._bus._unsubscribe(self._node, topics)

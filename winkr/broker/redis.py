@@ -110,15 +110,24 @@ class RedisBroker:
         new = [topic for topic in topics if self._wanted[topic] == 0]
         for topic in topics:
             self._wanted[topic] += 1
-        if new:
-            confirmed = trio.Event()
-            self._commands.put(("subscribe", [self._prefix + t for t in new], confirmed))
+        if not new:
+            await trio.lowlevel.checkpoint()
+            return
+        confirmed = trio.Event()
+        self._commands.put(("subscribe", [self._prefix + t for t in new], confirmed))
+        try:
             with trio.move_on_after(SUBSCRIBE_WAIT_SECONDS):
                 await confirmed.wait()  # else Redis is down: resubscribed and resynced once it is back
-        else:
-            await trio.lowlevel.checkpoint()
+        except BaseException:  # cancelled: as if it had not been called (the Broker contract)
+            self._release(topics)
+            raise
 
     async def unsubscribe(self, topics: Sequence[str]) -> None:
+        self._release(topics)
+        await trio.lowlevel.checkpoint()
+
+    def _release(self, topics: Sequence[str]) -> None:
+        """Count ``topics`` down; the subscriber thread drops the channels nobody wants."""
         gone = []
         for topic in topics:
             if self._wanted[topic] <= 1:
@@ -128,7 +137,6 @@ class RedisBroker:
                 self._wanted[topic] -= 1
         if gone:
             self._commands.put(("unsubscribe", gone, None))
-        await trio.lowlevel.checkpoint()
 
     # --- running ------------------------------------------------------------------------------
 
