@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 import trio.testing
-from conftest import SECRET, Client, Harness, bearer, join, settle, welcomed
+from conftest import SECRET, Client, Harness, bearer, joined_pair, welcomed
 from trio_websocket import ConnectionRejected, WebSocketConnection, wrap_client_stream
 
 from winkr.broker import InProcessBroker
@@ -128,14 +128,6 @@ async def attempt(harness: Harness, user_id: str) -> Client | None:
 
 async def pair_across(cluster: Cluster, *, alice_joined: bool = True,
                       bob_joined: bool = True) -> tuple[Client, Client, str]:
-    """alice on node 0, bob on node 1, one conversation between them."""
-    alice = await cluster.node(0).connect("alice")
-    bob = await cluster.node(1).connect("bob")
-    conv = await cluster.node(0).conversation(alice, "bob")
-    await bob.expect("conversation:created")  # created on node 0, told on node 1
-    if alice_joined:
-        await join(alice, conv)
-    if bob_joined:
-        await join(bob, conv)
-    await settle(alice, bob)
-    return alice, bob, conv
+    """alice on node 0, bob on node 1, one conversation between them (``joined_pair``)."""
+    return await joined_pair(cluster.node(0), alice_joined=alice_joined, bob_joined=bob_joined,
+                             bob_on=cluster.node(1))

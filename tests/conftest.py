@@ -354,12 +354,13 @@ async def history_messages(client: Client, conversation_id: str) -> list[dict[st
     return (await history(client, conversation_id, limit=100))["messages"]
 
 
-async def joined_pair(harness: Harness, *, alice_joined: bool = True,
-                      bob_joined: bool = True) -> tuple[Client, Client, str]:
+async def joined_pair(harness: Harness, *, alice_joined: bool = True, bob_joined: bool = True,
+                      bob_on: Harness | None = None) -> tuple[Client, Client, str]:
     """alice and bob in one conversation (bob told of it), each joined to its room unless said
-    otherwise; whatever the setup sent is read and dropped."""
+    otherwise; whatever the setup sent is read and dropped. ``bob_on``: the server (another
+    node of a cluster) bob connects to, ``harness`` if None; alice creates the conversation."""
     alice = await harness.connect("alice")
-    bob = await harness.connect("bob")
+    bob = await (bob_on or harness).connect("bob")
     conv = await harness.conversation(alice, "bob")
     await bob.expect("conversation:created")
     if alice_joined:
