@@ -6,17 +6,24 @@ import pytest
 import trio
 
 from winkr.broker import BusEvent, Resync
+from winkr.broker.base import RESYNC_MARGIN_SECONDS
 from winkr.dispatcher import NodeInbox
 
 
 def test_a_full_inbox_drops_and_asks_for_a_resync() -> None:
-    inbox = NodeInbox(size=2)
+    now = [100.0]
+    inbox = NodeInbox(size=2, clock=lambda: now[0])
     events = [BusEvent("c:x", "message", {"n": n}, "other") for n in range(3)]
     for event in events:
         inbox.offer(event)
+    now[0] = 105.0
     inbox.offer(Resync())
-    assert inbox.overflowed and inbox.dropped == 2
+    assert inbox.dropped == 2
     assert [inbox.receive.receive_nowait(), inbox.receive.receive_nowait()] == events[:2]
+    # Everything since the first drop, as a bus reconnect: rooms and presence's unread counts
+    # (a dropped u: event was lost for good when only the rooms caught up).
+    assert inbox.take_overflow() == Resync(None, 100.0 - RESYNC_MARGIN_SECONDS)
+    assert inbox.take_overflow() is None
 
 
 @pytest.mark.sqlite_only  # no store involved

@@ -4,18 +4,19 @@ The broker hands every incoming item to ``NodeInbox.offer`` (never waits; the in
 bounded). The dispatcher routes ``c:`` events to the conversation's awake room (a sleeping room
 needs nothing: it reads its position when it wakes), ``u:`` events to presence, ``all`` events
 to the revocations actor, and ``Resync`` to the rooms as a ``CatchUp``. An inbox that
-overflowed drops what did not fit and resyncs every room instead of growing.
+overflowed drops what did not fit and resyncs everything from the first drop instead of growing.
 """
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from functools import partial
 
 import trio
 
 from winkr.broker import events as bus
-from winkr.broker.base import BusEvent, Incoming, Resync
+from winkr.broker.base import ALL, RESYNC_MARGIN_SECONDS, BusEvent, Incoming, Resync
 from winkr.hub import HubHandle
 from winkr.presence import PresenceHandle
 from winkr.revocations import RevocationsHandle
@@ -30,11 +31,12 @@ POSITION_BATCH = 100  # conversations whose last seq one read compares
 
 
 class NodeInbox:
-    """The bounded queue between the broker and the dispatcher."""
+    """The bounded queue between the broker and the dispatcher. ``clock``: wall-clock seconds."""
 
-    def __init__(self, size: int = INBOX_SIZE) -> None:
+    def __init__(self, size: int = INBOX_SIZE, clock: Callable[[], float] = time.time) -> None:
         self._send, self.receive = trio.open_memory_channel[Incoming](size)
-        self.overflowed = False
+        self._clock = clock
+        self._lost_since: float | None = None
         self.dropped = 0
 
     def offer(self, item: Incoming) -> None:
@@ -42,38 +44,51 @@ class NodeInbox:
         try:
             self._send.send_nowait(item)
         except trio.WouldBlock:
-            self.overflowed = True
+            if self._lost_since is None:
+                self._lost_since = self._clock()
             self.dropped += 1
         except trio.ClosedResourceError:
             pass  # the node is stopping
+
+    def take_overflow(self) -> Resync | None:
+        """The ``Resync`` that what was dropped since the last call calls for (None: nothing was)."""
+        if self._lost_since is None:
+            return None
+        since, self._lost_since = self._lost_since - RESYNC_MARGIN_SECONDS, None
+        return Resync(ALL, since)
 
 
 async def run_dispatcher(inbox: NodeInbox, hub: HubHandle, presence: PresenceHandle,
                          revocations: RevocationsHandle, *,
                          on_resync: Callable[[int], None] = lambda rooms: None) -> None:
     """Route incoming items until cancelled. ``on_resync(rooms)`` counts the rooms sent to catch
-    up (``winkr_broker_resyncs_total``)."""
+    up (``winkr_broker_resyncs_total``). An overflow of the inbox is handled as the bus's own
+    ``Resync(ALL)`` from the first drop: every room, and presence's unread counts."""
     async with inbox.receive:
         async for item in inbox.receive:
-            if inbox.overflowed:
-                inbox.overflowed = False
+            if (overflow := inbox.take_overflow()) is not None:
                 log.warning("the bus inbox overflowed: every room catches up from the store")
-                on_resync(await _to_rooms(await hub.awake(None), CatchUp()))
-            match item:
-                case Resync(topics=None, since=since):
-                    on_resync(await _to_rooms(await hub.awake(None), CatchUp()))
-                    if since is not None:
-                        await presence.resync(since)
-                case Resync(topics=frozenset() as topics):
-                    for topic in topics:
-                        if topic.startswith("c:"):
-                            on_resync(await _to_rooms(await hub.awake(topic[2:]), CatchUp()))
-                case BusEvent(topic=topic) if topic.startswith("c:"):
-                    await _to_rooms(await hub.awake(topic[2:]), FromBus(item))
-                case BusEvent(topic=topic) if topic.startswith("u:"):
-                    await presence.from_bus(item)
-                case BusEvent(kind=bus.REVOKED, data=data):
-                    await revocations.revoked_elsewhere(str(data["user_id"]), float(data["at"]))
+                await _route(overflow, hub, presence, revocations, on_resync)
+            await _route(item, hub, presence, revocations, on_resync)
+
+
+async def _route(item: Incoming, hub: HubHandle, presence: PresenceHandle, revocations: RevocationsHandle,
+                 on_resync: Callable[[int], None]) -> None:
+    match item:
+        case Resync(topics=None, since=since):
+            on_resync(await _to_rooms(await hub.awake(None), CatchUp()))
+            if since is not None:
+                await presence.resync(since)
+        case Resync(topics=frozenset() as topics):
+            for topic in topics:
+                if topic.startswith("c:"):
+                    on_resync(await _to_rooms(await hub.awake(topic[2:]), CatchUp()))
+        case BusEvent(topic=topic) if topic.startswith("c:"):
+            await _to_rooms(await hub.awake(topic[2:]), FromBus(item))
+        case BusEvent(topic=topic) if topic.startswith("u:"):
+            await presence.from_bus(item)
+        case BusEvent(kind=bus.REVOKED, data=data):
+            await revocations.revoked_elsewhere(str(data["user_id"]), float(data["at"]))
 
 
 async def _to_rooms(rooms: list[RoomHandle], message: RoomMessage) -> int:

@@ -331,7 +331,7 @@ class Server:
         try:
             readers = await self.run_sync(engine.open_readers, READERS)
             async with trio.open_nursery() as actors:
-                inbox = NodeInbox()
+                inbox = NodeInbox(clock=self.clock)
                 self.broker = await self._open_broker(actors, inbox)
                 services = await self._start_actors(actors, Store(db), engine, ReaderHandle(readers, self.run_sync),
                                                     self.broker, inbox)

@@ -21,6 +21,10 @@ ALL = None
 
 BROADCAST_TOPIC = "all"
 
+RESYNC_MARGIN_SECONDS = 2.0
+"""A ``Resync.since`` reaches back this far before the loss was noticed (other nodes' clocks,
+events committed just before they were published)."""
+
 
 def conversation_topic(conversation_id: str) -> str:
     return f"c:{conversation_id}"

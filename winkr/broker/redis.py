@@ -35,7 +35,7 @@ import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from winkr.broker.base import ALL, BusEvent, Resync, Sink
+from winkr.broker.base import ALL, RESYNC_MARGIN_SECONDS, BusEvent, Resync, Sink
 from winkr.logs import ThrottledLines
 from winkr.store.writer import RunSync
 
@@ -48,7 +48,6 @@ POLL_SECONDS = 0.05  # how long the subscriber thread waits for a message before
 IDLE_PING_SECONDS = 15.0  # a pub/sub connection silent this long is pinged (a stale one shows up)
 PONG_WAIT_SECONDS = 5.0  # a ping unanswered this long means the connection is dead: reconnect
 RECONNECT_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
-RESYNC_MARGIN_SECONDS = 2.0  # unread counts are re-sent from this long before the connection was lost
 
 
 class BrokerHealthSink:
