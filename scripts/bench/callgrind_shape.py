@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench_run  # noqa: E402  # the side-by-side runner's targets and helpers
 
 SENDS = 'winkr_events_received_total{event="message:send"}'
+SCRAPE_TIMEOUT = 60.0  # a server under callgrind on a busy machine can take its time to answer
 
 
 class CallgrindWinkr(bench_run.Winkr):
@@ -81,16 +82,16 @@ def main() -> None:
                        "--duration", str(args.seconds + 30)]
             loadgen = bench_run.start_loadgen(bench, target, pid, lg_args, "callgrind")
             deadline = time.monotonic() + 300
-            while bench_run.scrape(port).get(SENDS, 0) == 0:
+            while bench_run.scrape(port, SCRAPE_TIMEOUT).get(SENDS, 0) == 0:
                 if time.monotonic() > deadline:
                     raise RuntimeError("no messages within 300 s")
                 time.sleep(0.5)
             time.sleep(3.0)  # past the first messages' one-off costs (caches, room start-up)
-            before = bench_run.scrape(port).get(SENDS, 0)
+            before = bench_run.scrape(port, SCRAPE_TIMEOUT).get(SENDS, 0)
             subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
             time.sleep(args.seconds)
             subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
-            after = bench_run.scrape(port).get(SENDS, 0)
+            after = bench_run.scrape(port, SCRAPE_TIMEOUT).get(SENDS, 0)
             subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
             loadgen.kill()
             loadgen.wait()
