@@ -41,13 +41,14 @@ SCRAPE_TIMEOUT = 60.0  # a server under callgrind on a busy machine can take its
 
 
 class CallgrindWinkr(bench_run.Winkr):
-    def __init__(self, bench: Path, workdir: Path, metrics_port: int) -> None:
+    def __init__(self, bench: Path, workdir: Path, metrics_port: int, threads: bool = False) -> None:
         super().__init__(bench, workdir, metrics_port)
         self.out = workdir / "callgrind.out"
+        self.threads = threads
 
     def server_argv(self) -> list[str]:
         return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={self.out}",
-                *super().server_argv()]
+                *(["--separate-threads=yes"] if self.threads else []), *super().server_argv()]
 
 
 def total_ir(path: Path) -> int:
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=0,
                     help="closed loop: messages in flight per sender (saturation: --pairs 100 --window 32)")
     ap.add_argument("--seconds", type=float, default=20.0, help="seconds counted")
+    ap.add_argument("--threads", action="store_true",
+                    help="one dump per thread; prints each thread's Ir per message too (main: the trio thread)")
     ap.add_argument("--keep", default=None, help="copy the dump into this folder (for callgrind_annotate)")
     ap.add_argument("--shared", default=None)
     args = ap.parse_args()
@@ -73,7 +76,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="winkr-callgrind-") as tmp:
         workdir = Path(tmp)
         port = bench_run.free_port()
-        target = CallgrindWinkr(bench, workdir, port)
+        target = CallgrindWinkr(bench, workdir, port, args.threads)
         bench_run.START_TIMEOUT = 120.0
         with target.running() as pid:
             target.prepare("saturation" if args.window else "realistic", args.pairs, 0)
@@ -95,15 +98,20 @@ def main() -> None:
             subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
             loadgen.kill()
             loadgen.wait()
-        dumps = sorted(p for p in workdir.glob("callgrind.out*") if re.search(r"\.\d+$", p.name))
-        instructions = total_ir(dumps[0])
+        # The dump asked for is callgrind.out.1 (callgrind.out.1-NN per thread with --threads).
+        dumps = sorted(p for p in workdir.glob("callgrind.out.1*") if re.search(r"\.1(-\d+)?$", p.name))
+        per_dump = {p.name: total_ir(p) for p in dumps}
         if args.keep:
             Path(args.keep).mkdir(parents=True, exist_ok=True)
-            shutil.copy(dumps[0], Path(args.keep) / dumps[0].name)
+            for p in dumps:
+                shutil.copy(p, Path(args.keep) / p.name)
     messages = after - before
+    instructions = sum(per_dump.values())
     load_shape = {"window": args.window} if args.window else {"rate": args.rate}
+    threads = {"threads": {name.rpartition("-")[2]: round(ir / messages) for name, ir in per_dump.items()
+                           if ir}} if args.threads else {}
     print(json.dumps({"pairs": args.pairs, **load_shape, "seconds": args.seconds, "messages": messages,
-                      "instructions": instructions, "ir_per_message": round(instructions / messages)}))
+                      "instructions": instructions, "ir_per_message": round(instructions / messages), **threads}))
 
 
 if __name__ == "__main__":
