@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench_run  # noqa: E402  # the side-by-side runner's targets and helpers
 
 SENDS = 'winkr_events_received_total{event="message:send"}'
+BATCHING = {"commits": "winkr_store_commit_seconds_count", "writes": "winkr_outbox_frames_per_write_count"}
 SCRAPE_TIMEOUT = 60.0  # a server under callgrind on a busy machine can take its time to answer
 
 
@@ -90,11 +91,11 @@ def main() -> None:
                     raise RuntimeError("no messages within 300 s")
                 time.sleep(0.5)
             time.sleep(3.0)  # past the first messages' one-off costs (caches, room start-up)
-            before = bench_run.scrape(port, SCRAPE_TIMEOUT).get(SENDS, 0)
+            scraped_before = bench_run.scrape(port, SCRAPE_TIMEOUT)
             subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
             time.sleep(args.seconds)
             subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
-            after = bench_run.scrape(port, SCRAPE_TIMEOUT).get(SENDS, 0)
+            scraped_after = bench_run.scrape(port, SCRAPE_TIMEOUT)
             subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
             loadgen.kill()
             loadgen.wait()
@@ -105,13 +106,18 @@ def main() -> None:
             Path(args.keep).mkdir(parents=True, exist_ok=True)
             for p in dumps:
                 shutil.copy(p, Path(args.keep) / p.name)
-    messages = after - before
+    messages = scraped_after.get(SENDS, 0) - scraped_before.get(SENDS, 0)
+    # How much the window batched (a closed loop batches more when the load generator keeps up):
+    # Ir per message moves with these, so a comparison needs them alike.
+    batching = {name: round((scraped_after.get(series, 0) - scraped_before.get(series, 0)) / messages, 3)
+                for name, series in BATCHING.items()}
     instructions = sum(per_dump.values())
     load_shape = {"window": args.window} if args.window else {"rate": args.rate}
     threads = {"threads": {name.rpartition("-")[2]: round(ir / messages) for name, ir in per_dump.items()
                            if ir}} if args.threads else {}
     print(json.dumps({"pairs": args.pairs, **load_shape, "seconds": args.seconds, "messages": messages,
-                      "instructions": instructions, "ir_per_message": round(instructions / messages), **threads}))
+                      "instructions": instructions, "ir_per_message": round(instructions / messages), **threads,
+                      "per_message": batching}))
 
 
 if __name__ == "__main__":
