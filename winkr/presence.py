@@ -871,7 +871,9 @@ class _Presence:
                 message = event.message
                 self._share((p for p in event.participants if p != message.sender_id), bus.COMMITTED,
                             {"m": bus.message_json(message)})
-        await self._published_outside([self._delivery_job(event) for event in events])
+        jobs = [job for event in events if (job := self._delivery_job(event)) is not None]
+        if jobs:
+            await self._published_outside(jobs)
 
     async def _published_outside(self, jobs: list[_DeliveryJob]) -> None:
         outside = [job for job in jobs if job.outside]
@@ -889,7 +891,9 @@ class _Presence:
             counts, deliveries = counted.get(id(job), ({}, []))
             self._finish(job, counts, deliveries)
 
-    def _delivery_job(self, event: Published) -> _DeliveryJob:
+    def _delivery_job(self, event: Published) -> _DeliveryJob | None:
+        """What is left to do for ``event``; ``None`` when nothing is (the usual case: every
+        connection of its participants joined the room, which did it all, on one node)."""
         message = event.message
         sender = message.sender_id
         outside: dict[str, list[Peer]] = {}
@@ -898,7 +902,14 @@ class _Presence:
                 peers = [p for p in state.peers.values() if p.id not in event.joined_connections]
                 if peers:
                     outside[user_id] = peers
+        if not outside and not self.sharing and not self._elsewhere(sender, event.joined_connections):
+            return None  # _finish would send nothing
         return _DeliveryJob(message, outside, event.deliveries, event.joined_connections)
+
+    def _elsewhere(self, user_id: str, joined: frozenset[str]) -> bool:
+        """Whether ``user_id`` has a connection here outside the room (``joined``)."""
+        state = self.users.get(user_id)
+        return state is not None and any(peer_id not in joined for peer_id in state.peers)
 
     def _finish(self, job: _DeliveryJob, counts: dict[str, int], deliveries: list[Delivery]) -> None:
         conversation_id = job.message.conversation_id
@@ -909,8 +920,7 @@ class _Presence:
                 peer.deliver(frame, ("unread", conversation_id))
         sender = job.message.sender_id
         state = self.users.get(sender)
-        elsewhere = state is not None and any(peer_id not in job.joined for peer_id in state.peers)
-        if job.recorded and (self.sharing or elsewhere):
+        if job.recorded and (self.sharing or self._elsewhere(sender, job.joined)):
             for delivery in job.recorded:  # the room gave these to the sender's joined connections
                 frame = self.frames.event("message:delivered", delivered_data(delivery))
                 self._deliver_here((sender,), frame, skip=job.joined)
