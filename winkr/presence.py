@@ -20,7 +20,7 @@ from functools import partial
 import attrs
 import trio
 
-from winkr.actor import Frames, Reply, drain
+from winkr.actor import Frames, Reply, drain, hand_over
 from winkr.broker import events as bus
 from winkr.broker.base import Broker, BusEvent, user_topic
 from winkr.clock import iso
@@ -285,7 +285,7 @@ class PresenceHandle:
 
     async def published(self, events: list[Published]) -> None:
         """Messages a room has fanned out, in commit order."""
-        await self._inbox.send(_Published(tuple(events)))
+        await hand_over(self._inbox, _Published(tuple(events)))
 
     async def send_to_users(self, user_ids: Iterable[str], frame: str, except_connection: str | None = None,
                             key: CoalesceKey | None = None) -> None:
