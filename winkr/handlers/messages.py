@@ -87,7 +87,8 @@ async def send_run(room: RoomContext, calls: list[RoomCall]) -> None:
                 published.append(event)
                 shared.append((result.message, sender))
     room.share_messages(shared)
-    if published:  # one hand-off for the whole run
+    # One hand-off for the whole run, when presence has something to do with it.
+    if published and room.presence.follow_up_needed(room.participant_ids, room.members()):
         await room.presence.published(published)
 
 
