@@ -7,7 +7,7 @@ import trio
 
 from winkr.clock import WallClock, iso
 from winkr.errors import ProtocolError
-from winkr.protocol.codec import encode, error_data
+from winkr.protocol.codec import encode, error_data, with_ref
 
 if TYPE_CHECKING:
     from winkr.metrics import Metrics
@@ -87,6 +87,13 @@ class Frames:
         if self.metrics is not None:
             self.metrics.frame_out(event)
         return encode(event, data, iso(self.clock()), ref)
+
+    def with_ref(self, frame: str, event: str, ref: str | None) -> str:
+        """``frame``, an ``event`` frame made by :meth:`event` without a ref, as the reply to
+        ``ref`` (its timestamp too): for a frame that goes both to the requester and to others."""
+        if self.metrics is not None:
+            self.metrics.frame_out(event)
+        return with_ref(frame, ref)
 
     def error(self, exc: ProtocolError, request_event: str | None, ref: str | None) -> str:
         if self.metrics is not None:

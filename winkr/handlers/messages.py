@@ -14,6 +14,7 @@ from functools import partial
 
 import trio
 
+from winkr.actor import Frames
 from winkr.broker.events import DELETED
 from winkr.clock import iso
 from winkr.errors import ProtocolError
@@ -133,20 +134,27 @@ def _insert_and_notify(store: Store, conversation_id: str, items: Sequence[SendI
     return results, intervening
 
 
+def message_frames(frames: Frames, message: StoredMessage, sender: Json, ref: str | None) -> tuple[str, str]:
+    """(the sender's acknowledgement, with ``ref``; everyone else's ``message:new``): the
+    message encoded once for both."""
+    new = frames.event("message:new", {"message": message_object(message), "sender": sender})
+    return frames.with_ref(new, "message:new", ref), new
+
+
 def _fan_out(room: RoomContext, call: RoomCall, result: SendResult) -> Published | None:
     """Acknowledge to the sender, broadcast to the joined connections; return what presence
     must still do (unread counts for the others, receipts)."""
     peer = call.peer
-    data = {"message": message_object(result.message), "sender": sender_object(peer.user_id, peer.username,
-                                                                                peer.avatar_url)}
     frames = room.frames
-    peer.deliver(frames.event("message:new", data, call.ref))
+    ack, new = message_frames(frames, result.message, sender_object(peer.user_id, peer.username, peer.avatar_url),
+                              call.ref)
+    peer.deliver(ack)
     if call.outcome is not None:
         call.outcome.set(result)
     if result.duplicate:  # answered to the sender only (contract §11.15)
         return None
     room.fanned_out(result.message.seq)
-    room.broadcast(frames.event("message:new", data), skip=peer)
+    room.broadcast(new, skip=peer)
     if result.deliveries:
         # The receipts of the deliveries recorded with the message go to the sender's joined
         # connections in this same step, so the acknowledgement and the receipt leave in one
