@@ -46,6 +46,17 @@ class Reply(Generic[T]):
         return self._value  # type: ignore[return-value]  # set() ran before _done
 
 
+async def hand_over(inbox: trio.MemorySendChannel[T], message: T) -> None:
+    """Put ``message`` in another actor's bounded inbox: at once when it has room — without a
+    checkpoint, so the hand-off costs the sender no task step of its own (issue 10: an actor
+    hop per message was a scheduler round trip) — else waiting for room like ``send``. Raises
+    what ``send`` raises for a closed or broken channel."""
+    try:
+        inbox.send_nowait(message)
+    except trio.WouldBlock:
+        await inbox.send(message)
+
+
 class _Inbox(Protocol[T_co]):
     def receive_nowait(self) -> T_co: ...
 

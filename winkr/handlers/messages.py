@@ -20,6 +20,7 @@ from winkr.clock import iso
 from winkr.errors import ProtocolError
 from winkr.handlers.catchup import announce_deliveries
 from winkr.handlers.context import ConnectionContext, RoomCall, RoomContext
+from winkr.outbox import deferred_writes
 from winkr.peer import Peer
 from winkr.policy import CheckedMessage, check_message
 from winkr.presence import Published
@@ -75,16 +76,20 @@ async def send_run(room: RoomContext, calls: list[RoomCall]) -> None:
                                       for m, username, avatar in intervening])
     published = []
     shared = []
-    for call, sender, result in zip(allowed, senders, results):
-        if isinstance(result, ProtocolError):
-            _reply_error(room, call, result)
-            continue
-        event = _fan_out(room, call, result)
-        if event is not None:
-            published.append(event)
-            shared.append((result.message, sender))
+    # The run's frames leave in one write per connection, from this task, when the sockets take
+    # them now (winkr.outbox: no wake-up of each connection's writer).
+    with deferred_writes():
+        for call, sender, result in zip(allowed, senders, results):
+            if isinstance(result, ProtocolError):
+                _reply_error(room, call, result)
+                continue
+            event = _fan_out(room, call, result)
+            if event is not None:
+                published.append(event)
+                shared.append((result.message, sender))
     room.share_messages(shared)
-    if published:  # one hand-off for the whole run
+    # One hand-off for the whole run, when presence has something to do with it.
+    if published and room.presence.follow_up_needed(room.participant_ids, room.members()):
         await room.presence.published(published)
 
 
