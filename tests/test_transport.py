@@ -6,16 +6,19 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from conftest import RATE_LIMITS_OFF, Harness, make_settings, running, still_works
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from trio_websocket import WebSocketRequest, wrap_client_stream
 from wire_clients import RawClient, bounded_stream_pair
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, Ping, Request, TextMessage
 
-from winkr.transport import Pong, WinkrWebSocket, send_frames, send_ping, wrap_server_stream
+from winkr.transport import Pong, WinkrWebSocket, send_frames, send_ping, text_frame, wrap_server_stream
 
 
 async def _open_pair(nursery: trio.Nursery) -> tuple[WinkrWebSocket, Any]:
@@ -247,3 +250,20 @@ async def test_a_violation_while_the_writer_has_more_to_write_still_says_goodbye
         assert raw.close_code == 1007, (raw.close_code, raw.events[-2:])
         closed = [e for e in raw.events if e.get("event") == "connection:closed"]
         assert closed and closed[0]["data"]["reason"] == "invalid_payload", raw.events[-2:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=300), st.text(min_size=120, max_size=131),
+                 st.integers(0, 3).map(lambda n: "é" * (65535 // 2 - 1 + n) + "x" * n),
+                 st.integers(65530, 65540).map(lambda n: "a" * n)))
+def test_text_frame_is_what_wsproto_makes(message: str) -> None:
+    """The framer of every outgoing message (issue 10, phase 3) against wsproto's own, around
+    the 7-bit/16-bit/64-bit length boundaries (125/126, 65535/65536 bytes), multibyte text."""
+    assert text_frame(message) == Connection(ConnectionType.SERVER).send(TextMessage(data=message))
+
+
+def test_text_frame_refuses_a_lone_surrogate_as_wsproto_does() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        Connection(ConnectionType.SERVER).send(TextMessage(data="\ud800"))
+    with pytest.raises(UnicodeEncodeError):
+        text_frame("\ud800")

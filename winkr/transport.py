@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -239,14 +240,44 @@ async def send_frames(ws: WebSocketConnection, frames: list[str], unsent: bytes 
     order, in one write; raises ``ConnectionClosed`` like ``send_message``. Cancelling it may
     cut a frame in half: close the stream after that."""
     _check_open(ws)
-    proto = ws._wsproto
-    data = b"".join([unsent, *[proto.send(TextMessage(data=frame)) for frame in frames]])
+    data = _encode(ws._wsproto, frames)
+    if unsent:
+        data = unsent + data
     async with ws._stream_lock:
         try:
             await ws._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await ws._abort_web_socket()
             raise ConnectionClosed(ws.closed) from None
+
+
+_HEADER_16 = struct.Struct("!BBH")
+_HEADER_64 = struct.Struct("!BBQ")
+_FINAL_TEXT = 0x81  # FIN, no RSV bits, opcode 1 (text)
+
+
+def text_frame(message: str) -> bytes:
+    """``message`` as one final, unmasked text frame: byte for byte what wsproto's
+    ``send(TextMessage(data=message))`` makes on a server connection without extensions (winkr
+    negotiates none), for about a twentieth of its cost (~0.4 µs against ~9 µs; every message
+    sends three frames). Raises ``UnicodeEncodeError`` where wsproto does (a lone surrogate)."""
+    payload = message.encode()
+    size = len(payload)
+    if size < 126:
+        return bytes((_FINAL_TEXT, size)) + payload
+    if size < 65536:
+        return _HEADER_16.pack(_FINAL_TEXT, 126, size) + payload
+    return _HEADER_64.pack(_FINAL_TEXT, 127, size) + payload
+
+
+def _encode(proto: WSConnection, frames: list[str]) -> bytes:
+    """The frames as one write: by :func:`text_frame` when the connection has no extensions
+    (wsproto keeps no state for a complete outgoing message), else by wsproto."""
+    if getattr(getattr(proto, "_proto", None), "extensions", None) == []:
+        if len(frames) == 1:
+            return text_frame(frames[0])
+        return b"".join([text_frame(frame) for frame in frames])
+    return b"".join([proto.send(TextMessage(data=frame)) for frame in frames])
 
 
 class DirectWriter:
@@ -278,11 +309,7 @@ class DirectWriter:
         socket did not take (``b""``: everything went). The writer must send the rest before
         anything else; on a failing socket all of it is returned, and the writer's own write
         meets the error and closes the connection the usual way."""
-        proto = self._ws._wsproto
-        if len(frames) == 1:
-            data = proto.send(TextMessage(data=frames[0]))
-        else:
-            data = b"".join([proto.send(TextMessage(data=frame)) for frame in frames])
+        data = _encode(self._ws._wsproto, frames)
         try:
             written = os.write(self._socket.fileno(), data)
         except OSError:  # EAGAIN: the socket's buffer is full; anything else: the writer learns it
