@@ -32,7 +32,7 @@ import os
 import secrets
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 import wsproto.utilities
@@ -58,10 +58,14 @@ class WinkrWebSocket(WebSocketConnection):
     goodbye: Callable[[str, int], str] | None = None  # (reason, code) -> the connection:closed frame
     protocol_error: tuple[int, str] | None = None  # (code, reason) once a violation closed it
     _request_read = False
-    # Bytes read while wsproto was between messages, for simple_text_frame (class defaults: an
-    # idle connection holds no attributes of its own for them).
-    _unparsed: bytes = b""
-    _unparsed_at = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Bytes read while wsproto was between messages, for simple_text_frame. Set here, in
+        # every instance in the same order, so that instances keep sharing their dict's keys
+        # (an attribute first set later unshares them: memory per idle connection).
+        self._unparsed = b""
+        self._unparsed_at = 0
 
     async def _reader_task(self) -> None:
         """trio-websocket's reader, until the handshake request has been read: what follows
