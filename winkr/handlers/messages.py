@@ -14,11 +14,13 @@ from functools import partial
 
 import trio
 
+from winkr.actor import Frames
 from winkr.broker.events import DELETED
 from winkr.clock import iso
 from winkr.errors import ProtocolError
 from winkr.handlers.catchup import announce_deliveries
 from winkr.handlers.context import ConnectionContext, RoomCall, RoomContext
+from winkr.outbox import deferred_writes
 from winkr.peer import Peer
 from winkr.policy import CheckedMessage, check_message
 from winkr.presence import Published
@@ -74,16 +76,20 @@ async def send_run(room: RoomContext, calls: list[RoomCall]) -> None:
                                       for m, username, avatar in intervening])
     published = []
     shared = []
-    for call, sender, result in zip(allowed, senders, results):
-        if isinstance(result, ProtocolError):
-            _reply_error(room, call, result)
-            continue
-        event = _fan_out(room, call, result)
-        if event is not None:
-            published.append(event)
-            shared.append((result.message, sender))
+    # The run's frames leave in one write per connection, from this task, when the sockets take
+    # them now (winkr.outbox: no wake-up of each connection's writer).
+    with deferred_writes():
+        for call, sender, result in zip(allowed, senders, results):
+            if isinstance(result, ProtocolError):
+                _reply_error(room, call, result)
+                continue
+            event = _fan_out(room, call, result)
+            if event is not None:
+                published.append(event)
+                shared.append((result.message, sender))
     room.share_messages(shared)
-    if published:  # one hand-off for the whole run
+    # One hand-off for the whole run, when presence has something to do with it.
+    if published and room.presence.follow_up_needed(room.participant_ids, room.members()):
         await room.presence.published(published)
 
 
@@ -128,20 +134,27 @@ def _insert_and_notify(store: Store, conversation_id: str, items: Sequence[SendI
     return results, intervening
 
 
+def message_frames(frames: Frames, message: StoredMessage, sender: Json, ref: str | None) -> tuple[str, str]:
+    """(the sender's acknowledgement, with ``ref``; everyone else's ``message:new``): the
+    message encoded once for both."""
+    new = frames.event("message:new", {"message": message_object(message), "sender": sender})
+    return frames.with_ref(new, "message:new", ref), new
+
+
 def _fan_out(room: RoomContext, call: RoomCall, result: SendResult) -> Published | None:
     """Acknowledge to the sender, broadcast to the joined connections; return what presence
     must still do (unread counts for the others, receipts)."""
     peer = call.peer
-    data = {"message": message_object(result.message), "sender": sender_object(peer.user_id, peer.username,
-                                                                                peer.avatar_url)}
     frames = room.frames
-    peer.deliver(frames.event("message:new", data, call.ref))
+    ack, new = message_frames(frames, result.message, sender_object(peer.user_id, peer.username, peer.avatar_url),
+                              call.ref)
+    peer.deliver(ack)
     if call.outcome is not None:
         call.outcome.set(result)
     if result.duplicate:  # answered to the sender only (contract §11.15)
         return None
     room.fanned_out(result.message.seq)
-    room.broadcast(frames.event("message:new", data), skip=peer)
+    room.broadcast(new, skip=peer)
     if result.deliveries:
         # The receipts of the deliveries recorded with the message go to the sender's joined
         # connections in this same step, so the acknowledgement and the receipt leave in one
