@@ -212,6 +212,23 @@ async def test_on_two_nodes_the_first_to_record_a_delivery_sends_the_receipt(
         assert rows(settings, conv) == []
 
 
+async def test_a_service_account_in_the_room_on_two_nodes_gets_one_receipt_per_message(
+        autojump_clock: Any, tmp_path: Any) -> None:
+    """A service account is no participant (no position): its deliveries stay rows, also when
+    the participants' delivery moves only the conversation's position."""
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF)
+    async with running_cluster(settings) as cluster:
+        alice, bob, conv = await joined_pair(cluster.node(0))
+        watchers = [await cluster.node(n).connect("matchmaker", service=True) for n in (0, 1)]
+        for watcher in watchers:
+            await join(watcher, conv)
+        await settle(alice, bob, *watchers)
+        sent = await send_text(alice, conv)
+        assert delivered(await alice.nothing_more()) == [(sent["id"], "bob"), (sent["id"], "matchmaker")]
+        assert positions(settings, conv) == {"alice": 1, "bob": 1}
+        assert rows(settings, conv) == [("matchmaker", 1)]
+
+
 async def test_on_two_nodes_a_pair_writes_no_delivery_rows(autojump_clock: Any, tmp_path: Any) -> None:
     settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF)
     async with running_cluster(settings) as cluster:

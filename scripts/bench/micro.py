@@ -201,7 +201,7 @@ def store_benches(folder: Path) -> dict[str, Callable[[int], float]]:
 
     return {"SQLite: one message per transaction (BEGIN, savepoint, seq, INSERT, delivery, COMMIT)":
             one_request_per_commit,
-            "SQLite: the same with nobody reached (the sender's position only)": nobody_reached,
+            "SQLite: the same with nobody reached (nothing written for deliveries)": nobody_reached,
             "SQLite: per message, 10 messages per transaction": ten_requests_per_commit,
             "SQLite: an empty transaction (BEGIN, savepoint, COMMIT)": empty_transaction}
 

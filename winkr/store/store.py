@@ -334,6 +334,7 @@ class Store(SafetyQueries):
         history page or catch-up closes it later)."""
         participants = self.participants(conversation_id) or ()
         everyone = 0  # the run's first messages that reached every participant but their sender
+        participants_reached = 0
         for sender, reached in new:
             count = 0  # participants reached (all distinct, none the sender): plain loops, on every send
             for delivery in reached:
@@ -342,8 +343,11 @@ class Store(SafetyQueries):
             if count != len(participants) - (sender in participants):
                 break
             everyone += 1
-        if delivered_seq == last_seq and everyone == len(new):
-            return last_seq + everyone  # the quiet conversation: nothing else to write
+            participants_reached += count
+        if delivered_seq == last_seq and everyone == len(new):  # the quiet conversation
+            if participants_reached != len(deliveries):  # a service account in the room: rows, as ever
+                self._delivery_rows([d for d in deliveries if d.recipient_id not in participants])
+            return last_seq + everyone
         base, rest = last_seq, new
         if delivered_seq == last_seq:
             base, rest = last_seq + everyone, new[everyone:]
@@ -365,13 +369,17 @@ class Store(SafetyQueries):
             # have nothing missing either, the conversation's position catches up.
             caught_up = all(self._move_position(conversation_id, user, last_seq, base + reach[user])
                             for user in participants if user not in moved)
-        rows = [(d.conversation_id, d.seq, d.recipient_id, d.delivered_at) for d in deliveries
-                if d.seq > base and (d.recipient_id not in moved or d.seq > base + reach[d.recipient_id])]
-        if rows:
-            self.db.executemany(_INSERT_DELIVERY_SQL, rows)
+        self._delivery_rows([  # a service account in the room has no position: rows, as ever
+            d for d in deliveries if d.recipient_id not in participants
+            or (d.seq > base and (d.recipient_id not in moved or d.seq > base + reach[d.recipient_id]))])
         if caught_up:
             return last_seq + everyone
         return base if delivered_seq == last_seq else delivered_seq
+
+    def _delivery_rows(self, deliveries: Sequence[Delivery]) -> None:
+        if deliveries:
+            self.db.executemany(_INSERT_DELIVERY_SQL, [(d.conversation_id, d.seq, d.recipient_id, d.delivered_at)
+                                                       for d in deliveries])
 
     def _move_position(self, conversation_id: str, user: str, last_seq: int, to: int) -> bool:
         """Move ``user``'s own position to ``to`` if nothing before ``last_seq`` is missing.
