@@ -331,6 +331,13 @@ def report(first: dict[str, Any], last: dict[str, Any], events: dict[str, Any], 
               f"{histogram(durations)}")
     for start, took, row in checkpoints:
         print(f"checkpoint at +{start - t0:5.2f} s: {took * 1e3:.1f} ms (busy, wal pages, moved: {row})")
+    if checkpoints and durations:
+        # Does a checkpoint hold up the writer? Its batches during one against the others.
+        during = [d * 1e3 for s, d, _ in batches if any(c <= s < c + t for c, t, _ in checkpoints)]
+        others = [d * 1e3 for s, d, _ in batches if not any(c <= s < c + t for c, t, _ in checkpoints)]
+        if during:
+            print(f"writer batches during checkpoints: {len(during)}, p50 {pct(during, 50):.2f} ms, "
+                  f"max {max(during):.1f}; outside: p50 {pct(others, 50):.2f} ms, p99 {pct(others, 99):.2f} ms")
     logs = Counter(last["logs"])
     logs.subtract(Counter(first["logs"]))
     print(f"log records in the window: {dict(+logs) or 'none'}")
