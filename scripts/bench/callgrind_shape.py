@@ -1,26 +1,32 @@
 #!/usr/bin/env python3
-"""Instructions per message in the realistic shape, counted by callgrind (issue 10): a figure
-for one change's saving that the shared machine's noise does not move (CPU time per message
-swings ±10 % with what else runs; instruction counts move a few %).
+"""Instructions per message in the realistic or the saturation shape, counted by callgrind
+(issue 10): a figure for one change's saving that the shared machine's noise does not move
+(CPU time per message swings ±10 % with what else runs; instruction counts move a few %).
 
 winkr runs under ``valgrind --tool=callgrind`` with instrumentation off; the shared load
-generator drives quiet pairs (each message alone in its room, as in the realistic shape, at
-a rate the slowed-down server keeps up with, well below its capacity); once messages flow,
-instrumentation (and so counting) is switched on for a window (``callgrind_control -i on``),
+generator drives either quiet pairs (the default, realistic: each message alone in its room,
+at a rate the slowed-down server keeps up with, well below its capacity) or, with
+``--window W``, a closed loop of ``W`` messages in flight per sender (saturation: every room's
+run batches up to ``W`` sends, as in the ``saturation`` shape; the slowed-down server is
+saturated too, so the batching matches the real shape's); once messages flow,
+instrumentation (and so counting) is switched on for `--seconds` (``callgrind_control -i on``),
 then off, and the counts dumped. Messages in the window come from the metrics endpoint
 (``message:send`` events received). Every thread of the server is counted (the store
 writer's too). Loopback only; bounded in time; the server is stopped by
 its PID.
 
-    .venv/bin/python scripts/bench/callgrind_shape.py [--pairs 50] [--rate 4] [--window 20]
+    .venv/bin/python scripts/bench/callgrind_shape.py [--pairs 50] [--rate 4] [--seconds 20]
+    .venv/bin/python scripts/bench/callgrind_shape.py --pairs 100 --window 32 [--seconds 20]
+    ... --keep DIR      # keep the dump for callgrind_annotate (DIR/callgrind.out.N)
 
-Prints one JSON line: instructions (Ir) in the window, messages, Ir per message.
+Prints one JSON line: instructions (Ir) in the counted seconds, messages, Ir per message.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,8 +61,11 @@ def total_ir(path: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=50)
-    ap.add_argument("--rate", type=float, default=4.0, help="messages per second in all")
-    ap.add_argument("--window", type=float, default=20.0, help="seconds counted")
+    ap.add_argument("--rate", type=float, default=4.0, help="messages per second in all (realistic)")
+    ap.add_argument("--window", type=int, default=0,
+                    help="closed loop: messages in flight per sender (saturation: --pairs 100 --window 32)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="seconds counted")
+    ap.add_argument("--keep", default=None, help="copy the dump into this folder (for callgrind_annotate)")
     ap.add_argument("--shared", default=None)
     args = ap.parse_args()
     bench = bench_run.find_shared_bench(args.shared)
@@ -66,9 +75,10 @@ def main() -> None:
         target = CallgrindWinkr(bench, workdir, port)
         bench_run.START_TIMEOUT = 120.0
         with target.running() as pid:
-            target.prepare("realistic", args.pairs, 0)
-            lg_args = ["pairs", "--pairs", str(args.pairs), "--rate", str(args.rate), "--warmup", "2",
-                       "--duration", str(args.window + 30)]
+            target.prepare("saturation" if args.window else "realistic", args.pairs, 0)
+            load = ["--window", str(args.window)] if args.window else ["--rate", str(args.rate)]
+            lg_args = ["pairs", "--pairs", str(args.pairs), *load, "--warmup", "2",
+                       "--duration", str(args.seconds + 30)]
             loadgen = bench_run.start_loadgen(bench, target, pid, lg_args, "callgrind")
             deadline = time.monotonic() + 300
             while bench_run.scrape(port).get(SENDS, 0) == 0:
@@ -78,7 +88,7 @@ def main() -> None:
             time.sleep(3.0)  # past the first messages' one-off costs (caches, room start-up)
             before = bench_run.scrape(port).get(SENDS, 0)
             subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
-            time.sleep(args.window)
+            time.sleep(args.seconds)
             subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
             after = bench_run.scrape(port).get(SENDS, 0)
             subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
@@ -86,8 +96,12 @@ def main() -> None:
             loadgen.wait()
         dumps = sorted(p for p in workdir.glob("callgrind.out*") if re.search(r"\.\d+$", p.name))
         instructions = total_ir(dumps[0])
+        if args.keep:
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(dumps[0], Path(args.keep) / dumps[0].name)
     messages = after - before
-    print(json.dumps({"pairs": args.pairs, "rate": args.rate, "window_s": args.window, "messages": messages,
+    load_shape = {"window": args.window} if args.window else {"rate": args.rate}
+    print(json.dumps({"pairs": args.pairs, **load_shape, "seconds": args.seconds, "messages": messages,
                       "instructions": instructions, "ir_per_message": round(instructions / messages)}))
 
 

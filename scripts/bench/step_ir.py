@@ -17,14 +17,17 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 LINES = {
     "bench": "!#$%,;=?^~!#$%,;=?^~!#$%:" + "x" * 64,  # what the shared load generator sends
     "plain": "hey, how are you doing tonight? want to grab a coffee tomorrow at the usual place?",
     "short": "haha ok 😂",
 }
-STEPS = ["policy-bench", "policy-plain", "policy-short", "metrics",
+STEPS = ["policy-bench", "policy-plain", "policy-short", "metrics", "iso", "iso-two-seconds", "send-in",
+         "fanout-frames", "records",
          "pattern-two-scopes", "pattern-moved-deadline", "pattern-to-thread", "pattern-own-thread",
          "pattern-channel-hop", "pattern-direct-call"]
 
@@ -51,6 +54,11 @@ def run_step(step: str, n: int) -> None:  # noqa: C901 - one small body per step
             metrics.fanout_seconds.observe(0.0012)
             metrics.commit_seconds.observe(0.0004)
             metrics.commit_batch.observe(1)
+        return
+    if step in PER_MESSAGE:
+        op = PER_MESSAGE[step]()
+        for _ in range(n):
+            op()
         return
     import trio
     import trio.lowlevel
@@ -118,6 +126,95 @@ def run_step(step: str, n: int) -> None:  # noqa: C901 - one small body per step
                 "pattern-to-thread": to_thread, "pattern-own-thread": own_thread,
                 "pattern-channel-hop": channel_hop, "pattern-direct-call": direct_call}
     trio.run(patterns[step])
+
+
+def _iso() -> Callable[[], object]:
+    import time
+
+    from winkr.clock import iso
+    return lambda: iso(time.time())
+
+
+def _iso_two_seconds() -> Callable[[], object]:
+    """Timestamps of two seconds interleaved (a room's ``created_at`` taken before its commit,
+    frames stamped after it, with the second turning in between)."""
+    from winkr.clock import iso
+    return lambda: (iso(1_767_225_600.25), iso(1_767_225_601.5))
+
+
+# The saturation shape's frame, as the shared winkr adapter writes it (a 89-character payload).
+SEND_FRAME = ('{"event":"message:send","data":{"conversation_id":"c0123456789abcdef","content":"'
+              + LINES["bench"] + '","type":"text","metadata":{}},"ref":"b"}')
+
+
+def _send_in() -> Callable[[], object]:
+    """Reading one ``message:send``: the envelope, then the request."""
+    from winkr.protocol.codec import parse_envelope
+    from winkr.protocol.requests import MessageSend, structure_request
+
+    def op() -> object:
+        return structure_request(MessageSend, parse_envelope(SEND_FRAME, 65536).data)
+    return op
+
+
+def _stored() -> Any:
+    from winkr.records import Delivery, StoredMessage
+    message = StoredMessage("c0123456789abcdef", 41, "u1", "text", LINES["bench"], {}, None,
+                            1_767_225_600.25, 1_767_225_600.25)
+    return message, Delivery("c0123456789abcdef", 41, "u1", "u2", 1_767_225_600.25)
+
+
+def _fanout_frames() -> Callable[[], object]:
+    """The frames of one message as the room builds them (``_fan_out``): the sender's ack, the
+    peer's ``message:new``, the ``message:delivered`` receipt."""
+    from winkr.actor import Frames
+    from winkr.metrics import Metrics
+    from winkr.protocol.wire import delivered_data, message_object, sender_object
+
+    frames = Frames(lambda: 1_767_225_600.5, Metrics(["message:send"]))
+    message, delivery = _stored()
+    try:
+        from winkr.handlers.messages import message_frames  # type: ignore[attr-defined]
+    except ImportError:  # an older checkout: the ack and the peer's frame encoded apart
+        def message_frames(frames: Frames, message: Any, sender: Any, ref: str) -> tuple[str, str]:
+            data = {"message": message_object(message), "sender": sender}
+            return frames.event("message:new", data, ref), frames.event("message:new", data)
+
+    def op() -> object:
+        sender = sender_object("u1", "user one", None)
+        ack, new = message_frames(frames, message, sender, "b")
+        return ack, new, frames.event("message:delivered", delivered_data(delivery))
+    return op
+
+
+def _records() -> Callable[[], object]:
+    """The per-message records: envelope, request, room call, send item, stored message,
+    delivery, send result, what presence gets."""
+    from winkr.handlers.context import RoomCall
+    from winkr.handlers.registry import ROUTES
+    from winkr.presence import Published
+    from winkr.protocol.codec import Envelope
+    from winkr.protocol.requests import Id, MessageSend
+    from winkr.records import Delivery, SendItem, SendResult, StoredMessage
+
+    route = ROUTES["message:send"]
+
+    def op() -> object:
+        Envelope("message:send", {}, "b")
+        request = MessageSend(Id("c0123456789abcdef"), "text", LINES["bench"], {}, None)
+        RoomCall(route, None, request, "b", None, 1.0)  # type: ignore[arg-type]
+        SendItem("u1", "text", LINES["bench"], {}, None, ("u2",))
+        message = StoredMessage("c0123456789abcdef", 41, "u1", "text", LINES["bench"], {}, None,
+                                1_767_225_600.25, 1_767_225_600.25)
+        delivery = Delivery("c0123456789abcdef", 41, "u1", "u2", 1_767_225_600.25)
+        SendResult(message, False, (delivery,))
+        return Published(message, ("u1", "u2"), frozenset(), (delivery,))
+    return op
+
+
+PER_MESSAGE: dict[str, Callable[[], Callable[[], object]]] = {
+    "iso": _iso, "iso-two-seconds": _iso_two_seconds, "send-in": _send_in, "fanout-frames": _fanout_frames,
+    "records": _records}
 
 
 def ir_of(step: str, n: int, workdir: Path) -> int:
