@@ -358,8 +358,14 @@ def report(first: dict[str, Any], last: dict[str, Any], events: dict[str, Any], 
         in_batch = _overlap(start, end, batches)
         if in_gc >= 0.5 * s["wall"]:
             cause = f"gc gen{gen}"
-        elif s["cpu"] < 0.5 * s["wall"]:
-            cause = "checkpoint overlapping, thread off the core/GIL" if in_ckpt else "thread off the core/GIL"
+        elif s["cpu"] < 0.5 * s["wall"]:  # the trio thread waited: for the GIL or for the core
+            waited = s["wall"] - s["cpu"]
+            if in_batch >= 0.5 * waited:
+                cause = "waited while the writer thread ran (GIL or the shared core)"
+            elif in_ckpt >= 0.5 * waited:
+                cause = "waited while a checkpoint ran"
+            else:
+                cause = "waited, no thread of ours running (off the core: other processes)"
         else:
             cause = "busy turn (CPU in tasks)"
         causes[cause] += 1
