@@ -1,7 +1,6 @@
 """The cyclic GC once the server has started (issue 10, the realistic shape's tail): what
-start-up left is collected, everything alive then is frozen out of every later collection,
-and the young generation is collected every ``GC_THRESHOLDS[0]`` net allocations. Each test
-puts the interpreter's GC back as it found it."""
+start-up left is collected, then everything alive is frozen out of every later collection.
+Each test puts the interpreter's GC back as it found it."""
 from __future__ import annotations
 
 import gc
@@ -17,7 +16,7 @@ import trio
 import trio.testing
 from conftest import SECRET, make_settings
 
-from winkr.server import GC_THRESHOLDS, serve_forever, tune_gc
+from winkr.server import freeze_startup_heap, serve_forever
 
 
 class Node:
@@ -27,16 +26,14 @@ class Node:
 
 @pytest.fixture
 def interpreter_gc() -> Iterator[None]:
-    threshold = gc.get_threshold()
     assert gc.get_freeze_count() == 0  # nothing else in the test process freezes
     try:
         yield
     finally:
         gc.unfreeze()
-        gc.set_threshold(*threshold)
 
 
-def test_tune_gc_collects_then_freezes_what_is_alive_and_sets_the_thresholds(interpreter_gc: None) -> None:
+def test_start_up_garbage_is_collected_and_what_is_alive_is_frozen(interpreter_gc: None) -> None:
     kept = Node()
     garbage = Node()
     garbage.other = Node()
@@ -44,25 +41,24 @@ def test_tune_gc_collects_then_freezes_what_is_alive_and_sets_the_thresholds(int
     gone = weakref.ref(garbage)
     del garbage
 
-    tune_gc()
+    freeze_startup_heap()
 
     assert gone() is None  # collected before the freeze, not kept for the process's life
     assert gc.get_freeze_count() > 0
     assert not any(o is kept for o in gc.get_objects())  # frozen: no generation holds it
-    assert gc.get_threshold() == GC_THRESHOLDS
     later = Node()
     assert any(o is later for o in gc.get_objects())  # what comes after is collected as usual
 
 
-def test_the_server_tunes_the_gc_before_its_listening_line(tmp_path: Path, interpreter_gc: None) -> None:
-    seen: dict[str, Any] = {}
+def test_the_server_freezes_its_start_up_heap_before_its_listening_line(tmp_path: Path,
+                                                                        interpreter_gc: None) -> None:
+    frozen: list[int] = []
 
     def on_listening(ports: list[int]) -> None:
-        seen["frozen"], seen["threshold"] = gc.get_freeze_count(), gc.get_threshold()
+        frozen.append(gc.get_freeze_count())
         signal.raise_signal(signal.SIGINT)  # serve_forever's receiver takes it: a graceful stop
 
     trio.run(partial(serve_forever, make_settings(tmp_path), SECRET, on_listening=on_listening, listeners=[]),
              clock=trio.testing.MockClock(autojump_threshold=0))
 
-    assert seen["frozen"] > 0
-    assert seen["threshold"] == GC_THRESHOLDS
+    assert frozen and frozen[0] > 0

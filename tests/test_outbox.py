@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from winkr.outbox import Outbox
+from winkr.outbox import Outbox, deferred_writes
 
 
 def outbox() -> Outbox:
@@ -109,3 +109,123 @@ async def test_only_one_writer_may_wait() -> None:
         with pytest.raises(trio.BusyResourceError):
             await box.receive_batch(64, 1 << 20)
         box.close()
+
+
+class SocketDouble:
+    """Stands in for the socket side of ``winkr.transport.DirectWriter``: records each write
+    and takes at most ``room`` characters of it (``None``: everything)."""
+
+    def __init__(self, room: int | None = None, is_ready: bool = True) -> None:
+        self.writes: list[list[str]] = []
+        self.room = room
+        self.is_ready = is_ready
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def write(self, frames: list[str]) -> bytes:
+        self.writes.append(frames)
+        data = "".join(frames).encode()
+        taken = len(data) if self.room is None else min(self.room, len(data))
+        if self.room is not None:
+            self.room -= taken
+        return data[taken:]
+
+
+async def parked_writer(box: Outbox, nursery: trio.Nursery, got: list[tuple[bytes, list[str]]]) -> None:
+    """A writer like the connection's: the rest of a direct write first, then its batch."""
+
+    async def write() -> None:
+        while True:
+            try:
+                batch = await box.receive_batch(64, 1 << 20)
+            except trio.EndOfChannel:
+                return
+            got.append((box.take_unsent(), batch))
+            box.drained()
+
+    nursery.start_soon(write)
+    await trio.sleep(1)  # parked
+
+
+async def test_frames_delivered_in_deferred_writes_leave_in_one_direct_write_at_its_end() -> None:
+    box = outbox()
+    socket = SocketDouble()
+    box.attach_direct(socket, 64, 1 << 20)
+    got: list[tuple[bytes, list[str]]] = []
+    async with trio.open_nursery() as nursery:
+        await parked_writer(box, nursery, got)
+        with deferred_writes():
+            box.deliver("ack")
+            box.deliver("receipt")
+            assert socket.writes == []  # not before the block ends
+        assert socket.writes == [["ack", "receipt"]]
+        await trio.sleep(1)
+        box.close()
+    assert got == []  # the writer never had to write
+
+
+async def test_what_the_socket_does_not_take_goes_to_the_writer_before_later_frames() -> None:
+    box = outbox()
+    socket = SocketDouble(room=2)
+    box.attach_direct(socket, 64, 1 << 20)
+    got: list[tuple[bytes, list[str]]] = []
+    async with trio.open_nursery() as nursery:
+        await parked_writer(box, nursery, got)
+        with deferred_writes():
+            box.deliver("abcd")
+        box.deliver("later")  # while the rest waits for the writer: queued behind it
+        with deferred_writes():
+            box.deliver("even later")  # no direct write while a rest is unsent
+        await trio.sleep(1)
+        box.close()
+    assert socket.writes == [["abcd"]]
+    assert got == [(b"cd", ["later", "even later"])]
+
+
+async def test_no_direct_write_when_it_cannot_start_or_the_writer_is_busy() -> None:
+    box = outbox()
+    socket = SocketDouble(is_ready=False)  # e.g. the reader holds the stream for a pong
+    box.attach_direct(socket, 64, 1 << 20)
+    got: list[tuple[bytes, list[str]]] = []
+    async with trio.open_nursery() as nursery:
+        await parked_writer(box, nursery, got)
+        with deferred_writes():
+            box.deliver("one")
+        await trio.sleep(1)
+        socket.is_ready = True
+        box.deliver("two")  # outside a block: the writer is woken, as always
+        with deferred_writes():
+            box.deliver("three")  # the writer was woken and has not run: it takes this too
+        await trio.sleep(1)
+        box.close()
+    assert socket.writes == []
+    assert got == [(b"", ["one"]), (b"", ["two", "three"])]
+
+
+async def test_an_exception_in_the_block_still_writes_what_was_delivered() -> None:
+    box = outbox()
+    socket = SocketDouble()
+    box.attach_direct(socket, 64, 1 << 20)
+    got: list[tuple[bytes, list[str]]] = []
+    async with trio.open_nursery() as nursery:
+        await parked_writer(box, nursery, got)
+        with pytest.raises(KeyError), deferred_writes():
+            box.deliver("kept")
+            raise KeyError("a bug in the middle of a fan-out")
+        assert socket.writes == [["kept"]]
+        box.close()
+
+
+async def test_direct_writes_keep_the_writers_batch_bounds() -> None:
+    box = outbox()
+    socket = SocketDouble()
+    box.attach_direct(socket, 2, 1 << 20)
+    got: list[tuple[bytes, list[str]]] = []
+    async with trio.open_nursery() as nursery:
+        await parked_writer(box, nursery, got)
+        with deferred_writes():
+            for frame in "abcde":
+                box.deliver(frame)
+        box.close()
+    assert socket.writes == [["a", "b"], ["c", "d"], ["e"]]

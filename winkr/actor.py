@@ -7,7 +7,7 @@ import trio
 
 from winkr.clock import WallClock, iso
 from winkr.errors import ProtocolError
-from winkr.protocol.codec import encode, error_data
+from winkr.protocol.codec import encode, error_data, with_ref
 
 if TYPE_CHECKING:
     from winkr.metrics import Metrics
@@ -46,6 +46,17 @@ class Reply(Generic[T]):
         return self._value  # type: ignore[return-value]  # set() ran before _done
 
 
+async def hand_over(inbox: trio.MemorySendChannel[T], message: T) -> None:
+    """Put ``message`` in another actor's bounded inbox: at once when it has room — without a
+    checkpoint, so the hand-off costs the sender no task step of its own (issue 10: an actor
+    hop per message was a scheduler round trip) — else waiting for room like ``send``. Raises
+    what ``send`` raises for a closed or broken channel."""
+    try:
+        inbox.send_nowait(message)
+    except trio.WouldBlock:
+        await inbox.send(message)
+
+
 class _Inbox(Protocol[T_co]):
     def receive_nowait(self) -> T_co: ...
 
@@ -76,6 +87,13 @@ class Frames:
         if self.metrics is not None:
             self.metrics.frame_out(event)
         return encode(event, data, iso(self.clock()), ref)
+
+    def with_ref(self, frame: str, event: str, ref: str | None) -> str:
+        """``frame``, an ``event`` frame made by :meth:`event` without a ref, as the reply to
+        ``ref`` (its timestamp too): for a frame that goes both to the requester and to others."""
+        if self.metrics is not None:
+            self.metrics.frame_out(event)
+        return with_ref(frame, ref)
 
     def error(self, exc: ProtocolError, request_event: str | None, ref: str | None) -> str:
         if self.metrics is not None:

@@ -34,7 +34,7 @@ from winkr.protocol.wire import settings_object
 from winkr.ratelimit import Limits, Rate, rate_limited
 from winkr.room import Depart, RoomHandle, RoomMessage, RoomRetired
 from winkr.services import Services
-from winkr.transport import Pong, WinkrWebSocket, abort, send_frames, send_ping
+from winkr.transport import Pong, WinkrWebSocket, abort, direct_writer, send_frames, send_ping
 
 log = logging.getLogger("winkr.connection")
 _failures = ThrottledLog(log)
@@ -69,6 +69,9 @@ class Connection:
         self._id = secrets.token_hex(8)
         limits = services.settings.limits
         self._outbox = Outbox(limits.outbound_queue, limits.outbound_queue_bytes, limits.slow_consumer_seconds)
+        direct = direct_writer(ws, services.frames.metrics)
+        if direct is not None:  # a TCP socket: actors' bursts are written without waking the writer
+            self._outbox.attach_direct(direct, MAX_FRAMES_PER_WRITE, MAX_CHARS_PER_WRITE)
         self._joined: set[str] = set()
         self._peer = Peer(self._id, principal.user_id, principal.username, principal.avatar_url,
                           principal.is_service, self._outbox, self._joined)
@@ -262,12 +265,13 @@ class Connection:
                             batch = await self._outbox.receive_batch(MAX_FRAMES_PER_WRITE, MAX_CHARS_PER_WRITE)
                         except trio.EndOfChannel:
                             return
-                        if metrics is not None:
+                        unsent = self._outbox.take_unsent()  # the rest of a direct write goes first
+                        if metrics is not None and batch:
                             metrics.frames_per_write.observe(len(batch))
                         timer.deadline = trio.current_time() + stall_limit
                         writing = True
                         try:
-                            await send_frames(self.ws, batch)
+                            await send_frames(self.ws, batch, unsent)
                         except BaseException:
                             self._write_interrupted = not self._socket_gone
                             raise

@@ -17,16 +17,61 @@ wait, or when the queued text passes ``max_bytes`` (counted in characters of the
 frames, which for JSON is within a small factor of bytes). The writer enforces the first rule
 with its write timeout too (see ``winkr.connection``). Numbers and reasons:
 docs/architecture.md, "Flow control".
+
+**Writing without the writer.** Waking the connection's writer task costs three task steps
+per write (its wake-up, the stream lock, the socket send's checkpoint): the largest cost left
+per message once the rest of the send path was cut (docs/performance.md, issue 10, phase 3).
+So an actor that delivers inside :func:`deferred_writes` leaves the writer asleep; when the
+block ends, each outbox it touched writes what is queued straight to the socket
+(:meth:`Outbox.attach_direct`) in one write — if its writer is parked (so nothing else is
+writing) and the socket takes it now. Whatever the socket does not take (the rest of a partial
+write) goes to the writer, which sends it before anything else; everything else works as
+before. Outside such a block (or without a direct writer: memory streams), ``deliver`` wakes
+the writer at once, as it always did.
 """
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Protocol
 
 import trio
 from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, reschedule, wait_task_rescheduled
 
 CoalesceKey = Hashable
 """What makes two frames "the same state": a newer one replaces an older one still queued."""
+
+
+class DirectWrite(Protocol):
+    """Writes frames to the connection's socket from the calling task (``winkr.transport``)."""
+
+    def ready(self) -> bool:
+        """Whether a write may start now (nothing else is writing, the connection is open)."""
+
+    def write(self, frames: list[str]) -> bytes:
+        """Encode ``frames`` and write them now; returns the bytes the socket did not take."""
+
+# The outboxes the current task delivered to inside ``deferred_writes`` (per task: trio runs
+# every task in a context of its own).
+_deferred: ContextVar[list[Outbox] | None] = ContextVar("winkr_deferred_writes", default=None)
+
+
+@contextmanager
+def deferred_writes() -> Iterator[None]:
+    """Within the block, frames delivered to outboxes with a direct writer are not handed to
+    their writers; on leaving it (normally, by an exception or a cancellation: it never waits)
+    each such outbox writes them itself, one write per outbox (:meth:`Outbox.flush`). For code
+    that delivers a burst of frames without waiting in between: a frame waits until the block
+    ends, so a block should not wait on anything slow."""
+    pending: list[Outbox] = []
+    token = _deferred.set(pending)
+    try:
+        yield
+    finally:
+        _deferred.reset(token)
+        for outbox in pending:
+            outbox.flush()
 
 
 class _Slot:
@@ -46,7 +91,8 @@ class Outbox:
     a ``trio.Event`` made for every wait (docs/performance.md, issue 10)."""
 
     __slots__ = ("_queue", "_keyed", "_chars", "_max_frames", "_max_chars", "_slow_seconds", "_closed",
-                 "_writer", "_room", "close_request", "_writing_since", "_interrupt")
+                 "_writer", "_room", "close_request", "_writing_since", "_interrupt", "_direct",
+                 "_batch_frames", "_batch_chars", "_unsent", "_flush_pending")
 
     def __init__(self, max_frames: int, max_bytes: int, slow_seconds: float) -> None:
         # Oldest first; the writer takes a prefix at once (``receive_batch``), so a list's cost
@@ -63,6 +109,10 @@ class Outbox:
         self.close_request: str | None = None  # a reason another actor asked the connection to close with
         self._writing_since: float | None = None  # when the writer's current write began
         self._interrupt: trio.CancelScope | None = None  # the owner's scope a close request cancels
+        self._direct: DirectWrite | None = None  # writes to the socket now (attach_direct)
+        self._batch_frames = self._batch_chars = 0  # the writer's batch bounds, for direct writes too
+        self._unsent: bytes | None = None  # the rest of a direct write the socket did not take
+        self._flush_pending = False  # delivered to inside deferred_writes: flushed when it ends
 
     # --- producers -----------------------------------------------------------------------
 
@@ -90,7 +140,13 @@ class Outbox:
                 and trio.current_time() - self._writing_since > self._slow_seconds):
             self.request_close("slow_consumer")
             return False
-        self._wake_writer()
+        if self._writer is not None:  # else the writer is busy and takes the frame next
+            pending = _deferred.get() if self._direct is not None else None
+            if pending is None:
+                self._wake_writer()
+            elif not self._flush_pending:
+                self._flush_pending = True
+                pending.append(self)
         return True
 
     async def put(self, frame: str) -> None:
@@ -108,6 +164,31 @@ class Outbox:
         self._queue.append(frame)
         self._chars += len(frame)
         self._wake_writer()
+
+    def attach_direct(self, direct: DirectWrite, max_frames: int, max_chars: int) -> None:
+        """Let :meth:`flush` write to the socket itself through ``direct``, in batches bounded
+        as the writer's (``max_frames``, about ``max_chars``)."""
+        self._direct = direct
+        self._batch_frames, self._batch_chars = max_frames, max_chars
+
+    def flush(self) -> None:
+        """Write what is queued straight to the socket if the writer is parked (nothing else is
+        writing) and a direct writer is attached and ready; whatever is left (the socket did
+        not take it all, or a direct write could not start) goes to the writer. Never blocks."""
+        self._flush_pending = False
+        direct = self._direct
+        while self._queue and self._writer is not None and self._unsent is None:
+            if direct is None or not direct.ready():
+                break
+            frames = self._take(self._batch_frames, self._batch_chars)
+            self._writing_since = trio.current_time()
+            unsent = direct.write(frames)
+            if unsent:
+                self._unsent = unsent  # the writer sends it before anything else
+                break
+            self.drained()
+        if self._queue or self._unsent:
+            self._wake_writer()
 
     def request_close(self, reason: str) -> None:
         """Ask the connection to close with ``reason``; the first reason wins. The owner learns
@@ -139,17 +220,31 @@ class Outbox:
     # --- the writer ------------------------------------------------------------------------
 
     async def receive_batch(self, max_frames: int, max_chars: int) -> list[str]:
-        """Wait for frames and take up to ``max_frames`` of them (and about ``max_chars``).
-        Raises ``trio.EndOfChannel`` when closed and drained. Cancelling the wait loses nothing."""
-        while not self._queue and not self._closed:
+        """Wait for frames and take up to ``max_frames`` of them (and about ``max_chars``); the
+        batch may be empty when only the rest of a direct write waits (:meth:`take_unsent`:
+        send it first). Raises ``trio.EndOfChannel`` when closed and drained. Cancelling the
+        wait loses nothing."""
+        while not self._queue and self._unsent is None and not self._closed:
             if self._writer is not None:
                 raise trio.BusyResourceError("another task is already waiting for this outbox")
             self._writer = current_task()
             await wait_task_rescheduled(self._abort_wait)
         await trio.lowlevel.checkpoint_if_cancelled()
-        queue = self._queue
-        if not queue:
+        if not self._queue and self._unsent is None:
             raise trio.EndOfChannel
+        batch = self._take(max_frames, max_chars)
+        self._writing_since = trio.current_time()
+        return batch
+
+    def take_unsent(self) -> bytes:
+        """The rest of a direct write the socket did not take (``b""`` if none): the writer
+        sends it before the frames of its batch."""
+        unsent, self._unsent = self._unsent, None
+        return unsent or b""
+
+    def _take(self, max_frames: int, max_chars: int) -> list[str]:
+        """Take the oldest frames, up to ``max_frames`` (and about ``max_chars``)."""
+        queue = self._queue
         batch: list[str] = []
         chars = 0
         taken = 0
@@ -167,7 +262,6 @@ class Outbox:
         if self._keyed is not None and not self._keyed:
             self._keyed = None
         self._chars -= chars
-        self._writing_since = trio.current_time()
         return batch
 
     def _abort_wait(self, _: RaiseCancelT) -> Abort:

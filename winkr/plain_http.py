@@ -46,6 +46,11 @@ class ReplayStream(trio.abc.Stream):
         self._stream = stream
 
     @property
+    def inner(self) -> trio.abc.Stream:
+        """The wrapped stream (sends go straight to it)."""
+        return self._stream
+
+    @property
     def socket(self) -> trio.socket.SocketType:
         """The underlying socket, for trio-websocket's ``local``/``remote`` (TCP streams only)."""
         sock: trio.socket.SocketType = getattr(self._stream, "socket")  # noqa: B009 - absent on memory streams

@@ -14,13 +14,15 @@ import heapq
 import itertools
 import logging
 import math
-from collections.abc import Collection, Iterable
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping
 from functools import partial
+from types import MappingProxyType
 
 import attrs
 import trio
 
-from winkr.actor import Frames, Reply, drain
+from winkr.actor import Frames, Reply, drain, hand_over
 from winkr.broker import events as bus
 from winkr.broker.base import Broker, BusEvent, user_topic
 from winkr.clock import iso
@@ -251,8 +253,25 @@ class PresenceHandle:
     """What other actors hold. Each method waits only for room in presence's inbox (and, where
     it returns something, for the answer); presence never waits on its callers."""
 
-    def __init__(self, inbox: trio.MemorySendChannel[PresenceRequest]) -> None:
+    def __init__(self, inbox: trio.MemorySendChannel[PresenceRequest],
+                 connections_here: Mapping[str, int] | None = None, sharing: bool = True) -> None:
         self._inbox = inbox
+        self._connections_here = connections_here
+        self._sharing = sharing
+
+    def follow_up_needed(self, participants: Iterable[str], joined: Iterable[Peer]) -> bool:
+        """Whether :meth:`published` has anything to do for a message a room fanned out to its
+        ``joined`` connections: other nodes to tell, or a participant with a connection on this
+        node outside the room (unread counts, receipts to the sender's other connections). A
+        quiet conversation's send with both ends in the room then costs no presence hop
+        (issue 10). Reads presence's own count of each user's connections (read-only; one
+        thread): a connection presence has not registered yet is not counted, and reads its
+        unread counts from the store, after this commit, once registered."""
+        here = self._connections_here
+        if self._sharing or here is None:
+            return True
+        in_room = Counter(peer.user_id for peer in joined)
+        return any(here.get(user_id, 0) > in_room[user_id] for user_id in participants)
 
     async def admit(self, user_id: str, username: str, limit: int) -> bool:
         """Reserve one of the user's ``limit`` connection slots (0 = no limit)."""
@@ -285,7 +304,7 @@ class PresenceHandle:
 
     async def published(self, events: list[Published]) -> None:
         """Messages a room has fanned out, in commit order."""
-        await self._inbox.send(_Published(tuple(events)))
+        await hand_over(self._inbox, _Published(tuple(events)))
 
     async def send_to_users(self, user_ids: Iterable[str], frame: str, except_connection: str | None = None,
                             key: CoalesceKey | None = None) -> None:
@@ -398,6 +417,9 @@ class _Presence:
         self._members = itertools.count(1)
         self.online_gauge = online_gauge  # users with at least one open connection
         self.users: dict[str, _User] = {}
+        # user -> this node's open connections of the user (len of its peers), for rooms to read
+        # (PresenceHandle.follow_up_needed); written only here.
+        self.connections_here: dict[str, int] = {}
         self.grace_timers: list[tuple[float, int, str]] = []  # (deadline, generation, user)
         self.closing: str | None = None
 
@@ -705,6 +727,7 @@ class _Presence:
             state.online_status = request.settings.online_status
             state.apart = set(request.apart)
         state.peers[peer.id] = peer
+        self.connections_here[peer.user_id] = len(state.peers)
         if len(state.peers) == 1:
             self._gauge(1)
         state.grace_generation += 1  # a pending offline announcement is void now
@@ -743,6 +766,10 @@ class _Presence:
         if state.peers.pop(peer.id, None) is None:
             await self._release(peer.user_id)
             return False
+        if state.peers:
+            self.connections_here[peer.user_id] = len(state.peers)
+        else:
+            del self.connections_here[peer.user_id]
         member = state.members.pop(peer.id)
         if not state.peers:
             self._gauge(-1)
@@ -871,7 +898,9 @@ class _Presence:
                 message = event.message
                 self._share((p for p in event.participants if p != message.sender_id), bus.COMMITTED,
                             {"m": bus.message_json(message)})
-        await self._published_outside([self._delivery_job(event) for event in events])
+        jobs = [job for event in events if (job := self._delivery_job(event)) is not None]
+        if jobs:
+            await self._published_outside(jobs)
 
     async def _published_outside(self, jobs: list[_DeliveryJob]) -> None:
         outside = [job for job in jobs if job.outside]
@@ -889,7 +918,9 @@ class _Presence:
             counts, deliveries = counted.get(id(job), ({}, []))
             self._finish(job, counts, deliveries)
 
-    def _delivery_job(self, event: Published) -> _DeliveryJob:
+    def _delivery_job(self, event: Published) -> _DeliveryJob | None:
+        """What is left to do for ``event``; ``None`` when nothing is (the usual case: every
+        connection of its participants joined the room, which did it all, on one node)."""
         message = event.message
         sender = message.sender_id
         outside: dict[str, list[Peer]] = {}
@@ -898,7 +929,14 @@ class _Presence:
                 peers = [p for p in state.peers.values() if p.id not in event.joined_connections]
                 if peers:
                     outside[user_id] = peers
+        if not outside and not self.sharing and not self._elsewhere(sender, event.joined_connections):
+            return None  # _finish would send nothing
         return _DeliveryJob(message, outside, event.deliveries, event.joined_connections)
+
+    def _elsewhere(self, user_id: str, joined: frozenset[str]) -> bool:
+        """Whether ``user_id`` has a connection here outside the room (``joined``)."""
+        state = self.users.get(user_id)
+        return state is not None and any(peer_id not in joined for peer_id in state.peers)
 
     def _finish(self, job: _DeliveryJob, counts: dict[str, int], deliveries: list[Delivery]) -> None:
         conversation_id = job.message.conversation_id
@@ -909,8 +947,7 @@ class _Presence:
                 peer.deliver(frame, ("unread", conversation_id))
         sender = job.message.sender_id
         state = self.users.get(sender)
-        elsewhere = state is not None and any(peer_id not in job.joined for peer_id in state.peers)
-        if job.recorded and (self.sharing or elsewhere):
+        if job.recorded and (self.sharing or self._elsewhere(sender, job.joined)):
             for delivery in job.recorded:  # the room gave these to the sender's joined connections
                 frame = self.frames.event("message:delivered", delivered_data(delivery))
                 self._deliver_here((sender,), frame, skip=job.joined)
@@ -958,7 +995,7 @@ async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, onli
     shared presence state (None: this node's alone)."""
     send, receive = trio.open_memory_channel[PresenceRequest](inbox_size)
     presence = _Presence(frames, store, grace, online_gauge, broker, registry)
-    task_status.started(PresenceHandle(send))
+    task_status.started(PresenceHandle(send, MappingProxyType(presence.connections_here), presence.sharing))
     async with receive:
         while True:
             request = None

@@ -19,7 +19,7 @@ from functools import partial
 import attrs
 import trio
 
-from winkr.actor import Frames, drain
+from winkr.actor import Frames, drain, hand_over
 from winkr.broker.base import Broker, BusEvent, conversation_topic
 from winkr.broker.events import CLOSED, DELETED, MESSAGE, TYPING, message_from_json, message_json
 from winkr.clock import iso
@@ -107,7 +107,7 @@ class RoomHandle:
         """Queue a message (waits for room in the inbox); ``RoomRetired`` if this room has gone
         to sleep."""
         try:
-            await self._inbox.send(message)
+            await hand_over(self._inbox, message)
         except trio.ClosedResourceError:
             raise RoomRetired(self.conversation_id) from None
 

@@ -77,9 +77,6 @@ WS_PATH = "/ws"
 RECEIVE_BUFFER = 64 * 1024  # bytes per socket read: a burst of frames in one syscall
 LIBRARY_FRAME_LIMIT = 1024 * 1024
 RUNTIME_SAMPLE_SECONDS = 2.0
-# The cyclic GC after start-up (tune_gc): a young collection every 10,000 net allocations
-# instead of 700; the middle and old generations keep CPython's ratios (10, 10).
-GC_THRESHOLDS = (10_000, 10, 10)
 POSITION_CHECK_SECONDS = 30.0  # in a cluster, every awake room's position is compared with the store this often
 
 
@@ -522,19 +519,18 @@ async def _close_when_cancelled(aclose: Callable[[], Awaitable[None]]) -> None:
             await aclose()
 
 
-def tune_gc() -> None:
-    """Settle the cyclic GC once the server has started (docs/performance.md, issue 10, "The
-    realistic shape's tail"): collect what start-up left, move everything alive now (modules,
-    settings, actors, caches) to the permanent generation, which no collection traverses again,
-    and collect the young generation every ``GC_THRESHOLDS[0]`` net allocations instead of 700.
-    With CPython's defaults the realistic shape (1,000 connections, 1,000 msgs/s) ran ~12 young
-    collections a second and a full one every few seconds (40-150 ms on the trio thread, ~5 %
-    of the time in pauses), and none of them found garbage. Start-up objects that later become
-    cyclic garbage are never freed (they live as long as the process anyway). Runs on the trio
-    thread: tens of ms, once, before the listening line."""
+def freeze_startup_heap() -> None:
+    """Once the server has started (docs/performance.md, issue 10, "The realistic shape's
+    tail"): collect what start-up left, then move everything alive now (modules, settings,
+    actors, caches: ~72,000 objects) to the permanent generation, which no collection traverses
+    again. With it and the young threshold ``winkr serve`` sets (``cli.GC_YOUNGEST_THRESHOLD``)
+    the realistic shape (1,000 connections, 1,000 msgs/s) runs no collection in a benchmark
+    window; with CPython's defaults ~5 % of the time went to pauses of up to 150 ms (a full
+    collection over ~220,000 objects every few seconds) that never found garbage. Start-up
+    objects that later become cyclic garbage are never freed (they live as long as the process
+    anyway). Runs on the trio thread: tens of ms, once, before the listening line."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def serve_forever(settings: Settings, secret: str, *, on_listening: Callable[[list[int]], None],
@@ -550,7 +546,7 @@ async def serve_forever(settings: Settings, secret: str, *, on_listening: Callab
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(server.serve, listeners))
-            tune_gc()
+            freeze_startup_heap()
             on_listening(server.ports)
             async for _ in signals:
                 server.request_shutdown()

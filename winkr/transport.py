@@ -28,8 +28,10 @@ This reaches into trio-websocket's internals (``_wsproto``, ``_stream``, ``_stre
 """
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 import wsproto.utilities
@@ -38,6 +40,9 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Request, TextMessage
 from wsproto.events import Pong as PongEvent
+
+from winkr.metrics import FastHistogram
+from winkr.plain_http import ReplayStream
 
 FrameHandler = Callable[[str | bytes], Awaitable[None]]
 
@@ -229,18 +234,79 @@ def _check_open(ws: WebSocketConnection) -> None:
         raise ConnectionClosed(CloseReason(1006, None))
 
 
-async def send_frames(ws: WebSocketConnection, frames: list[str]) -> None:
-    """Send text frames in order, in one write; raises ``ConnectionClosed`` like
-    ``send_message``. Cancelling it may cut a frame in half: close the stream after that."""
+async def send_frames(ws: WebSocketConnection, frames: list[str], unsent: bytes = b"") -> None:
+    """Send ``unsent`` (the rest of a write :class:`DirectWriter` began) and then text frames in
+    order, in one write; raises ``ConnectionClosed`` like ``send_message``. Cancelling it may
+    cut a frame in half: close the stream after that."""
     _check_open(ws)
     proto = ws._wsproto
-    data = b"".join([proto.send(TextMessage(data=frame)) for frame in frames])
+    data = b"".join([unsent, *[proto.send(TextMessage(data=frame)) for frame in frames]])
     async with ws._stream_lock:
         try:
             await ws._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await ws._abort_web_socket()
             raise ConnectionClosed(ws.closed) from None
+
+
+class DirectWriter:
+    """Writes frames to a TCP socket from the task that has them, without waiting, when the
+    socket takes them now: no wake-up of the connection's writer task, no stream lock, no
+    checkpoint (docs/performance.md, issue 10, phase 3: the writer's three task steps per write
+    were the largest cost left per message). The outbox uses it only while its writer is parked
+    (``winkr.outbox``); :meth:`ready` adds that no pong or close frame is being written (the
+    stream lock) and that the connection is open.
+
+    Made only for a stream that is a ``trio.SocketStream`` (possibly behind
+    ``plain_http.ReplayStream``, whose sends go straight through): :func:`direct_writer`
+    returns None otherwise (memory streams in tests, anything wrapped differently)."""
+
+    __slots__ = ("_ws", "_socket", "_metrics")
+
+    def __init__(self, ws: WebSocketConnection, socket: trio.socket.SocketType, metrics: WriteMetrics | None) -> None:
+        self._ws = ws
+        self._socket = socket
+        self._metrics = metrics
+
+    def ready(self) -> bool:
+        ws = self._ws
+        return (not ws.closed and not ws._stream_lock.locked() and ws._wsproto.state is ConnectionState.OPEN
+                and self._socket.fileno() >= 0)
+
+    def write(self, frames: list[str]) -> bytes:
+        """Encode ``frames`` and write them now (call only when :meth:`ready`); returns what the
+        socket did not take (``b""``: everything went). The writer must send the rest before
+        anything else; on a failing socket all of it is returned, and the writer's own write
+        meets the error and closes the connection the usual way."""
+        proto = self._ws._wsproto
+        if len(frames) == 1:
+            data = proto.send(TextMessage(data=frames[0]))
+        else:
+            data = b"".join([proto.send(TextMessage(data=frame)) for frame in frames])
+        try:
+            written = os.write(self._socket.fileno(), data)
+        except OSError:  # EAGAIN: the socket's buffer is full; anything else: the writer learns it
+            written = 0
+        if self._metrics is not None:
+            self._metrics.frames_per_write.observe(len(frames))
+        return data[written:]
+
+
+class WriteMetrics(Protocol):
+    """The metrics a direct write counts (``winkr.metrics.Metrics`` has them)."""
+
+    @property
+    def frames_per_write(self) -> FastHistogram: ...
+
+
+def direct_writer(ws: WebSocketConnection, metrics: WriteMetrics | None = None) -> DirectWriter | None:
+    """A :class:`DirectWriter` for ``ws`` when its stream is a TCP socket, else None."""
+    stream = ws._stream
+    while isinstance(stream, ReplayStream):
+        stream = stream.inner
+    if type(stream) is not trio.SocketStream:
+        return None
+    return DirectWriter(ws, stream.socket, metrics)
 
 
 class Pong:

@@ -37,16 +37,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench_run  # noqa: E402  # the side-by-side runner's targets and helpers
 
 SENDS = 'winkr_events_received_total{event="message:send"}'
+BATCHING = {"commits": "winkr_store_commit_seconds_count", "writes": "winkr_outbox_frames_per_write_count"}
+SCRAPE_TIMEOUT = 60.0  # a server under callgrind on a busy machine can take its time to answer
 
 
 class CallgrindWinkr(bench_run.Winkr):
-    def __init__(self, bench: Path, workdir: Path, metrics_port: int) -> None:
+    def __init__(self, bench: Path, workdir: Path, metrics_port: int, threads: bool = False) -> None:
         super().__init__(bench, workdir, metrics_port)
         self.out = workdir / "callgrind.out"
+        self.threads = threads
 
     def server_argv(self) -> list[str]:
         return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={self.out}",
-                *super().server_argv()]
+                *(["--separate-threads=yes"] if self.threads else []), *super().server_argv()]
 
 
 def total_ir(path: Path) -> int:
@@ -65,6 +68,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=0,
                     help="closed loop: messages in flight per sender (saturation: --pairs 100 --window 32)")
     ap.add_argument("--seconds", type=float, default=20.0, help="seconds counted")
+    ap.add_argument("--threads", action="store_true",
+                    help="one dump per thread; prints each thread's Ir per message too (main: the trio thread)")
     ap.add_argument("--keep", default=None, help="copy the dump into this folder (for callgrind_annotate)")
     ap.add_argument("--shared", default=None)
     args = ap.parse_args()
@@ -72,7 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="winkr-callgrind-") as tmp:
         workdir = Path(tmp)
         port = bench_run.free_port()
-        target = CallgrindWinkr(bench, workdir, port)
+        target = CallgrindWinkr(bench, workdir, port, args.threads)
         bench_run.START_TIMEOUT = 120.0
         with target.running() as pid:
             target.prepare("saturation" if args.window else "realistic", args.pairs, 0)
@@ -81,28 +86,38 @@ def main() -> None:
                        "--duration", str(args.seconds + 30)]
             loadgen = bench_run.start_loadgen(bench, target, pid, lg_args, "callgrind")
             deadline = time.monotonic() + 300
-            while bench_run.scrape(port).get(SENDS, 0) == 0:
+            while bench_run.scrape(port, SCRAPE_TIMEOUT).get(SENDS, 0) == 0:
                 if time.monotonic() > deadline:
                     raise RuntimeError("no messages within 300 s")
                 time.sleep(0.5)
             time.sleep(3.0)  # past the first messages' one-off costs (caches, room start-up)
-            before = bench_run.scrape(port).get(SENDS, 0)
+            scraped_before = bench_run.scrape(port, SCRAPE_TIMEOUT)
             subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
             time.sleep(args.seconds)
             subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
-            after = bench_run.scrape(port).get(SENDS, 0)
+            scraped_after = bench_run.scrape(port, SCRAPE_TIMEOUT)
             subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
             loadgen.kill()
             loadgen.wait()
-        dumps = sorted(p for p in workdir.glob("callgrind.out*") if re.search(r"\.\d+$", p.name))
-        instructions = total_ir(dumps[0])
+        # The dump asked for is callgrind.out.1 (callgrind.out.1-NN per thread with --threads).
+        dumps = sorted(p for p in workdir.glob("callgrind.out.1*") if re.search(r"\.1(-\d+)?$", p.name))
+        per_dump = {p.name: total_ir(p) for p in dumps}
         if args.keep:
             Path(args.keep).mkdir(parents=True, exist_ok=True)
-            shutil.copy(dumps[0], Path(args.keep) / dumps[0].name)
-    messages = after - before
+            for p in dumps:
+                shutil.copy(p, Path(args.keep) / p.name)
+    messages = scraped_after.get(SENDS, 0) - scraped_before.get(SENDS, 0)
+    # How much the window batched (a closed loop batches more when the load generator keeps up):
+    # Ir per message moves with these, so a comparison needs them alike.
+    batching = {name: round((scraped_after.get(series, 0) - scraped_before.get(series, 0)) / messages, 3)
+                for name, series in BATCHING.items()}
+    instructions = sum(per_dump.values())
     load_shape = {"window": args.window} if args.window else {"rate": args.rate}
+    threads = {"threads": {name.rpartition("-")[2]: round(ir / messages) for name, ir in per_dump.items()
+                           if ir}} if args.threads else {}
     print(json.dumps({"pairs": args.pairs, **load_shape, "seconds": args.seconds, "messages": messages,
-                      "instructions": instructions, "ir_per_message": round(instructions / messages)}))
+                      "instructions": instructions, "ir_per_message": round(instructions / messages), **threads,
+                      "per_message": batching}))
 
 
 if __name__ == "__main__":

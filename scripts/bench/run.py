@@ -319,9 +319,9 @@ def _fmt(value: float | None) -> str:
 
 # --- profiling -----------------------------------------------------------------------------
 
-def scrape(port: int) -> dict[str, float]:
+def scrape(port: int, timeout: float = 5.0) -> dict[str, float]:
     """The winkr metrics endpoint as {series: value} (counters and histogram sums/counts)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:  # noqa: S310
         text = response.read().decode()
     values = {}
     for line in text.splitlines():

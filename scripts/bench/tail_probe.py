@@ -21,9 +21,11 @@ CPU 0) with instruments inside it, drives it with loadgen's realistic shape (500
 
     .venv/bin/python scripts/bench/tail_probe.py                      # 1 run, the code as it is
     .venv/bin/python scripts/bench/tail_probe.py --gc default         # the interpreter's GC settings
+    .venv/bin/python scripts/bench/tail_probe.py --gc 50000 --duration 30
     .venv/bin/python scripts/bench/tail_probe.py --gc off --no-lag-probe --repeats 2
 
-``--gc default`` undoes winkr's start-up GC settings in the server (to compare against them);
+``--gc default`` undoes winkr's GC settings in the server (the young threshold ``winkr serve``
+sets, the start-up heap frozen), to compare against them; ``--gc N`` sets the young threshold;
 ``--gc off`` disables the cyclic GC altogether (an upper bound on what GC tuning can win, not a
 setting to run with). The probe's instruments cost a few µs per task step.
 
@@ -210,12 +212,14 @@ def server_main(argv: list[str]) -> None:
     import trio
 
     gc_mode = os.environ.get("WINKR_PROBE_GC", "winkr")
+    import winkr.cli as cli_module
     import winkr.server as server_module
 
-    if gc_mode in ("default", "off"):  # undo winkr's start-up GC settings (tune_gc)
-        server_module.tune_gc = lambda: None  # type: ignore[assignment]
-    elif gc_mode != "winkr":  # "T0,T1,T2": winkr's settings with these thresholds
-        server_module.GC_THRESHOLDS = tuple(int(t) for t in gc_mode.split(","))  # type: ignore[assignment]
+    if gc_mode in ("default", "off"):  # undo winkr's GC settings: CPython's threshold, no freeze
+        server_module.freeze_startup_heap = lambda: None  # type: ignore[assignment]
+        cli_module.GC_YOUNGEST_THRESHOLD = 700
+    elif gc_mode != "winkr":  # N: winkr's settings with this young threshold
+        cli_module.GC_YOUNGEST_THRESHOLD = int(gc_mode)
     if gc_mode == "off":
         gc.disable()
     switch = os.environ.get("WINKR_PROBE_SWITCH_MS")
@@ -437,8 +441,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--gc", default="winkr",
-                    help="winkr: the server's own GC settings (tune_gc); default: the interpreter's; off: no "
-                         "cyclic GC; T0,T1,T2: tune_gc with these thresholds")
+                    help="winkr: the server's own GC settings (young threshold, start-up heap frozen); "
+                         "default: CPython's; off: no cyclic GC; N: winkr's with young threshold N")
     ap.add_argument("--switch-ms", type=float, default=0.0, help="sys.setswitchinterval in the server (ms)")
     ap.add_argument("--stall-ms", type=float, default=5.0, help="run-loop turns at least this long are stalls")
     ap.add_argument("--no-lag-probe", action="store_true", help="without the 1 ms sleeper task")

@@ -14,11 +14,13 @@ from functools import partial
 
 import trio
 
+from winkr.actor import Frames
 from winkr.broker.events import DELETED
 from winkr.clock import iso
 from winkr.errors import ProtocolError
 from winkr.handlers.catchup import announce_deliveries
 from winkr.handlers.context import ConnectionContext, RoomCall, RoomContext
+from winkr.outbox import deferred_writes
 from winkr.peer import Peer
 from winkr.policy import CheckedMessage, check_message
 from winkr.presence import Published
@@ -72,19 +74,25 @@ async def send_run(room: RoomContext, calls: list[RoomCall]) -> None:
     if intervening:  # other nodes committed these before our run: they go out first (seq order)
         await room.deliver_committed([(m, sender_object(m.sender_id, username or m.sender_id, avatar))
                                       for m, username, avatar in intervening])
-    published = []
+    fanned_out: list[tuple[RoomCall, SendResult]] = []
     shared = []
-    for call, sender, result in zip(allowed, senders, results):
-        if isinstance(result, ProtocolError):
-            _reply_error(room, call, result)
-            continue
-        event = _fan_out(room, call, result)
-        if event is not None:
-            published.append(event)
-            shared.append((result.message, sender))
+    # The run's frames leave in one write per connection, from this task, when the sockets take
+    # them now (winkr.outbox: no wake-up of each connection's writer).
+    with deferred_writes():
+        for call, sender, result in zip(allowed, senders, results):
+            if isinstance(result, ProtocolError):
+                _reply_error(room, call, result)
+                continue
+            if _fan_out(room, call, result, sender):
+                fanned_out.append((call, result))
+                shared.append((result.message, sender))
     room.share_messages(shared)
-    if published:  # one hand-off for the whole run
-        await room.presence.published(published)
+    # One hand-off for the whole run, when presence has something to do with it (what it gets
+    # is built only then: the usual run has every connection in the room).
+    if fanned_out and room.presence.follow_up_needed(room.participant_ids, room.members()):
+        joined = frozenset(m.id for m in room.members())  # the loop above did not wait: still the same
+        await room.presence.published([Published(result.message, room.authorize(call.peer), joined,
+                                                 result.deliveries) for call, result in fanned_out])
 
 
 async def _unconnected(room: RoomContext, joined_users: set[str], calls: list[RoomCall]) -> frozenset[str]:
@@ -128,20 +136,26 @@ def _insert_and_notify(store: Store, conversation_id: str, items: Sequence[SendI
     return results, intervening
 
 
-def _fan_out(room: RoomContext, call: RoomCall, result: SendResult) -> Published | None:
-    """Acknowledge to the sender, broadcast to the joined connections; return what presence
-    must still do (unread counts for the others, receipts)."""
+def message_frames(frames: Frames, message: StoredMessage, sender: Json, ref: str | None) -> tuple[str, str]:
+    """(the sender's acknowledgement, with ``ref``; everyone else's ``message:new``): the
+    message encoded once for both."""
+    new = frames.event("message:new", {"message": message_object(message), "sender": sender})
+    return frames.with_ref(new, "message:new", ref), new
+
+
+def _fan_out(room: RoomContext, call: RoomCall, result: SendResult, sender: Json) -> bool:
+    """Acknowledge to the sender, broadcast to the joined connections; ``False`` for a
+    duplicate (answered to its sender only: nothing for presence or the other nodes)."""
     peer = call.peer
-    data = {"message": message_object(result.message), "sender": sender_object(peer.user_id, peer.username,
-                                                                                peer.avatar_url)}
     frames = room.frames
-    peer.deliver(frames.event("message:new", data, call.ref))
+    ack, new = message_frames(frames, result.message, sender, call.ref)
+    peer.deliver(ack)
     if call.outcome is not None:
         call.outcome.set(result)
     if result.duplicate:  # answered to the sender only (contract §11.15)
-        return None
+        return False
     room.fanned_out(result.message.seq)
-    room.broadcast(frames.event("message:new", data), skip=peer)
+    room.broadcast(new, skip=peer)
     if result.deliveries:
         # The receipts of the deliveries recorded with the message go to the sender's joined
         # connections in this same step, so the acknowledgement and the receipt leave in one
@@ -153,8 +167,7 @@ def _fan_out(room: RoomContext, call: RoomCall, result: SendResult) -> Published
                     member.deliver(receipt)
     if frames.metrics is not None and call.received_at is not None:
         frames.metrics.fanout_seconds.observe(trio.current_time() - call.received_at)
-    return Published(result.message, room.authorize(peer), frozenset(m.id for m in room.members()),
-                     result.deliveries)
+    return True
 
 
 async def read(room: RoomContext, call: RoomCall) -> None:

@@ -118,6 +118,7 @@ _CARD = re.compile(
 # Discover/UnionPay/Maestro 6); a Luhn-valid "1111 2222 3333 4444" is not a card.
 _CARD_FIRST_DIGITS = "23456"
 _DIGIT = re.compile(r"\d")
+_ASCII_DIGIT = re.compile(r"[0-9]")  # folded text has ASCII digits only
 _DIGIT_RUN = re.compile(r"\d+")
 _NO_DIGITS_TAIL = re.compile(r"\D*\Z")
 _NO_DIGITS_HEAD = re.compile(r"\D*")
@@ -393,8 +394,10 @@ def find_pii_in(folded: Folded) -> list[tuple[int, int]]:
     if ("." in text or "dot" in text) and _EMAIL_HINT.search(text):
         spans += _email_spans(text)
     # Cheap gate: most messages have too few digits to hold a phone or card number, and
-    # phonenumbers is by far the most expensive step.
-    if _digit_count(text) >= _GATE_DIGITS:
+    # phonenumbers is by far the most expensive step. Most have none at all: one search for a
+    # digit is a third of the count's ten passes (callgrind: 5.7 k against 15.9 k instructions
+    # on the bench's 89-character line).
+    if _ASCII_DIGIT.search(text) is not None and _digit_count(text) >= _GATE_DIGITS:
         view = _phone_view(text)
         candidates = _candidates(view)
         if candidates:

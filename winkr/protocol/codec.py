@@ -129,6 +129,15 @@ def encode(event: str, data: dict[str, Any], timestamp: str, ref: str | None = N
     return orjson.dumps({"event": event, "data": data, "timestamp": timestamp, "ref": ref}).decode()
 
 
+def with_ref(frame: str, ref: str | None) -> str:
+    """``frame`` (from :func:`encode` without a ref) as the reply to ``ref``: the same text
+    ``encode`` gives with that ref (``ref`` is the envelope's last key), without encoding
+    ``data`` again."""
+    if ref is None:
+        return frame
+    return f'{frame[:-1]},"ref":{orjson.dumps(ref).decode()}}}'
+
+
 def error_data(exc: ProtocolError, request_event: str | None) -> dict[str, Any]:
     """The ``data`` of an ``error`` event."""
     return {"code": exc.code, "message": exc.message, "details": exc.details,
