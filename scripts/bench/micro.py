@@ -150,8 +150,9 @@ async def loopback_send(n: int, size: int = 330) -> float:
 
 def store_benches(folder: Path) -> dict[str, Callable[[int], float]]:
     """The store writer's transaction for one message of the realistic shape, on a real SQLite
-    file (WAL, synchronous=NORMAL): insert + the delivery to the joined recipient (both
-    participants' delivery positions move: no delivery row) + commit, and the pieces."""
+    file (WAL, synchronous=NORMAL): insert + the delivery to the joined recipient (the
+    conversation's delivery position moves with last_seq: no delivery row) + commit, and the
+    pieces."""
     db = open_database(str(folder / "micro.db"))
     store = Store(db)
     conversations = []
@@ -184,6 +185,17 @@ def store_benches(folder: Path) -> dict[str, Callable[[int], float]]:
             _run_batch(store, batch)
         return time.perf_counter() - started
 
+    def run_of_32(n: int) -> float:  # the saturation shape: a room's run of 32 sends is one request
+        runs = max(1, n // 32)
+        started = time.perf_counter()
+        for _ in range(runs):
+            conversation, _ = item()
+            k = conversations.index(conversation)
+            run = [SendItem(f"u{2 * k}", "text", TEXT, {}, None, (f"u{2 * k + 1}",)) for _ in range(32)]
+            _run_batch(store, [_Request(lambda s, c=conversation, r=run: s.insert_messages(c, r, time.time()),
+                                        None)])
+        return (time.perf_counter() - started) * n / (runs * 32)  # the time of n messages
+
     def nobody_reached(n: int) -> float:
         started = time.perf_counter()
         for _ in range(n):
@@ -203,6 +215,7 @@ def store_benches(folder: Path) -> dict[str, Callable[[int], float]]:
             one_request_per_commit,
             "SQLite: the same with nobody reached (nothing written for deliveries)": nobody_reached,
             "SQLite: per message, 10 messages per transaction": ten_requests_per_commit,
+            "SQLite: per message, a room's run of 32 in one request and transaction (saturation)": run_of_32,
             "SQLite: an empty transaction (BEGIN, savepoint, COMMIT)": empty_transaction}
 
 
@@ -247,6 +260,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, float]:
         "loopback send_all of a 330-byte frame + the peer task reading it (a write of its own)": loopback_send,
     })
     for name, bench in benches.items():
+        if args.only not in name:
+            continue
         rounds = []
         for _ in range(args.repeats):
             n = args.n if "thread" not in name and "loopback" not in name else max(200, args.n // 4)
@@ -255,6 +270,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, float]:
         print(f"{results[name]:9.2f} µs  {name}", flush=True)
     with tempfile.TemporaryDirectory(prefix="winkr-micro-") as tmp:
         for name, fn in store_benches(Path(tmp)).items():
+            if args.only not in name:
+                continue
             n = max(200, args.n // 4)
             rounds = [fn(n) / n * 1e6 for _ in range(args.repeats)]
             results[name] = round(statistics.median(rounds), 2)
@@ -267,6 +284,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json")
+    ap.add_argument("--only", default="", help="only the steps whose name contains this (e.g. SQLite)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin to CPU 0 (as the server is in the shapes)")
     args = ap.parse_args()
     if not args.no_pin and hasattr(os, "sched_setaffinity"):

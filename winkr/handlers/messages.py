@@ -74,7 +74,7 @@ async def send_run(room: RoomContext, calls: list[RoomCall]) -> None:
     if intervening:  # other nodes committed these before our run: they go out first (seq order)
         await room.deliver_committed([(m, sender_object(m.sender_id, username or m.sender_id, avatar))
                                       for m, username, avatar in intervening])
-    published = []
+    fanned_out: list[tuple[RoomCall, SendResult]] = []
     shared = []
     # The run's frames leave in one write per connection, from this task, when the sockets take
     # them now (winkr.outbox: no wake-up of each connection's writer).
@@ -83,14 +83,16 @@ async def send_run(room: RoomContext, calls: list[RoomCall]) -> None:
             if isinstance(result, ProtocolError):
                 _reply_error(room, call, result)
                 continue
-            event = _fan_out(room, call, result)
-            if event is not None:
-                published.append(event)
+            if _fan_out(room, call, result, sender):
+                fanned_out.append((call, result))
                 shared.append((result.message, sender))
     room.share_messages(shared)
-    # One hand-off for the whole run, when presence has something to do with it.
-    if published and room.presence.follow_up_needed(room.participant_ids, room.members()):
-        await room.presence.published(published)
+    # One hand-off for the whole run, when presence has something to do with it (what it gets
+    # is built only then: the usual run has every connection in the room).
+    if fanned_out and room.presence.follow_up_needed(room.participant_ids, room.members()):
+        joined = frozenset(m.id for m in room.members())  # the loop above did not wait: still the same
+        await room.presence.published([Published(result.message, room.authorize(call.peer), joined,
+                                                 result.deliveries) for call, result in fanned_out])
 
 
 async def _unconnected(room: RoomContext, joined_users: set[str], calls: list[RoomCall]) -> frozenset[str]:
@@ -141,18 +143,17 @@ def message_frames(frames: Frames, message: StoredMessage, sender: Json, ref: st
     return frames.with_ref(new, "message:new", ref), new
 
 
-def _fan_out(room: RoomContext, call: RoomCall, result: SendResult) -> Published | None:
-    """Acknowledge to the sender, broadcast to the joined connections; return what presence
-    must still do (unread counts for the others, receipts)."""
+def _fan_out(room: RoomContext, call: RoomCall, result: SendResult, sender: Json) -> bool:
+    """Acknowledge to the sender, broadcast to the joined connections; ``False`` for a
+    duplicate (answered to its sender only: nothing for presence or the other nodes)."""
     peer = call.peer
     frames = room.frames
-    ack, new = message_frames(frames, result.message, sender_object(peer.user_id, peer.username, peer.avatar_url),
-                              call.ref)
+    ack, new = message_frames(frames, result.message, sender, call.ref)
     peer.deliver(ack)
     if call.outcome is not None:
         call.outcome.set(result)
     if result.duplicate:  # answered to the sender only (contract §11.15)
-        return None
+        return False
     room.fanned_out(result.message.seq)
     room.broadcast(new, skip=peer)
     if result.deliveries:
@@ -166,8 +167,7 @@ def _fan_out(room: RoomContext, call: RoomCall, result: SendResult) -> Published
                     member.deliver(receipt)
     if frames.metrics is not None and call.received_at is not None:
         frames.metrics.fanout_seconds.observe(trio.current_time() - call.received_at)
-    return Published(result.message, room.authorize(peer), frozenset(m.id for m in room.members()),
-                     result.deliveries)
+    return True
 
 
 async def read(room: RoomContext, call: RoomCall) -> None:
