@@ -6,16 +6,27 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from conftest import RATE_LIMITS_OFF, Harness, make_settings, running, still_works
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from trio_websocket import WebSocketRequest, wrap_client_stream
 from wire_clients import RawClient, bounded_stream_pair
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, Ping, Request, TextMessage
 
-from winkr.transport import Pong, WinkrWebSocket, send_frames, send_ping, wrap_server_stream
+from winkr.transport import (
+    Pong,
+    WinkrWebSocket,
+    send_frames,
+    send_ping,
+    simple_text_frame,
+    text_frame,
+    wrap_server_stream,
+)
 
 
 async def _open_pair(nursery: trio.Nursery) -> tuple[WinkrWebSocket, Any]:
@@ -247,3 +258,77 @@ async def test_a_violation_while_the_writer_has_more_to_write_still_says_goodbye
         assert raw.close_code == 1007, (raw.close_code, raw.events[-2:])
         closed = [e for e in raw.events if e.get("event") == "connection:closed"]
         assert closed and closed[0]["data"]["reason"] == "invalid_payload", raw.events[-2:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=300), st.text(min_size=120, max_size=131),
+                 st.integers(0, 3).map(lambda n: "é" * (65535 // 2 - 1 + n) + "x" * n),
+                 st.integers(65530, 65540).map(lambda n: "a" * n)))
+def test_text_frame_is_what_wsproto_makes(message: str) -> None:
+    """The framer of every outgoing message (issue 10, phase 3) against wsproto's own, around
+    the 7-bit/16-bit/64-bit length boundaries (125/126, 65535/65536 bytes), multibyte text."""
+    assert text_frame(message) == Connection(ConnectionType.SERVER).send(TextMessage(data=message))
+
+
+def test_text_frame_refuses_a_lone_surrogate_as_wsproto_does() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        Connection(ConnectionType.SERVER).send(TextMessage(data="\ud800"))
+    with pytest.raises(UnicodeEncodeError):
+        text_frame("\ud800")
+
+
+def _client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, masked: bool = True,
+                  long_length: bool = False, key: bytes = b"\x11\x22\x33\x44") -> bytes:
+    """One client frame, any of its fields as asked (also the ones RFC 6455 forbids)."""
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    size = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if size < 126 and not long_length:
+        head += bytes([mask_bit | size])
+    elif size < 65536:
+        head += bytes([mask_bit | 126]) + size.to_bytes(2, "big")
+    else:
+        head += bytes([mask_bit | 127]) + size.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+_frames = st.one_of(
+    st.builds(lambda t, k: _client_frame(1, t.encode(), key=k), st.text(max_size=200),
+              st.binary(min_size=4, max_size=4)),
+    st.builds(lambda t: _client_frame(1, t.encode(), long_length=True), st.text(max_size=200)),  # 16-bit length
+    st.builds(lambda t: _client_frame(1, t.encode(), fin=False), st.text(max_size=20)),  # a first fragment
+    st.builds(lambda t: _client_frame(0, t.encode()), st.text(max_size=20)),  # a continuation
+    st.builds(lambda b: _client_frame(2, b), st.binary(max_size=20)),
+    st.builds(lambda b: _client_frame(9, b), st.binary(max_size=20)),  # ping
+    st.builds(lambda b: _client_frame(10, b), st.binary(max_size=20)),  # pong
+    st.just(_client_frame(8, b"\x03\xe8")),  # close
+    st.builds(lambda b: _client_frame(1, b), st.binary(max_size=20)),  # text, maybe invalid UTF-8
+    st.builds(lambda t: _client_frame(1, t.encode(), masked=False), st.text(max_size=20)),
+    st.builds(lambda t, r: _client_frame(1, t.encode(), rsv=r), st.text(max_size=20), st.integers(1, 7)),
+    st.builds(lambda o, b: _client_frame(o, b), st.sampled_from([3, 4, 5, 6, 7, 11, 15]), st.binary(max_size=5)),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_frames, max_size=8), st.integers(0, 40), st.integers(20, 300))
+def test_simple_text_frames_are_what_wsproto_reads(frames: list[bytes], cut: int, max_size: int) -> None:
+    """The reading fast path (issue 10, phase 3) against wsproto: the whole messages it takes
+    from the front of any byte stream (frames of every kind, valid or not, maybe cut short) are
+    exactly the messages wsproto reads from those bytes, in order; it stops at the first frame
+    it does not take, at a frame boundary."""
+    data = b"".join(frames)
+    data = data[:len(data) - cut] if cut < len(data) else data
+    taken: list[str] = []
+    at = 0
+    while (found := simple_text_frame(data, at, max_size)) is not None:
+        text, at = found
+        taken.append(text)
+    reader = Connection(ConnectionType.SERVER)
+    reader.receive_data(data[:at])
+    events = list(reader.events())
+    assert [e.data for e in events] == taken
+    assert all(isinstance(e, TextMessage) and e.message_finished and len(e.data.encode()) <= max_size
+               for e in events)
+    assert at == sum(len(f) for f in frames[:len(taken)])

@@ -233,7 +233,9 @@ def _serve_on(settings: Settings, config_file: str | None, sockets: list[socket.
     # height of a room's run (up to 32 messages' frames, records and coroutines alive at once)
     # that is a collection every few messages, traversing objects that reference counting frees
     # a moment later (issue 10: ~50 k instructions per message at saturation, 6 % of them).
-    # Cycles are still collected, later.
+    # Cycles are still collected, later. In the realistic shape the defaults also stopped the
+    # trio thread for full collections of 40-150 ms (serve_forever then freezes the start-up heap:
+    # freeze_startup_heap in winkr/server.py).
     gc.set_threshold(GC_YOUNGEST_THRESHOLD, *gc.get_threshold()[1:])
     status = 0
     try:

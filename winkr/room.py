@@ -441,11 +441,15 @@ async def _serve_room(conversation_id: str, services: RoomServices, handle: Room
     async with inbox:
         while True:
             first = None
-            with trio.move_on_at(room.next_deadline()):
-                try:
+            deadline = room.next_deadline()
+            try:
+                if deadline == math.inf:  # members and nobody typing: no timer (a scope per wake-up saved)
                     first = await inbox.receive()
-                except trio.EndOfChannel:
-                    return
+                else:
+                    with trio.move_on_at(deadline):
+                        first = await inbox.receive()
+            except trio.EndOfChannel:
+                return
             if first is None:
                 await room.on_timeout()
                 continue

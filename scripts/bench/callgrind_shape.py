@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench_run  # noqa: E402  # the side-by-side runner's targets and helpers
 
 SENDS = 'winkr_events_received_total{event="message:send"}'
-BATCHING = {"commits": "winkr_store_commit_seconds_count", "writes": "winkr_outbox_frames_per_write_count"}
+BATCHING = {"commits": "winkr_store_commit_seconds_count", "writes": "winkr_outbox_frames_per_write_count",
+            "fanned_out": "winkr_message_fanout_seconds_count"}
 SCRAPE_TIMEOUT = 60.0  # a server under callgrind on a busy machine can take its time to answer
 
 
@@ -108,7 +109,9 @@ def main() -> None:
                 shutil.copy(p, Path(args.keep) / p.name)
     messages = scraped_after.get(SENDS, 0) - scraped_before.get(SENDS, 0)
     # How much the window batched (a closed loop batches more when the load generator keeps up):
-    # Ir per message moves with these, so a comparison needs them alike.
+    # Ir per message moves with these, so a comparison needs them alike. ``fanned_out`` is the
+    # messages the rooms finished in the window per message read in it: in a closed loop up to
+    # pairs x window messages are in flight, so the two can differ by what queued meanwhile.
     batching = {name: round((scraped_after.get(series, 0) - scraped_before.get(series, 0)) / messages, 3)
                 for name, series in BATCHING.items()}
     instructions = sum(per_dump.values())

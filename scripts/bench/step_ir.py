@@ -29,7 +29,7 @@ LINES = {
 STEPS = ["policy-bench", "policy-plain", "policy-short", "metrics", "iso", "iso-two-seconds", "send-in",
          "fanout-frames", "records",
          "pattern-two-scopes", "pattern-moved-deadline", "pattern-to-thread", "pattern-own-thread",
-         "pattern-channel-hop", "pattern-direct-call"]
+         "pattern-channel-hop", "pattern-direct-call", "store-pair", "store-alone"]
 
 
 def run_step(step: str, n: int) -> None:  # noqa: C901 - one small body per step
@@ -54,6 +54,9 @@ def run_step(step: str, n: int) -> None:  # noqa: C901 - one small body per step
             metrics.fanout_seconds.observe(0.0012)
             metrics.commit_seconds.observe(0.0004)
             metrics.commit_batch.observe(1)
+        return
+    if step.startswith("store-"):
+        store_step(step, n)
         return
     if step in PER_MESSAGE:
         op = PER_MESSAGE[step]()
@@ -215,6 +218,29 @@ def _records() -> Callable[[], object]:
 PER_MESSAGE: dict[str, Callable[[], Callable[[], object]]] = {
     "iso": _iso, "iso-two-seconds": _iso_two_seconds, "send-in": _send_in, "fanout-frames": _fanout_frames,
     "records": _records}
+
+
+def store_step(step: str, n: int) -> None:
+    """The store writer's transaction for one message of a quiet pair, one per transaction, on
+    an SQLite file (WAL): ``store-pair`` with its recipient joined (the delivery recorded with
+    the message), ``store-alone`` with nobody else in the room. 500 conversations in turn."""
+    import time
+
+    from winkr.records import SendItem
+    from winkr.store.schema import open_database
+    from winkr.store.store import Store
+    from winkr.store.writer import _Request, _run_batch
+
+    with tempfile.TemporaryDirectory(prefix="winkr-step-ir-db-") as tmp:
+        store = Store(open_database(str(Path(tmp) / "step.db")))
+        conversations = [store.create_conversation(f"u{2 * k}", [f"u{2 * k + 1}"], is_service=False,
+                                                   max_participants=10, now=time.time())[0].id for k in range(500)]
+        for i in range(n):
+            k = i % 500
+            item = SendItem(f"u{2 * k}", "text", LINES["bench"], {}, None,
+                            (f"u{2 * k + 1}",) if step == "store-pair" else ())
+            _run_batch(store, [_Request(lambda s, c=conversations[k], i=item: s.insert_messages(c, [i], time.time()),
+                                        None)])
 
 
 def ir_of(step: str, n: int, workdir: Path) -> int:

@@ -229,7 +229,7 @@ def check_message(
         metadata = {}
     if not isinstance(metadata, dict):
         raise _invalid("metadata", "metadata must be an object")
-    if _nests_deeper(metadata, MAX_METADATA_DEPTH):
+    if metadata and _nests_deeper(metadata, MAX_METADATA_DEPTH):  # {} (most messages) nests one level
         raise _invalid("metadata", f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
     meta = {k: v for k, v in metadata.items() if k not in _SERVER_KEYS}
     encrypted = meta.get("encrypted", False)

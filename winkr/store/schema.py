@@ -160,6 +160,28 @@ MIGRATIONS: list[Migration] = [
     UPDATE messages SET ttl_seconds = (metadata::jsonb ->> 'ttl_seconds')::double precision
         WHERE type = 'photo_ephemeral' AND deleted_at IS NULL;
     """},
+    # 6: delivery positions (issue 10): a participant's messages up to delivered_seq are all
+    # delivered (a conversation's: to everyone), so a delivery in order moves a number instead
+    # of adding a row; rows stay only for deliveries past a gap (a history page read out of
+    # order, the last message of a catch-up). Existing rows become positions where they run
+    # without a gap from the start (one's own and deleted messages need no delivery, so they
+    # are no gap); the rest stay.
+    """
+    ALTER TABLE conversations ADD COLUMN delivered_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE participants ADD COLUMN delivered_seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE participants SET delivered_seq = coalesce(
+        (SELECT min(m.seq) - 1 FROM messages m
+         WHERE m.conversation_id = participants.conversation_id AND m.sender_id != participants.user_id
+           AND m.deleted_at IS NULL AND NOT EXISTS (
+               SELECT 1 FROM deliveries d WHERE d.conversation_id = m.conversation_id AND d.seq = m.seq
+                 AND d.user_id = participants.user_id)),
+        (SELECT c.last_seq FROM conversations c WHERE c.id = participants.conversation_id));
+    DELETE FROM deliveries WHERE seq <= (
+        SELECT p.delivered_seq FROM participants p
+        WHERE p.conversation_id = deliveries.conversation_id AND p.user_id = deliveries.user_id);
+    UPDATE conversations SET delivered_seq = coalesce(
+        (SELECT min(p.delivered_seq) FROM participants p WHERE p.conversation_id = conversations.id), 0);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -58,6 +58,47 @@ _UNREAD_OF_USER_SQL = _UNREAD_SQL.format(key="conversation_id", where="p.user_id
 
 _MESSAGE_COLUMNS_M = ", ".join(f"m.{column.strip()}" for column in _MESSAGE_COLUMNS.split(","))
 
+# Deliveries (issue 10, proposal 5). The message at `seq` was delivered to participant `u` when
+# `seq` is at or below u's position, or when a row in `deliveries` says so (a delivery past a
+# gap: a history page read out of order, a catch-up's last message). The position is the
+# larger of two: `conversations.delivered_seq` (everything up to it is delivered to everyone:
+# a quiet conversation's send moves it in the UPDATE that moves last_seq, so it writes no
+# delivery at all) and u's own `participants.delivered_seq` (for when someone fell behind).
+# Everything up to a position that needs a delivery has one; one's own messages and deleted
+# ones never get a delivery (record_delivered skips them), so a position passes over them as if
+# they had one. Rows at or below a position say nothing more; they go when a later delivery
+# moves the position past a gap.
+#
+# The position of the participants row being worked on.
+_POSITION_SQL = """(SELECT CASE WHEN participants.delivered_seq > c.delivered_seq THEN participants.delivered_seq
+    ELSE c.delivered_seq END FROM conversations c WHERE c.id = participants.conversation_id)"""
+# Whether the participants row being worked on may move its position to (at least) ?: no
+# message after its position and up to ? still needs a delivery to them. For a position already
+# at the bound, one index probe.
+_NOTHING_MISSING_SQL = f"""NOT EXISTS (
+    SELECT 1 FROM messages m WHERE m.conversation_id = participants.conversation_id
+      AND m.seq > {_POSITION_SQL} AND m.seq <= ? AND m.sender_id != participants.user_id
+      AND m.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.conversation_id =
+          m.conversation_id AND d.seq = m.seq AND d.user_id = participants.user_id))"""
+# How far the position of user ? can reach from ?: up to the first later message that still
+# needs a delivery to them, else to the conversation's last_seq. Parameters: (conversation,
+# from seq, user, user, conversation).
+_REACHABLE_SQL = """coalesce(
+    (SELECT m.seq - 1 FROM messages m WHERE m.conversation_id = ? AND m.seq > ? AND m.sender_id != ?
+       AND m.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.conversation_id =
+           m.conversation_id AND d.seq = m.seq AND d.user_id = ?)
+     ORDER BY m.seq LIMIT 1),
+    (SELECT last_seq FROM conversations WHERE id = ?))"""
+# A delivery of one message, ? at `seq`, with nothing missing before it (an outside connection,
+# another node's room, a catch-up): the position moves onto it and on over what follows it
+# already recorded, in one statement; no row is returned when something before it is missing,
+# the position is already past it, or a row says it was delivered.
+_ADVANCE_SQL = ("UPDATE participants SET delivered_seq = " + _REACHABLE_SQL
+                + f" WHERE conversation_id = ? AND user_id = ? AND {_POSITION_SQL} < ? AND NOT EXISTS ("
+                  "SELECT 1 FROM deliveries WHERE conversation_id = ? AND seq = ? AND user_id = ?) AND "
+                + _NOTHING_MISSING_SQL + " RETURNING delivered_seq")
+_INSERT_DELIVERY_SQL = "INSERT INTO deliveries (conversation_id, seq, user_id, delivered_at) VALUES (?, ?, ?, ?)"
+
 
 def _message(row: Sequence[Any], is_read: bool = False) -> StoredMessage:
     (conv, seq, sender, type_, content, metadata, cmid, created, updated, deleted) = row
@@ -167,17 +208,16 @@ class Store(SafetyQueries):
 
     # --- messages ----------------------------------------------------------------------
 
-    def _lock_conversation(self, conversation_id: str) -> int:
-        """The conversation's ``last_seq``, with its sends serialised until COMMIT: on PostgreSQL
-        a row lock that every node's send transaction takes first (before the idempotency
-        lookup, so a retry sent to two nodes at once is stored once); on SQLite the writer
-        already holds the database lock. ``NOT_FOUND`` for no such conversation."""
-        row = self.db.execute("SELECT last_seq, closed_at FROM conversations WHERE id = ?"
+    def _lock_conversation(self, conversation_id: str) -> tuple[int, int]:
+        """The conversation's ``last_seq`` and ``delivered_seq``, with its sends serialised until
+        COMMIT: on PostgreSQL a row lock that every node's send transaction takes first (before
+        the idempotency lookup, so a retry sent to two nodes at once is stored once); on SQLite
+        the writer already holds the database lock. ``NOT_FOUND`` for no such conversation."""
+        row = self.db.execute("SELECT last_seq, closed_at, delivered_seq FROM conversations WHERE id = ?"
                               + self.db.dialect.for_update, (conversation_id,)).fetchone()
         if row is None or row[1] is not None:  # a closed conversation is gone for everyone (§12)
             raise ProtocolError(NOT_FOUND, "conversation not found", field="conversation_id")
-        last_seq: int = row[0]
-        return last_seq
+        return int(row[0]), int(row[2])
 
     def last_seq(self, conversation_id: str) -> int:
         row = self.db.execute("SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
@@ -245,16 +285,18 @@ class Store(SafetyQueries):
         returned in its place. In a closed conversation every send is ``NOT_FOUND``.
 
         The run's seqs come from the locked counter (``last_seq + 1`` …), which moves once at
-        the end of the run, in the same transaction as the inserts; the new messages'
-        deliveries go in one ``executemany``. On PostgreSQL every statement is a round trip,
-        so a run costs 2 per message (idempotency lookup, insert) plus 3."""
+        the end of the run, in the same transaction as the inserts, and with it the delivery
+        position of a conversation whose participants all got the run (``_deliver_new``). On
+        PostgreSQL every statement is a round trip, so a run costs 2 per message (idempotency
+        lookup, insert) plus 2 when it reaches everyone."""
         results: list[SendResult | ProtocolError] = []
         try:
-            last_seq = self._lock_conversation(conversation_id)
+            last_seq, delivered_seq = self._lock_conversation(conversation_id)
         except ProtocolError as exc:
             return [exc] * len(items)
         seq = last_seq
         deliveries: list[Delivery] = []
+        new: list[tuple[str, tuple[Delivery, ...]]] = []  # each new message's sender and deliveries
         for item in items:
             try:
                 result = self._insert_locked(conversation_id, item, now, rates, seq + 1)
@@ -263,19 +305,95 @@ class Store(SafetyQueries):
                 continue
             if not result.duplicate:
                 seq += 1
-                reached = tuple(Delivery(conversation_id, seq, item.sender_id, recipient, now)
-                                for recipient in dict.fromkeys(item.reached) if recipient != item.sender_id)
+                reached = tuple([Delivery(conversation_id, seq, item.sender_id, recipient, now)
+                                 for recipient in dict.fromkeys(item.reached) if recipient != item.sender_id])
                 if reached:  # a message stored just now has no deliveries yet: all of these are first ones
-                    result = attrs.evolve(result, deliveries=reached)
+                    result = SendResult(result.message, False, reached)  # (attrs.evolve costs 4x as much)
                     deliveries += reached
+                new.append((item.sender_id, reached))
             results.append(result)
         if seq != last_seq:
-            self.db.execute("UPDATE conversations SET last_seq = ? WHERE id = ?", (seq, conversation_id))
-        if deliveries:
-            self.db.executemany("INSERT INTO deliveries (conversation_id, seq, user_id, delivered_at) "
-                                "VALUES (?, ?, ?, ?)",
-                                [(d.conversation_id, d.seq, d.recipient_id, d.delivered_at) for d in deliveries])
+            if deliveries:  # else nobody was reached: no position moves
+                delivered_seq = self._deliver_new(conversation_id, last_seq, delivered_seq, new, deliveries)
+            self.db.execute("UPDATE conversations SET last_seq = ?, delivered_seq = ? WHERE id = ?",
+                            (seq, delivered_seq, conversation_id))
         return results
+
+    def _deliver_new(self, conversation_id: str, last_seq: int, delivered_seq: int,
+                     new: Sequence[tuple[str, tuple[Delivery, ...]]], deliveries: Sequence[Delivery]) -> int:
+        """Record a run's deliveries (``new``: each new message's sender and deliveries, in seq
+        order from ``last_seq + 1``); returns the conversation's new ``delivered_seq``.
+
+        Everything up to ``last_seq`` delivered to everyone, and the run's first messages
+        reaching every participant but their sender: the conversation's position moves over
+        them and nothing else is written (the quiet conversation). Otherwise each recipient
+        with nothing missing up to ``last_seq`` moves their own position over the run's
+        messages they got or sent, from its first on (one UPDATE each); when the whole run
+        reached everyone, every participant is tried, and if all move, the conversation's
+        position catches up. The other deliveries are rows (a recipient behind a gap: their
+        history page or catch-up closes it later)."""
+        participants = self.participants(conversation_id) or ()
+        everyone = 0  # the run's first messages that reached every participant but their sender
+        participants_reached = 0
+        for sender, reached in new:
+            count = 0  # participants reached (all distinct, none the sender): plain loops, on every send
+            for delivery in reached:
+                if delivery.recipient_id in participants:
+                    count += 1
+            if count != len(participants) - (sender in participants):
+                break
+            everyone += 1
+            participants_reached += count
+        if delivered_seq == last_seq and everyone == len(new):  # the quiet conversation
+            if participants_reached != len(deliveries):  # a service account in the room: rows, as ever
+                self._delivery_rows([d for d in deliveries if d.recipient_id not in participants])
+            return last_seq + everyone
+        base, rest = last_seq, new
+        if delivered_seq == last_seq:
+            base, rest = last_seq + everyone, new[everyone:]
+        reach: dict[str, int] = {}  # participant -> how many of `rest`, from its first, they got or sent
+        for user in participants:
+            count = 0
+            for sender, reached in rest:
+                if sender != user and all(d.recipient_id != user for d in reached):
+                    break
+                count += 1
+            if count:
+                reach[user] = count
+        recipients = [user for user in reach if any(d.recipient_id == user for d in deliveries)]
+        moved = {user for user in recipients if self._move_position(conversation_id, user, last_seq,
+                                                                    base + reach[user])}
+        caught_up = False
+        if everyone == len(new) and len(moved) == len(recipients):
+            # The run reached everyone and every recipient had nothing missing: if the senders
+            # have nothing missing either, the conversation's position catches up.
+            caught_up = all(self._move_position(conversation_id, user, last_seq, base + reach[user])
+                            for user in participants if user not in moved)
+        self._delivery_rows([  # a service account in the room has no position: rows, as ever
+            d for d in deliveries if d.recipient_id not in participants
+            or (d.seq > base and (d.recipient_id not in moved or d.seq > base + reach[d.recipient_id]))])
+        if caught_up:
+            return last_seq + everyone
+        return base if delivered_seq == last_seq else delivered_seq
+
+    def _delivery_rows(self, deliveries: Sequence[Delivery]) -> None:
+        if deliveries:
+            self.db.executemany(_INSERT_DELIVERY_SQL, [(d.conversation_id, d.seq, d.recipient_id, d.delivered_at)
+                                                       for d in deliveries])
+
+    def _move_position(self, conversation_id: str, user: str, last_seq: int, to: int) -> bool:
+        """Move ``user``'s own position to ``to`` if nothing before ``last_seq`` is missing.
+        On PostgreSQL a row another node's delivery recording holds is passed over (False:
+        the caller writes rows) instead of waited for, since that node's batch may go on to
+        wait for this conversation's lock, which this transaction holds."""
+        whose = "user_id = ?"
+        if self.db.dialect.skip_locked:
+            whose = (f"user_id IN (SELECT user_id FROM participants WHERE conversation_id = ? AND user_id = ?"
+                     f"{self.db.dialect.skip_locked})")
+        args = (conversation_id, user) if self.db.dialect.skip_locked else (user,)
+        return bool(self.db.execute(
+            f"UPDATE participants SET delivered_seq = ? WHERE conversation_id = ? AND {whose} "  # noqa: S608
+            f"AND {_NOTHING_MISSING_SQL}", (to, conversation_id, *args, last_seq)).rowcount)
 
     def unread_count(self, conversation_id: str, user_id: str) -> int:
         row = self.db.execute(_UNREAD_IN_CONVERSATION_SQL, (conversation_id, user_id)).fetchone()
@@ -390,17 +508,59 @@ class Store(SafetyQueries):
     # --- receipts and summaries --------------------------------------------------------
 
     def record_delivered(self, messages: Iterable[StoredMessage], recipient_id: str, now: float) -> list[Delivery]:
-        """Record first deliveries to ``recipient_id``; returns only the new ones."""
-        fresh = []
-        for message in messages:
-            if message.sender_id == recipient_id or message.is_deleted:
-                continue
-            cursor = self.db.execute(
-                "INSERT INTO deliveries (conversation_id, seq, user_id, delivered_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT DO NOTHING", (message.conversation_id, message.seq, recipient_id, now))
-            if cursor.rowcount:
-                fresh.append(Delivery(message.conversation_id, message.seq, message.sender_id, recipient_id, now))
+        """Record first deliveries to ``recipient_id``; returns only the new ones, in the order
+        given. One's own messages and deleted ones are not deliveries."""
+        candidates = [m for m in messages if m.sender_id != recipient_id and not m.is_deleted]
+        seqs: dict[str, set[int]] = {}
+        for message in candidates:
+            seqs.setdefault(message.conversation_id, set()).add(message.seq)
+        fresh: set[tuple[str, int]] = set()
+        for conversation_id, group in seqs.items():
+            fresh.update((conversation_id, seq)
+                         for seq in self._record_delivered(conversation_id, sorted(group), recipient_id, now))
+        deliveries = []
+        for message in candidates:
+            key = (message.conversation_id, message.seq)
+            if key in fresh:
+                fresh.discard(key)  # a message given twice is delivered once
+                deliveries.append(Delivery(message.conversation_id, message.seq, message.sender_id, recipient_id, now))
+        return deliveries
+
+    def _record_delivered(self, conversation_id: str, seqs: list[int], user: str, now: float) -> list[int]:
+        """Record deliveries of the messages at ``seqs`` (ascending; none ``user``'s own or
+        deleted) to ``user``; returns the seqs delivered for the first time. On PostgreSQL the
+        participant's row is locked until COMMIT, so two nodes recording the same delivery
+        see one another's: the first one records it (and sends the receipt), the other gets []."""
+        if len(seqs) == 1:  # the usual one: the next message after the position, one statement
+            seq = seqs[0]
+            row = self.db.execute(_ADVANCE_SQL, (conversation_id, seq, user, user, conversation_id, conversation_id,
+                                                 user, seq, conversation_id, seq, user, seq - 1)).fetchone()
+            if row is not None:
+                if row[0] > seq:
+                    self._drop_covered_rows(conversation_id, user, row[0])
+                return seqs
+        row = self.db.execute("SELECT delivered_seq FROM participants WHERE conversation_id = ? AND user_id = ?"
+                              + self.db.dialect.for_update, (conversation_id, user)).fetchone()
+        position = 0  # not a participant (no position): rows only
+        if row is not None:
+            everyone = self.db.execute("SELECT delivered_seq FROM conversations WHERE id = ?",
+                                       (conversation_id,)).fetchone()
+            position = max(int(row[0]), int(everyone[0]))
+        fresh = [seq for seq in seqs if seq > position and self.db.execute(
+            _INSERT_DELIVERY_SQL + " ON CONFLICT DO NOTHING", (conversation_id, seq, user, now)).rowcount]
+        if fresh and row is not None:
+            reachable = self.db.execute("SELECT " + _REACHABLE_SQL, (conversation_id, position, user, user,
+                                                                     conversation_id)).fetchone()[0]
+            if reachable > position:
+                self.db.execute("UPDATE participants SET delivered_seq = ? WHERE conversation_id = ? "
+                                "AND user_id = ?", (reachable, conversation_id, user))
+                self._drop_covered_rows(conversation_id, user, reachable)
         return fresh
+
+    def _drop_covered_rows(self, conversation_id: str, user: str, position: int) -> None:
+        """The user's rows up to their new ``position`` say nothing more."""
+        self.db.execute("DELETE FROM deliveries WHERE conversation_id = ? AND seq <= ? AND user_id = ?",
+                        (conversation_id, position, user))
 
     def record_delivered_to(self, message: StoredMessage, recipients: Iterable[str], now: float) -> list[Delivery]:
         fresh = []
