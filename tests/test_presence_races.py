@@ -94,3 +94,30 @@ async def test_a_connection_closed_while_its_join_waits_for_the_room_leaves_no_m
     await join(alice, conv)
     await send_text(alice, conv, "anyone there?")
     assert named(await alice.nothing_more(2.0), "message:delivered") == []  # bob is not connected
+
+
+async def test_a_message_sent_as_a_users_joined_connection_leaves_still_reaches_their_other_one(
+        autojump_clock: Any, threaded: Harness) -> None:
+    """bob has one connection in the room and one outside it. alice sends; while the room
+    commits, bob's joined connection closes: presence forgets it at once, but the room still
+    lists it until it reads its Depart (queued behind the send). The room asked presence only
+    when a participant had more connections on this node than in the room — bob then had one
+    of each, so it skipped presence and bob's other connection never got the unread count (nor
+    would a sender's other connection have got its own message)."""
+    harness = threaded
+    alice = await harness.connect("alice")
+    conv = await harness.conversation(alice, "bob")
+    await join(alice, conv)
+    bob_in = await harness.connect("bob")
+    await join(bob_in, conv)
+    bob_out = await harness.connect("bob")
+    await send_text(alice, conv, "before")
+    unread = await bob_out.expect("conversation:unread")
+    assert unread["data"]["unread_count"] == 1, unread
+    await bob_out.nothing_more(1.0)
+
+    await alice.send("message:send", {"conversation_id": conv, "content": "as bob leaves", "type": "text",
+                                      "metadata": {}})
+    await bob_in.close()
+    unread = await bob_out.expect("conversation:unread")
+    assert unread["data"]["unread_count"] == 2, unread

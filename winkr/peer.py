@@ -24,6 +24,9 @@ class Peer:
     # The conversations this connection has joined: a read-only view of the connection's own
     # set (presence on another node's behalf skips them: their room delivers to them).
     joined: Set[str] = frozenset()
+    # Set when the connection tells presence it is gone (PresenceHandle.disconnect), before
+    # presence forgets it: a room may still list it until it reads the connection's Depart.
+    leaving: bool = False
 
     def deliver(self, frame: str, key: CoalesceKey | None = None) -> bool:
         """Queue one encoded frame (replacing a waiting one with the same ``key``); ``False``

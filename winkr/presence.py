@@ -266,11 +266,19 @@ class PresenceHandle:
         quiet conversation's send with both ends in the room then costs no presence hop
         (issue 10). Reads presence's own count of each user's connections (read-only; one
         thread): a connection presence has not registered yet is not counted, and reads its
-        unread counts from the store, after this commit, once registered."""
+        unread counts from the store, after this commit, once registered; a joined
+        connection that is leaving (presence may have forgotten it) always asks presence."""
         here = self._connections_here
         if self._sharing or here is None:
             return True
-        in_room = Counter(peer.user_id for peer in joined)
+        in_room: Counter[str] = Counter()
+        for peer in joined:
+            # A connection the room still lists (its Depart is queued) that presence may have
+            # forgotten already: the counts cannot tell whether the user's other connections
+            # are all in the room, so presence decides.
+            if peer.leaving:
+                return True
+            in_room[peer.user_id] += 1
         return any(here.get(user_id, 0) > in_room[user_id] for user_id in participants)
 
     async def admit(self, user_id: str, username: str, limit: int) -> bool:
@@ -294,6 +302,7 @@ class PresenceHandle:
         await reply.wait()
 
     async def disconnect(self, peer: Peer) -> None:
+        peer.leaving = True  # before presence forgets it: follow_up_needed reads it
         await self._inbox.send(_Disconnect(peer))
 
     async def set_status(self, peer: Peer, status: str) -> float:
