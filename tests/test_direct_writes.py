@@ -18,10 +18,13 @@ import pytest
 import trio
 from conftest import RATE_LIMITS_OFF, SECRET, Client, Harness, join, make_settings, metric, settle
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Ping, Request, TextMessage
 
 from winkr.config import Settings
 from winkr.server import Server
 from winkr.store.writer import run_inline
+from winkr.transport import WinkrWebSocket, direct_writer, send_frames, send_ping, wrap_server_stream
 
 
 class WriterSteps(trio.abc.Instrument):
@@ -153,3 +156,102 @@ async def test_a_client_that_reads_nothing_is_still_cut_as_a_slow_consumer(tmp_p
             reply = await alice.request("conversation:list")
             assert reply["event"] == "conversation:list"
     assert metric(harness.server.metrics.text(), "winkr_connections_closed_total", reason="slow_consumer") == 1
+
+
+class RawTcpClient:
+    """A client spoken by hand with wsproto over loopback TCP: it reads only when told to;
+    ``got``: what arrived, in order (("text", message), ("ping",), ("pong",), ("close", code))."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.accepted = False
+        self.got: list[tuple[Any, ...]] = []
+        self._parts: list[str] = []
+
+    async def read_until(self, count: int) -> None:
+        """Read until ``count`` things arrived (0: until the handshake's answer); fails if the
+        stream ends first."""
+        while len(self.got) < count or not self.accepted:
+            data = await self.stream.receive_some(65536)
+            assert data, f"the stream ended after {[g[0] for g in self.got]}"
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                if isinstance(event, AcceptConnection):
+                    self.accepted = True
+                elif isinstance(event, TextMessage):
+                    self._parts.append(event.data)
+                    if event.message_finished:
+                        self.got.append(("text", "".join(self._parts)))
+                        self._parts.clear()
+                else:
+                    self.got.append((type(event).__name__.lower(), getattr(event, "code", None)))
+
+
+async def open_raw_pair(nursery: trio.Nursery) -> tuple[WinkrWebSocket, RawTcpClient]:
+    """A served WebSocket over loopback TCP whose socket takes little (``SO_SNDBUF`` 4 KiB), and
+    its hand-spoken client."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    client = RawTcpClient(await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1]))
+    server_stream = await listener.accept()
+    await listener.aclose()
+    server_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    await client.stream.send_all(client.ws.send(Request(host="localhost", target="/ws")))
+    request = await wrap_server_stream(nursery, server_stream, max_message_size=1 << 20, receive_buffer_size=4096)
+    server = await request.accept()
+    assert isinstance(server, WinkrWebSocket)
+    await client.read_until(0)
+    return server, client
+
+
+@pytest.mark.parametrize("other", ["ping", "pong", "goodbye"])
+async def test_what_else_is_written_while_a_rest_waits_goes_after_the_rest(
+        other: str, watchdog: dict[str, Any]) -> None:
+    """A direct write the socket took only part of leaves its rest waiting for the writer task.
+    Whatever another task writes to the stream before the writer runs — the heartbeat's ping,
+    the reader's pong, a violation's goodbye and close frame — goes after that rest, never into
+    the middle of the frame (before: straight to the socket, and the client read a broken
+    stream; a violation closed the stream with the rest never sent). No trio timeout: with
+    autojump one would fire while the kernel moves the bytes; the watchdog ends a hang."""
+    watchdog["token"] = trio.lowlevel.current_trio_token()
+    big = "a" * 200_000
+    expected: list[tuple[Any, ...]] = [("text", big)]
+    async with trio.open_nursery() as nursery:
+        server, client = await open_raw_pair(nursery)
+        direct = direct_writer(server)
+        assert direct is not None and direct.ready()
+        assert not direct.write([big]), "the socket took a 200 KB frame whole: nothing to test"
+        assert not direct.ready()  # a rest waits: no direct write may start
+        async with trio.open_nursery() as reading:
+            reading.start_soon(client.read_until, 3)
+            if other == "ping":
+                await send_ping(server)
+                expected.append(("ping", None))
+            elif other == "pong":
+                await client.stream.send_all(client.ws.send(Ping(b"are you there")))
+                await client.stream.send_all(client.ws.send(TextMessage("after my ping")))
+                await _read_one(server)  # answers the ping on the way
+                expected.append(("pong", None))
+            else:
+                server.goodbye = lambda reason, code: f"goodbye {reason}"
+                await client.stream.send_all(b"\x81\x82abcd\xff\xfe")  # invalid UTF-8
+                await server.read_frames(_ignore)  # says goodbye and closes
+                expected += [("text", "goodbye invalid_payload"), ("closeconnection", 1007)]
+            if other != "goodbye":
+                await send_frames(server, ["after"])  # the writer: the rest first, then its batch
+                expected.append(("text", "after"))
+        nursery.cancel_scope.cancel()
+    assert client.got == expected
+
+
+async def _read_one(server: WinkrWebSocket) -> None:
+    """Read the client's next message the way a connection reads (pings answered on the way)."""
+    with trio.CancelScope() as scope:
+        async def stop(message: str | bytes) -> None:
+            scope.cancel()
+
+        await server.read_frames(stop)
+
+
+async def _ignore(message: str | bytes) -> None:
+    pass

@@ -113,26 +113,30 @@ async def test_only_one_writer_may_wait() -> None:
 
 class SocketDouble:
     """Stands in for the socket side of ``winkr.transport.DirectWriter``: records each write
-    and takes at most ``room`` characters of it (``None``: everything)."""
+    and takes at most ``room`` characters of it (``None``: everything); what it did not take
+    waits in ``rest`` (the stream's ``unsent``), and it is not ready while a rest waits."""
 
     def __init__(self, room: int | None = None, is_ready: bool = True) -> None:
         self.writes: list[list[str]] = []
         self.room = room
         self.is_ready = is_ready
+        self.rest = b""
 
     def ready(self) -> bool:
-        return self.is_ready
+        return self.is_ready and not self.rest
 
-    def write(self, frames: list[str]) -> bytes:
+    def write(self, frames: list[str]) -> bool:
         self.writes.append(frames)
         data = "".join(frames).encode()
         taken = len(data) if self.room is None else min(self.room, len(data))
         if self.room is not None:
             self.room -= taken
-        return data[taken:]
+        self.rest = data[taken:]
+        return not self.rest
 
 
-async def parked_writer(box: Outbox, nursery: trio.Nursery, got: list[tuple[bytes, list[str]]]) -> None:
+async def parked_writer(box: Outbox, nursery: trio.Nursery, got: list[tuple[bytes, list[str]]],
+                        socket: SocketDouble) -> None:
     """A writer like the connection's: the rest of a direct write first, then its batch."""
 
     async def write() -> None:
@@ -141,7 +145,8 @@ async def parked_writer(box: Outbox, nursery: trio.Nursery, got: list[tuple[byte
                 batch = await box.receive_batch(64, 1 << 20)
             except trio.EndOfChannel:
                 return
-            got.append((box.take_unsent(), batch))
+            rest, socket.rest = socket.rest, b""
+            got.append((rest, batch))
             box.drained()
 
     nursery.start_soon(write)
@@ -154,7 +159,7 @@ async def test_frames_delivered_in_deferred_writes_leave_in_one_direct_write_at_
     box.attach_direct(socket, 64, 1 << 20)
     got: list[tuple[bytes, list[str]]] = []
     async with trio.open_nursery() as nursery:
-        await parked_writer(box, nursery, got)
+        await parked_writer(box, nursery, got, socket)
         with deferred_writes():
             box.deliver("ack")
             box.deliver("receipt")
@@ -171,7 +176,7 @@ async def test_what_the_socket_does_not_take_goes_to_the_writer_before_later_fra
     box.attach_direct(socket, 64, 1 << 20)
     got: list[tuple[bytes, list[str]]] = []
     async with trio.open_nursery() as nursery:
-        await parked_writer(box, nursery, got)
+        await parked_writer(box, nursery, got, socket)
         with deferred_writes():
             box.deliver("abcd")
         box.deliver("later")  # while the rest waits for the writer: queued behind it
@@ -189,7 +194,7 @@ async def test_no_direct_write_when_it_cannot_start_or_the_writer_is_busy() -> N
     box.attach_direct(socket, 64, 1 << 20)
     got: list[tuple[bytes, list[str]]] = []
     async with trio.open_nursery() as nursery:
-        await parked_writer(box, nursery, got)
+        await parked_writer(box, nursery, got, socket)
         with deferred_writes():
             box.deliver("one")
         await trio.sleep(1)
@@ -209,7 +214,7 @@ async def test_an_exception_in_the_block_still_writes_what_was_delivered() -> No
     box.attach_direct(socket, 64, 1 << 20)
     got: list[tuple[bytes, list[str]]] = []
     async with trio.open_nursery() as nursery:
-        await parked_writer(box, nursery, got)
+        await parked_writer(box, nursery, got, socket)
         with pytest.raises(KeyError), deferred_writes():
             box.deliver("kept")
             raise KeyError("a bug in the middle of a fan-out")
@@ -223,7 +228,7 @@ async def test_direct_writes_keep_the_writers_batch_bounds() -> None:
     box.attach_direct(socket, 2, 1 << 20)
     got: list[tuple[bytes, list[str]]] = []
     async with trio.open_nursery() as nursery:
-        await parked_writer(box, nursery, got)
+        await parked_writer(box, nursery, got, socket)
         with deferred_writes():
             for frame in "abcde":
                 box.deliver(frame)

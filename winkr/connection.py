@@ -265,13 +265,12 @@ class Connection:
                             batch = await self._outbox.receive_batch(MAX_FRAMES_PER_WRITE, MAX_CHARS_PER_WRITE)
                         except trio.EndOfChannel:
                             return
-                        unsent = self._outbox.take_unsent()  # the rest of a direct write goes first
                         if metrics is not None and batch:
                             metrics.frames_per_write.observe(len(batch))
                         timer.deadline = trio.current_time() + stall_limit
                         writing = True
                         try:
-                            await send_frames(self.ws, batch, unsent)
+                            await send_frames(self.ws, batch)  # a direct write's rest goes first
                         except BaseException:
                             self._write_interrupted = not self._socket_gone
                             raise

@@ -25,9 +25,10 @@ So an actor that delivers inside :func:`deferred_writes` leaves the writer aslee
 block ends, each outbox it touched writes what is queued straight to the socket
 (:meth:`Outbox.attach_direct`) in one write — if its writer is parked (so nothing else is
 writing) and the socket takes it now. Whatever the socket does not take (the rest of a partial
-write) goes to the writer, which sends it before anything else; everything else works as
-before. Outside such a block (or without a direct writer: memory streams), ``deliver`` wakes
-the writer at once, as it always did.
+write) waits in the stream, and the writer is woken: the next write to the stream, the
+writer's or any other (a pong, a ping, a close frame), sends it before anything else;
+everything else works as before. Outside such a block (or without a direct writer: memory
+streams), ``deliver`` wakes the writer at once, as it always did.
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ class DirectWrite(Protocol):
     def ready(self) -> bool:
         """Whether a write may start now (nothing else is writing, the connection is open)."""
 
-    def write(self, frames: list[str]) -> bytes:
-        """Encode ``frames`` and write them now; returns the bytes the socket did not take."""
+    def write(self, frames: list[str]) -> bool:
+        """Encode ``frames`` and write them now; False when the socket did not take them all
+        (the rest waits in the stream for the writer's next write, which sends it first)."""
 
 # The outboxes the current task delivered to inside ``deferred_writes`` (per task: trio runs
 # every task in a context of its own).
@@ -94,7 +96,7 @@ class Outbox:
 
     __slots__ = ("_queue", "_keyed", "_chars", "_max_frames", "_max_chars", "_slow_seconds", "_closed",
                  "_writer", "_room", "close_request", "_writing_since", "_interrupt", "_direct",
-                 "_batch_frames", "_batch_chars", "_unsent", "_flush_pending")
+                 "_batch_frames", "_batch_chars", "_rest_waiting", "_flush_pending")
 
     def __init__(self, max_frames: int, max_bytes: int, slow_seconds: float) -> None:
         # Oldest first; the writer takes a prefix at once (``receive_batch``), so a list's cost
@@ -113,7 +115,7 @@ class Outbox:
         self._interrupt: trio.CancelScope | None = None  # the owner's scope a close request cancels
         self._direct: DirectWrite | None = None  # writes to the socket now (attach_direct)
         self._batch_frames = self._batch_chars = 0  # the writer's batch bounds, for direct writes too
-        self._unsent: bytes | None = None  # the rest of a direct write the socket did not take
+        self._rest_waiting = False  # a direct write's rest waits in the stream: the writer must write
         self._flush_pending = False  # delivered to inside deferred_writes: flushed when it ends
 
     # --- producers -----------------------------------------------------------------------
@@ -179,17 +181,16 @@ class Outbox:
         not take it all, or a direct write could not start) goes to the writer. Never blocks."""
         self._flush_pending = False
         direct = self._direct
-        while self._queue and self._writer is not None and self._unsent is None:
-            if direct is None or not direct.ready():
+        while self._queue and self._writer is not None:
+            if direct is None or not direct.ready():  # not ready while a rest waits, too
                 break
             frames = self._take(self._batch_frames, self._batch_chars)
             self._writing_since = trio.current_time()
-            unsent = direct.write(frames)
-            if unsent:
-                self._unsent = unsent  # the writer sends it before anything else
+            if not direct.write(frames):
+                self._rest_waiting = True  # the writer's next write sends the rest first
                 break
             self.drained()
-        if self._queue or self._unsent:
+        if self._queue or self._rest_waiting:
             self._wake_writer()
 
     def request_close(self, reason: str) -> None:
@@ -223,26 +224,21 @@ class Outbox:
 
     async def receive_batch(self, max_frames: int, max_chars: int) -> list[str]:
         """Wait for frames and take up to ``max_frames`` of them (and about ``max_chars``); the
-        batch may be empty when only the rest of a direct write waits (:meth:`take_unsent`:
-        send it first). Raises ``trio.EndOfChannel`` when closed and drained. Cancelling the
-        wait loses nothing."""
-        while not self._queue and self._unsent is None and not self._closed:
+        batch may be empty when only the rest of a direct write waits (write it all the same:
+        the write sends the rest first). Raises ``trio.EndOfChannel`` when closed and drained.
+        Cancelling the wait loses nothing."""
+        while not self._queue and not self._rest_waiting and not self._closed:
             if self._writer is not None:
                 raise trio.BusyResourceError("another task is already waiting for this outbox")
             self._writer = current_task()
             await wait_task_rescheduled(self._abort_wait)
         await trio.lowlevel.checkpoint_if_cancelled()
-        if not self._queue and self._unsent is None:
+        if not self._queue and not self._rest_waiting:
             raise trio.EndOfChannel
+        self._rest_waiting = False
         batch = self._take(max_frames, max_chars)
         self._writing_since = trio.current_time()
         return batch
-
-    def take_unsent(self) -> bytes:
-        """The rest of a direct write the socket did not take (``b""`` if none): the writer
-        sends it before the frames of its batch."""
-        unsent, self._unsent = self._unsent, None
-        return unsent or b""
 
     def _take(self, max_frames: int, max_chars: int) -> list[str]:
         """Take the oldest frames, up to ``max_frames`` (and about ``max_chars``)."""

@@ -39,7 +39,7 @@ import wsproto.utilities
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Ping, Request, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Request, TextMessage
 from wsproto.events import Pong as PongEvent
 
 from winkr.metrics import FastHistogram
@@ -66,6 +66,30 @@ class WinkrWebSocket(WebSocketConnection):
         # (an attribute first set later unshares them: memory per idle connection).
         self._unparsed = b""
         self._unparsed_at = 0
+        # The rest of a frame a DirectWriter began and the socket did not take. It belongs to
+        # the stream, not to the outbox: whoever writes next under the stream lock (the
+        # writer's batch, the reader's pong or close frame, the heartbeat's ping) sends it
+        # first, so nothing lands in the middle of that frame.
+        self.unsent: bytes = b""
+
+    def take_unsent(self) -> bytes:
+        """The waiting rest of a direct write (``b""``: none), to be sent before anything else;
+        call with the stream lock held."""
+        unsent, self.unsent = self.unsent, b""
+        return unsent
+
+    async def _send(self, event: Event) -> None:
+        """trio-websocket's ``_send`` (every write but the outbox writer's batches: pongs, pings,
+        close frames, a violation's goodbye), sending a direct write's rest first."""
+        data = self._wsproto.send(event)
+        async with self._stream_lock:
+            if self.unsent:
+                data = self.take_unsent() + data
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._abort_web_socket()
+                raise ConnectionClosed(self._close_reason) from None
 
     async def _reader_task(self) -> None:
         """trio-websocket's reader, until the handshake request has been read: what follows
@@ -281,15 +305,15 @@ def _check_open(ws: WebSocketConnection) -> None:
         raise ConnectionClosed(CloseReason(1006, None))
 
 
-async def send_frames(ws: WebSocketConnection, frames: list[str], unsent: bytes = b"") -> None:
-    """Send ``unsent`` (the rest of a write :class:`DirectWriter` began) and then text frames in
-    order, in one write; raises ``ConnectionClosed`` like ``send_message``. Cancelling it may
-    cut a frame in half: close the stream after that."""
+async def send_frames(ws: WebSocketConnection, frames: list[str]) -> None:
+    """Send text frames in order, in one write, after the rest of a write a
+    :class:`DirectWriter` began (if one waits); raises ``ConnectionClosed`` like
+    ``send_message``. Cancelling it may cut a frame in half: close the stream after that."""
     _check_open(ws)
     data = _encode(ws._wsproto, frames)
-    if unsent:
-        data = unsent + data
     async with ws._stream_lock:
+        if isinstance(ws, WinkrWebSocket) and ws.unsent:
+            data = ws.take_unsent() + data
         try:
             await ws._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -368,7 +392,7 @@ class DirectWriter:
     checkpoint (docs/performance.md, issue 10, phase 3: the writer's three task steps per write
     were the largest cost left per message). The outbox uses it only while its writer is parked
     (``winkr.outbox``); :meth:`ready` adds that no pong or close frame is being written (the
-    stream lock) and that the connection is open.
+    stream lock), that the connection is open and that no rest of an earlier direct write waits.
 
     Made only for a stream that is a ``trio.SocketStream`` (possibly behind
     ``plain_http.ReplayStream``, whose sends go straight through): :func:`direct_writer`
@@ -376,7 +400,7 @@ class DirectWriter:
 
     __slots__ = ("_ws", "_socket", "_metrics")
 
-    def __init__(self, ws: WebSocketConnection, socket: trio.socket.SocketType, metrics: WriteMetrics | None) -> None:
+    def __init__(self, ws: WinkrWebSocket, socket: trio.socket.SocketType, metrics: WriteMetrics | None) -> None:
         self._ws = ws
         self._socket = socket
         self._metrics = metrics
@@ -384,13 +408,14 @@ class DirectWriter:
     def ready(self) -> bool:
         ws = self._ws
         return (not ws.closed and not ws._stream_lock.locked() and ws._wsproto.state is ConnectionState.OPEN
-                and self._socket.fileno() >= 0)
+                and not ws.unsent and self._socket.fileno() >= 0)
 
-    def write(self, frames: list[str]) -> bytes:
-        """Encode ``frames`` and write them now (call only when :meth:`ready`); returns what the
-        socket did not take (``b""``: everything went). The writer must send the rest before
-        anything else; on a failing socket all of it is returned, and the writer's own write
-        meets the error and closes the connection the usual way."""
+    def write(self, frames: list[str]) -> bool:
+        """Encode ``frames`` and write them now (call only when :meth:`ready`); True when the
+        socket took everything. Else the rest waits in the stream (``WinkrWebSocket.unsent``):
+        the next write under the stream lock sends it first, and the caller must see that one
+        happens (wake the writer). On a failing socket all of it waits, and that write meets the
+        error and closes the connection the usual way."""
         data = _encode(self._ws._wsproto, frames)
         try:
             written = os.write(self._socket.fileno(), data)
@@ -398,7 +423,10 @@ class DirectWriter:
             written = 0
         if self._metrics is not None:
             self._metrics.frames_per_write.observe(len(frames))
-        return data[written:]
+        if written == len(data):
+            return True
+        self._ws.unsent = data[written:]
+        return False
 
 
 class WriteMetrics(Protocol):
@@ -409,7 +437,10 @@ class WriteMetrics(Protocol):
 
 
 def direct_writer(ws: WebSocketConnection, metrics: WriteMetrics | None = None) -> DirectWriter | None:
-    """A :class:`DirectWriter` for ``ws`` when its stream is a TCP socket, else None."""
+    """A :class:`DirectWriter` for ``ws`` when it is a :class:`WinkrWebSocket` on a TCP socket,
+    else None."""
+    if not isinstance(ws, WinkrWebSocket):
+        return None
     stream = ws._stream
     while isinstance(stream, ReplayStream):
         stream = stream.inner
