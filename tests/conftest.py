@@ -199,6 +199,19 @@ def query(settings: Settings, sql: str, params: tuple[Any, ...] = ()) -> list[tu
         return [tuple(row) for row in connection.execute(to_psycopg(sql), params)]
 
 
+class TaskSteps(trio.abc.Instrument):
+    """Counts the scheduler's steps of the tasks whose name ends with ``suffix`` while it is
+    added (``trio.lowlevel.add_instrument``): how many times an actor was woken."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(self.suffix):
+            self.steps += 1
+
+
 @attrs.define
 class Client:
     """A test client: one WebSocket plus the events it received and has not yet looked at."""

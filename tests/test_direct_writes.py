@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 import trio
-from conftest import RATE_LIMITS_OFF, SECRET, Client, Harness, join, make_settings, metric, settle
+from conftest import RATE_LIMITS_OFF, SECRET, Client, Harness, TaskSteps, join, make_settings, metric, settle
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Ping, Request, TextMessage
@@ -25,17 +25,6 @@ from winkr.config import Settings
 from winkr.server import Server
 from winkr.store.writer import run_inline
 from winkr.transport import WinkrWebSocket, direct_writer, send_frames, send_ping, wrap_server_stream
-
-
-class WriterSteps(trio.abc.Instrument):
-    """Counts the scheduler's steps of the connections' outbox writer tasks."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name.endswith("._write_outbox"):
-            self.steps += 1
 
 
 class TcpHarness(Harness):
@@ -91,7 +80,7 @@ async def test_a_send_reaches_both_sockets_without_waking_a_writer(tmp_path: Any
     """Acknowledgement, receipt and the peer's message:new, each in order, for 50 sends — and
     the two connections' writer tasks never ran (before: each send woke both, three steps a
     write)."""
-    steps = WriterSteps()
+    steps = TaskSteps("._write_outbox")  # the connections' outbox writers
     async with serving(make_settings(tmp_path, limits=RATE_LIMITS_OFF)) as harness:
         alice, bob, conv = await pair(harness)
         trio.lowlevel.add_instrument(steps)
@@ -115,7 +104,7 @@ async def test_what_a_full_socket_did_not_take_arrives_whole_and_in_order(tmp_pa
     write goes to bob's writer, later frames queue behind it. Once bob reads again every
     message arrives once, whole and in seq order."""
     count = 300
-    steps = WriterSteps()
+    steps = TaskSteps("._write_outbox")  # the connections' outbox writers
     async with serving(make_settings(tmp_path, limits=RATE_LIMITS_OFF)) as harness:
         harness.receive_buffer = 4096
         alice, bob, conv = await pair(harness)

@@ -10,6 +10,7 @@ from conftest import (
     TS,
     Client,
     Harness,
+    TaskSteps,
     assert_error,
     concerning,
     history,
@@ -60,22 +61,13 @@ async def test_send_acks_sender_with_ref_and_broadcasts_to_joined_connections_wi
         assert concerning(await other.nothing_more(), conv, "conversation:unread") == []  # joined: no unread
 
 
-class PresenceSteps(trio.abc.Instrument):
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name.endswith("run_presence"):
-            self.steps += 1
-
-
 async def test_a_send_with_every_connection_in_the_room_needs_no_presence_step(
         autojump_clock: Any, harness: Harness) -> None:
     """Both ends joined, no other connection: presence has nothing to do for the send (no
     unread counts, no receipts elsewhere), so it is not asked (issue 10: a hop per message).
     Once bob has a connection outside the room, it is: that connection gets the unread count."""
     alice, bob, conv = await joined_pair(harness)
-    steps = PresenceSteps()
+    steps = TaskSteps("run_presence")
     trio.lowlevel.add_instrument(steps)
     try:
         for n in range(5):

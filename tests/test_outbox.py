@@ -135,6 +135,13 @@ class SocketDouble:
         return not self.rest
 
 
+def direct_outbox(socket: SocketDouble, max_frames: int = 64) -> tuple[Outbox, list[tuple[bytes, list[str]]]]:
+    """An outbox that writes straight to ``socket``, and the list its writer's writes go to."""
+    box = outbox()
+    box.attach_direct(socket, max_frames, 1 << 20)
+    return box, []
+
+
 async def parked_writer(box: Outbox, nursery: trio.Nursery, got: list[tuple[bytes, list[str]]],
                         socket: SocketDouble) -> None:
     """A writer like the connection's: the rest of a direct write first, then its batch."""
@@ -154,10 +161,8 @@ async def parked_writer(box: Outbox, nursery: trio.Nursery, got: list[tuple[byte
 
 
 async def test_frames_delivered_in_deferred_writes_leave_in_one_direct_write_at_its_end() -> None:
-    box = outbox()
     socket = SocketDouble()
-    box.attach_direct(socket, 64, 1 << 20)
-    got: list[tuple[bytes, list[str]]] = []
+    box, got = direct_outbox(socket)
     async with trio.open_nursery() as nursery:
         await parked_writer(box, nursery, got, socket)
         with deferred_writes():
@@ -171,10 +176,8 @@ async def test_frames_delivered_in_deferred_writes_leave_in_one_direct_write_at_
 
 
 async def test_what_the_socket_does_not_take_goes_to_the_writer_before_later_frames() -> None:
-    box = outbox()
     socket = SocketDouble(room=2)
-    box.attach_direct(socket, 64, 1 << 20)
-    got: list[tuple[bytes, list[str]]] = []
+    box, got = direct_outbox(socket)
     async with trio.open_nursery() as nursery:
         await parked_writer(box, nursery, got, socket)
         with deferred_writes():
@@ -189,10 +192,8 @@ async def test_what_the_socket_does_not_take_goes_to_the_writer_before_later_fra
 
 
 async def test_no_direct_write_when_it_cannot_start_or_the_writer_is_busy() -> None:
-    box = outbox()
     socket = SocketDouble(is_ready=False)  # e.g. the reader holds the stream for a pong
-    box.attach_direct(socket, 64, 1 << 20)
-    got: list[tuple[bytes, list[str]]] = []
+    box, got = direct_outbox(socket)
     async with trio.open_nursery() as nursery:
         await parked_writer(box, nursery, got, socket)
         with deferred_writes():
@@ -209,10 +210,8 @@ async def test_no_direct_write_when_it_cannot_start_or_the_writer_is_busy() -> N
 
 
 async def test_an_exception_in_the_block_still_writes_what_was_delivered() -> None:
-    box = outbox()
     socket = SocketDouble()
-    box.attach_direct(socket, 64, 1 << 20)
-    got: list[tuple[bytes, list[str]]] = []
+    box, got = direct_outbox(socket)
     async with trio.open_nursery() as nursery:
         await parked_writer(box, nursery, got, socket)
         with pytest.raises(KeyError), deferred_writes():
@@ -223,10 +222,8 @@ async def test_an_exception_in_the_block_still_writes_what_was_delivered() -> No
 
 
 async def test_direct_writes_keep_the_writers_batch_bounds() -> None:
-    box = outbox()
     socket = SocketDouble()
-    box.attach_direct(socket, 2, 1 << 20)
-    got: list[tuple[bytes, list[str]]] = []
+    box, got = direct_outbox(socket, max_frames=2)
     async with trio.open_nursery() as nursery:
         await parked_writer(box, nursery, got, socket)
         with deferred_writes():

@@ -81,15 +81,7 @@ class WinkrWebSocket(WebSocketConnection):
     async def _send(self, event: Event) -> None:
         """trio-websocket's ``_send`` (every write but the outbox writer's batches: pongs, pings,
         close frames, a violation's goodbye), sending a direct write's rest first."""
-        data = self._wsproto.send(event)
-        async with self._stream_lock:
-            if self.unsent:
-                data = self.take_unsent() + data
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._abort_web_socket()
-                raise ConnectionClosed(self._close_reason) from None
+        await _write(self, self._wsproto.send(event))
 
     async def _reader_task(self) -> None:
         """trio-websocket's reader, until the handshake request has been read: what follows
@@ -310,7 +302,12 @@ async def send_frames(ws: WebSocketConnection, frames: list[str]) -> None:
     :class:`DirectWriter` began (if one waits); raises ``ConnectionClosed`` like
     ``send_message``. Cancelling it may cut a frame in half: close the stream after that."""
     _check_open(ws)
-    data = _encode(ws._wsproto, frames)
+    await _write(ws, _encode(ws._wsproto, frames))
+
+
+async def _write(ws: WebSocketConnection, data: bytes) -> None:
+    """Write ``data`` under the stream lock, after the rest of a direct write if one waits;
+    ``ConnectionClosed`` (the connection aborted) when the stream is broken or closed."""
     async with ws._stream_lock:
         if isinstance(ws, WinkrWebSocket) and ws.unsent:
             data = ws.take_unsent() + data
