@@ -15,9 +15,8 @@ import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable
 from functools import partial
-from types import MappingProxyType
 
 import attrs
 import trio
@@ -254,9 +253,9 @@ class PresenceHandle:
     it returns something, for the answer); presence never waits on its callers."""
 
     def __init__(self, inbox: trio.MemorySendChannel[PresenceRequest],
-                 connections_here: Mapping[str, int] | None = None, sharing: bool = True) -> None:
+                 connections_here: Callable[[str], int] | None = None, sharing: bool = True) -> None:
         self._inbox = inbox
-        self._connections_here = connections_here
+        self._connections_here = connections_here  # presence's own count of a user's connections
         self._sharing = sharing
 
     def follow_up_needed(self, participants: Iterable[str], joined: Iterable[Peer]) -> bool:
@@ -268,8 +267,8 @@ class PresenceHandle:
         thread): a connection presence has not registered yet is not counted, and reads its
         unread counts from the store, after this commit, once registered; a joined
         connection that is leaving (presence may have forgotten it) always asks presence."""
-        here = self._connections_here
-        if self._sharing or here is None:
+        connections_here = self._connections_here
+        if self._sharing or connections_here is None:
             return True
         in_room: Counter[str] = Counter()
         for peer in joined:
@@ -279,7 +278,7 @@ class PresenceHandle:
             if peer.leaving:
                 return True
             in_room[peer.user_id] += 1
-        return any(here.get(user_id, 0) > in_room[user_id] for user_id in participants)
+        return any(connections_here(user_id) > in_room[user_id] for user_id in participants)
 
     async def admit(self, user_id: str, username: str, limit: int) -> bool:
         """Reserve one of the user's ``limit`` connection slots (0 = no limit)."""
@@ -426,9 +425,6 @@ class _Presence:
         self._members = itertools.count(1)
         self.online_gauge = online_gauge  # users with at least one open connection
         self.users: dict[str, _User] = {}
-        # user -> this node's open connections of the user (len of its peers), for rooms to read
-        # (PresenceHandle.follow_up_needed); written only here.
-        self.connections_here: dict[str, int] = {}
         self.grace_timers: list[tuple[float, int, str]] = []  # (deadline, generation, user)
         self.closing: str | None = None
 
@@ -480,6 +476,12 @@ class _Presence:
     def _gauge(self, delta: int) -> None:
         if self.online_gauge is not None:
             self.online_gauge.inc(delta)  # type: ignore[attr-defined]
+
+    def connections_here(self, user_id: str) -> int:
+        """This node's open connections of ``user_id``, for rooms to read through their handle
+        (``PresenceHandle.follow_up_needed``; read-only, on the one trio thread)."""
+        state = self.users.get(user_id)
+        return len(state.peers) if state is not None else 0
 
     def _forget_if_idle(self, user_id: str, state: _User) -> None:
         if not state.peers and not state.admissions and not state.grace_pending:
@@ -736,7 +738,6 @@ class _Presence:
             state.online_status = request.settings.online_status
             state.apart = set(request.apart)
         state.peers[peer.id] = peer
-        self.connections_here[peer.user_id] = len(state.peers)
         if len(state.peers) == 1:
             self._gauge(1)
         state.grace_generation += 1  # a pending offline announcement is void now
@@ -775,10 +776,6 @@ class _Presence:
         if state.peers.pop(peer.id, None) is None:
             await self._release(peer.user_id)
             return False
-        if state.peers:
-            self.connections_here[peer.user_id] = len(state.peers)
-        else:
-            del self.connections_here[peer.user_id]
         member = state.members.pop(peer.id)
         if not state.peers:
             self._gauge(-1)
@@ -1004,7 +1001,7 @@ async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, onli
     shared presence state (None: this node's alone)."""
     send, receive = trio.open_memory_channel[PresenceRequest](inbox_size)
     presence = _Presence(frames, store, grace, online_gauge, broker, registry)
-    task_status.started(PresenceHandle(send, MappingProxyType(presence.connections_here), presence.sharing))
+    task_status.started(PresenceHandle(send, presence.connections_here, presence.sharing))
     async with receive:
         while True:
             request = None
