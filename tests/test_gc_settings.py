@@ -16,7 +16,7 @@ import trio
 import trio.testing
 from conftest import SECRET, make_settings
 
-from winkr.server import freeze_startup_heap, serve_forever
+from winkr.server import GC_YOUNGEST_THRESHOLD, serve_forever, settle_gc
 
 
 class Node:
@@ -27,10 +27,12 @@ class Node:
 @pytest.fixture
 def interpreter_gc() -> Iterator[None]:
     assert gc.get_freeze_count() == 0  # nothing else in the test process freezes
+    threshold = gc.get_threshold()
     try:
         yield
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 def test_start_up_garbage_is_collected_and_what_is_alive_is_frozen(interpreter_gc: None) -> None:
@@ -41,7 +43,7 @@ def test_start_up_garbage_is_collected_and_what_is_alive_is_frozen(interpreter_g
     gone = weakref.ref(garbage)
     del garbage
 
-    freeze_startup_heap()
+    settle_gc()
 
     assert gone() is None  # collected before the freeze, not kept for the process's life
     assert gc.get_freeze_count() > 0
@@ -53,12 +55,15 @@ def test_start_up_garbage_is_collected_and_what_is_alive_is_frozen(interpreter_g
 def test_the_server_freezes_its_start_up_heap_before_its_listening_line(tmp_path: Path,
                                                                         interpreter_gc: None) -> None:
     frozen: list[int] = []
+    young: list[int] = []
 
     def on_listening(ports: list[int]) -> None:
         frozen.append(gc.get_freeze_count())
+        young.append(gc.get_threshold()[0])
         signal.raise_signal(signal.SIGINT)  # serve_forever's receiver takes it: a graceful stop
 
     trio.run(partial(serve_forever, make_settings(tmp_path), SECRET, on_listening=on_listening, listeners=[]),
              clock=trio.testing.MockClock(autojump_threshold=0))
 
     assert frozen and frozen[0] > 0
+    assert young == [GC_YOUNGEST_THRESHOLD]

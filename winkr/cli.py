@@ -5,7 +5,6 @@ operator can fix is one line that says what to do, with exit status 2 (issue 13)
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import socket
 import sys
@@ -29,11 +28,6 @@ from winkr.store.engine import database_errors
 from winkr.store.url import redact
 
 log = logging.getLogger("winkr")
-
-GC_YOUNGEST_THRESHOLD = 10_000
-"""Net allocations between collections of the youngest generation while serving (Python's
-default: 700; see ``_serve_on``)."""
-
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -229,14 +223,6 @@ def _serve_on(settings: Settings, config_file: str | None, sockets: list[socket.
         await serve_forever(settings, secret, on_listening=on_listening, listeners=listeners,
                             api_sockets=api_sockets or None)
 
-    # The collector's youngest generation runs every 700 net allocations by default: at the
-    # height of a room's run (up to 32 messages' frames, records and coroutines alive at once)
-    # that is a collection every few messages, traversing objects that reference counting frees
-    # a moment later (issue 10: ~50 k instructions per message at saturation, 6 % of them).
-    # Cycles are still collected, later. In the realistic shape the defaults also stopped the
-    # trio thread for full collections of 40-150 ms (serve_forever then freezes the start-up heap:
-    # freeze_startup_heap in winkr/server.py).
-    gc.set_threshold(GC_YOUNGEST_THRESHOLD, *gc.get_threshold()[1:])
     status = 0
     try:
         trio.run(run)

@@ -519,16 +519,26 @@ async def _close_when_cancelled(aclose: Callable[[], Awaitable[None]]) -> None:
             await aclose()
 
 
-def freeze_startup_heap() -> None:
-    """Once the server has started (docs/performance.md, issue 10, "The realistic shape's
-    tail"): collect what start-up left, then move everything alive now (modules, settings,
-    actors, caches: ~72,000 objects) to the permanent generation, which no collection traverses
-    again. With it and the young threshold ``winkr serve`` sets (``cli.GC_YOUNGEST_THRESHOLD``)
-    the realistic shape (1,000 connections, 1,000 msgs/s) runs no collection in a benchmark
-    window; with CPython's defaults ~5 % of the time went to pauses of up to 150 ms (a full
-    collection over ~220,000 objects every few seconds) that never found garbage. Start-up
-    objects that later become cyclic garbage are never freed (they live as long as the process
-    anyway). Runs on the trio thread: tens of ms, once, before the listening line."""
+GC_YOUNGEST_THRESHOLD = 10_000
+"""Net allocations between collections of the youngest generation while serving (Python's
+default: 700)."""
+
+
+def settle_gc() -> None:
+    """The cyclic GC for serving, once the server has started (docs/performance.md, issue 10,
+    "The realistic shape's tail"). The youngest generation is collected every
+    ``GC_YOUNGEST_THRESHOLD`` net allocations instead of 700: at the height of a room's run (up to
+    32 messages' frames, records and coroutines alive at once) 700 meant a collection every few
+    messages over objects reference counting frees a moment later (~50 k instructions per
+    message at saturation); cycles are still collected, later. Then what start-up left is
+    collected and everything alive now (modules, settings, actors, caches: ~72,000 objects)
+    moves to the permanent generation, which no collection traverses again. With CPython's
+    defaults ~5 % of the realistic shape's time went to pauses of up to 150 ms (a full
+    collection over ~220,000 objects every few seconds) that never found garbage; now a
+    benchmark window runs none. Start-up objects that later become cyclic garbage are never
+    freed (they live as long as the process anyway). Runs on the trio thread: tens of ms, once,
+    before the listening line."""
+    gc.set_threshold(GC_YOUNGEST_THRESHOLD, *gc.get_threshold()[1:])
     gc.collect()
     gc.freeze()
 
@@ -546,7 +556,7 @@ async def serve_forever(settings: Settings, secret: str, *, on_listening: Callab
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(server.serve, listeners))
-            freeze_startup_heap()
+            settle_gc()
             on_listening(server.ports)
             async for _ in signals:
                 server.request_shutdown()

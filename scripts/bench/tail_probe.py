@@ -212,14 +212,12 @@ def server_main(argv: list[str]) -> None:
     import trio
 
     gc_mode = os.environ.get("WINKR_PROBE_GC", "winkr")
-    import winkr.cli as cli_module
     import winkr.server as server_module
 
     if gc_mode in ("default", "off"):  # undo winkr's GC settings: CPython's threshold, no freeze
-        server_module.freeze_startup_heap = lambda: None  # type: ignore[assignment]
-        cli_module.GC_YOUNGEST_THRESHOLD = 700
+        server_module.settle_gc = lambda: None  # type: ignore[assignment]
     elif gc_mode != "winkr":  # N: winkr's settings with this young threshold
-        cli_module.GC_YOUNGEST_THRESHOLD = int(gc_mode)
+        server_module.GC_YOUNGEST_THRESHOLD = int(gc_mode)
     if gc_mode == "off":
         gc.disable()
     switch = os.environ.get("WINKR_PROBE_SWITCH_MS")
