@@ -65,18 +65,25 @@ async def test_the_writer_thread_answers_each_caller_after_its_commit(tmp_path: 
     assert sum(metrics.commit_batch.counts) < 43
 
 
+
+class BlockedFirst:
+    """A request that holds the writer's thread inside its transaction (``entered`` once it is
+    there) until ``release``; then it upserts the user "first"."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def work(self, store: Store) -> str:
+        self.entered.set()
+        self.release.wait(30)
+        return _upsert("first", store)
+
 async def test_a_full_writer_inbox_makes_callers_wait_and_a_stop_still_answers_what_was_queued(
         tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     db = open_engine(settings.database).open_writer()
-    entered, release = threading.Event(), threading.Event()
+    blocked = BlockedFirst()
     answered: list[str] = []
-
-    def _blocked(store: Store) -> str:
-        entered.set()
-        release.wait(30)
-        return _upsert("first", store)
-
     try:
         async with trio.open_nursery() as nursery:
             store: StoreHandle = await nursery.start(partial(run_store_writer, Store(db), trio.to_thread.run_sync,
@@ -92,14 +99,14 @@ async def test_a_full_writer_inbox_makes_callers_wait_and_a_stop_still_answers_w
                 third.set()
 
             async with trio.open_nursery() as callers:
-                callers.start_soon(caller, _blocked)
-                await trio.to_thread.run_sync(entered.wait, 30)  # the thread is inside the first transaction
+                callers.start_soon(caller, blocked.work)
+                await trio.to_thread.run_sync(blocked.entered.wait, 30)  # the thread is inside the first transaction
                 callers.start_soon(caller, partial(_upsert, "second"))
                 await trio.testing.wait_all_tasks_blocked()
                 callers.start_soon(submit_third)
                 await trio.testing.wait_all_tasks_blocked()
                 assert not third.is_set()  # two requests outstanding: the third waits for room
-                release.set()
+                blocked.release.set()
             assert third.is_set()
             nursery.cancel_scope.cancel()  # the writer stops after what was queued (the third)
     finally:
@@ -122,13 +129,8 @@ async def test_a_request_the_database_refuses_fails_only_its_caller_in_a_shared_
     settings = make_settings(tmp_path)
     db = open_engine(settings.database).open_writer()
     metrics = Metrics()
-    entered, release = threading.Event(), threading.Event()
+    blocked = BlockedFirst()
     outcomes: dict[str, object] = {}
-
-    def _blocked(store: Store) -> str:
-        entered.set()
-        release.wait(30)
-        return _upsert("first", store)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -143,15 +145,15 @@ async def test_a_request_the_database_refuses_fails_only_its_caller_in_a_shared_
                     outcomes[name] = exc
 
             async with trio.open_nursery() as callers:
-                callers.start_soon(caller, "blocked", _blocked)
-                await trio.to_thread.run_sync(entered.wait, 30)
+                callers.start_soon(caller, "blocked", blocked.work)
+                await trio.to_thread.run_sync(blocked.entered.wait, 30)
                 callers.start_soon(caller, "before", partial(_insert_user_raw, "before"))
                 await trio.testing.wait_all_tasks_blocked()
                 callers.start_soon(caller, "clash", partial(_insert_user_raw, "taken"))
                 await trio.testing.wait_all_tasks_blocked()
                 callers.start_soon(caller, "after", partial(_insert_user_raw, "after"))
                 await trio.testing.wait_all_tasks_blocked()
-                release.set()
+                blocked.release.set()
             assert await store.call(partial(_upsert, "later")) == "later"  # the thread lives on
             nursery.cancel_scope.cancel()
     finally:
