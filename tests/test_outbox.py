@@ -125,6 +125,9 @@ class SocketDouble:
     def ready(self) -> bool:
         return self.is_ready and not self.rest
 
+    def has_rest(self) -> bool:
+        return bool(self.rest)
+
     def write(self, frames: list[str]) -> bool:
         self.writes.append(frames)
         data = "".join(frames).encode()

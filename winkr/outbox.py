@@ -53,6 +53,9 @@ class DirectWrite(Protocol):
         """Encode ``frames`` and write them now; False when the socket did not take them all
         (the rest waits in the stream for the writer's next write, which sends it first)."""
 
+    def has_rest(self) -> bool:
+        """Whether the rest of a direct write still waits in the stream."""
+
 # The outboxes the current task delivered to inside ``deferred_writes`` (per task: trio runs
 # every task in a context of its own).
 _deferred: ContextVar[list[Outbox] | None] = ContextVar("winkr_deferred_writes", default=None)
@@ -96,7 +99,7 @@ class Outbox:
 
     __slots__ = ("_queue", "_keyed", "_chars", "_max_frames", "_max_chars", "_slow_seconds", "_closed",
                  "_writer", "_room", "close_request", "_writing_since", "_interrupt", "_direct",
-                 "_batch_frames", "_batch_chars", "_rest_waiting", "_flush_pending")
+                 "_batch_frames", "_batch_chars", "_flush_pending")
 
     def __init__(self, max_frames: int, max_bytes: int, slow_seconds: float) -> None:
         # Oldest first; the writer takes a prefix at once (``receive_batch``), so a list's cost
@@ -115,7 +118,6 @@ class Outbox:
         self._interrupt: trio.CancelScope | None = None  # the owner's scope a close request cancels
         self._direct: DirectWrite | None = None  # writes to the socket now (attach_direct)
         self._batch_frames = self._batch_chars = 0  # the writer's batch bounds, for direct writes too
-        self._rest_waiting = False  # a direct write's rest waits in the stream: the writer must write
         self._flush_pending = False  # delivered to inside deferred_writes: flushed when it ends
 
     # --- producers -----------------------------------------------------------------------
@@ -187,10 +189,9 @@ class Outbox:
             frames = self._take(self._batch_frames, self._batch_chars)
             self._writing_since = trio.current_time()
             if not direct.write(frames):
-                self._rest_waiting = True  # the writer's next write sends the rest first
-                break
+                break  # the rest waits in the stream: the writer's next write sends it first
             self.drained()
-        if self._queue or self._rest_waiting:
+        if self._queue or self._rest_waits():
             self._wake_writer()
 
     def request_close(self, reason: str) -> None:
@@ -227,18 +228,20 @@ class Outbox:
         batch may be empty when only the rest of a direct write waits (write it all the same:
         the write sends the rest first). Raises ``trio.EndOfChannel`` when closed and drained.
         Cancelling the wait loses nothing."""
-        while not self._queue and not self._rest_waiting and not self._closed:
+        while not self._queue and not self._rest_waits() and not self._closed:
             if self._writer is not None:
                 raise trio.BusyResourceError("another task is already waiting for this outbox")
             self._writer = current_task()
             await wait_task_rescheduled(self._abort_wait)
         await trio.lowlevel.checkpoint_if_cancelled()
-        if not self._queue and not self._rest_waiting:
+        if not self._queue and not self._rest_waits():
             raise trio.EndOfChannel
-        self._rest_waiting = False
         batch = self._take(max_frames, max_chars)
         self._writing_since = trio.current_time()
         return batch
+
+    def _rest_waits(self) -> bool:
+        return self._direct is not None and self._direct.has_rest()
 
     def _take(self, max_frames: int, max_chars: int) -> list[str]:
         """Take the oldest frames, up to ``max_frames`` (and about ``max_chars``)."""

@@ -407,6 +407,9 @@ class DirectWriter:
         return (not ws.closed and not ws._stream_lock.locked() and ws._wsproto.state is ConnectionState.OPEN
                 and not ws.unsent and self._socket.fileno() >= 0)
 
+    def has_rest(self) -> bool:
+        return bool(self._ws.unsent)
+
     def write(self, frames: list[str]) -> bool:
         """Encode ``frames`` and write them now (call only when :meth:`ready`); True when the
         socket took everything. Else the rest waits in the stream (``WinkrWebSocket.unsent``):
