@@ -15,7 +15,7 @@ from conftest import make_settings, query
 
 from winkr.errors import INVALID_MESSAGE_TYPE, ProtocolError
 from winkr.metrics import Metrics
-from winkr.store.engine import open_engine
+from winkr.store.engine import SqliteDatabase, open_engine
 from winkr.store.store import Store
 from winkr.store.writer import StoreHandle, run_store_writer
 
@@ -162,3 +162,31 @@ async def test_a_request_the_database_refuses_fails_only_its_caller_in_a_shared_
     clash = outcomes["clash"]
     assert isinstance(clash, Exception) and not isinstance(clash, ProtocolError), clash
     assert _users(settings) == {"taken", "first", "before", "after", "later"}
+
+
+@pytest.mark.sqlite_only
+async def test_a_lone_request_runs_without_a_savepoint_and_its_failure_rolls_back_everything(
+        tmp_path: Path) -> None:
+    """The quiet conversation's batch is one request: BEGIN, its statements, COMMIT (no
+    SAVEPOINT/RELEASE around it); when it fails, the whole transaction is rolled back, which
+    is all its own work, and the thread goes on serving."""
+    settings = make_settings(tmp_path)
+    db = open_engine(settings.database).open_writer()
+    assert isinstance(db, SqliteDatabase)
+    statements: list[str] = []
+    db.connection.set_trace_callback(statements.append)  # runs on the writer's thread
+    try:
+        async with trio.open_nursery() as nursery:
+            store: StoreHandle = await nursery.start(partial(run_store_writer, Store(db), trio.to_thread.run_sync))
+            assert await store.call(partial(_upsert, "alone")) == "alone"
+            ran_alone = list(statements)
+            with pytest.raises(ProtocolError):
+                await store.call(_refuse)
+            assert await store.call(partial(_upsert, "after")) == "after"
+            nursery.cancel_scope.cancel()
+    finally:
+        db.close()
+    assert ran_alone[0] == "BEGIN IMMEDIATE" and ran_alone[-1] == "COMMIT"
+    assert not [s for s in statements if "SAVEPOINT" in s or "RELEASE" in s], statements
+    assert "ROLLBACK" in statements
+    assert _users(settings) == {"alone", "after"}  # the refused request's upsert ("ghost") is gone
