@@ -445,7 +445,7 @@ class Server:
         settings, frames = self.settings, self.frames
         store_handle = await nursery.start(partial(run_store_writer, store, self.run_sync, metrics=self.metrics))
         if engine.sqlite_path is not None:
-            nursery.start_soon(run_checkpointer, engine.sqlite_path, self.run_sync)
+            await nursery.start(run_checkpointer, engine.sqlite_path, self.run_sync)
         limiter = self.limiter or await self._open_limiter(nursery)
         registry = self.registry = self._open_registry(nursery)
         presence = await nursery.start(partial(run_presence, frames, store_handle, grace=settings.presence_grace,

@@ -11,11 +11,20 @@ core as the trio thread, so its length is a stall the messages behind it see. At
 a 5 s round moved thousands of frames in 20-140 ms and was most of winkr's p99 on a quiet
 machine (4.4-15.7 ms against the relay's 0.5-0.7 ms); 1 s rounds gave 2.3-2.8 ms
 (docs/performance.md, issue 10, phase 3).
+
+With real threads the checkpointer is a thread of its own at the lowest CPU priority (nice
+19, :data:`BACKGROUND_NICE`): a checkpoint is background work that can wait, so when the trio
+thread wakes it takes the core at once instead of sharing it with the copying (issue 10,
+phase 4: the realistic p99). A trio worker thread cannot be used for this: its priority
+would stay lowered for whatever job it runs next, and an unprivileged process cannot raise it
+again.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import threading
 
 import trio
 
@@ -23,6 +32,7 @@ from winkr.store.writer import RunSync
 
 log = logging.getLogger("winkr.store")
 
+BACKGROUND_NICE = 19  # the lowest priority a thread can give itself (Linux: per thread)
 
 
 def _open(path: str) -> sqlite3.Connection:
@@ -35,9 +45,17 @@ def _checkpoint(db: sqlite3.Connection, mode: str) -> None:
     db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
 
 
-async def run_checkpointer(path: str, run_sync: RunSync, *, interval: float = 1.0) -> None:
-    """Checkpoint every ``interval`` seconds until cancelled; a last TRUNCATE on the way out."""
+async def run_checkpointer(path: str, run_sync: RunSync, *, interval: float = 1.0,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Checkpoint every ``interval`` seconds until cancelled; a last TRUNCATE on the way out.
+    With ``trio.to_thread.run_sync`` on a low-priority thread of its own (see the module's
+    docstring); with any other ``run_sync`` (``run_inline`` under MockClock) from this task.
+    Started (``nursery.start``) once its connection is open; raises what opening it raises."""
+    if run_sync is trio.to_thread.run_sync:
+        await _run_checkpoint_thread(path, interval, task_status)
+        return
     db = await run_sync(_open, path)
+    task_status.started()
     try:
         while True:
             await trio.sleep(interval)
@@ -52,3 +70,67 @@ async def run_checkpointer(path: str, run_sync: RunSync, *, interval: float = 1.
             except sqlite3.Error:
                 pass
             await run_sync(db.close)
+
+
+def lower_thread_priority(nice: int = BACKGROUND_NICE) -> None:
+    """Give the calling thread the CPU priority ``nice`` (Linux sets it per thread; elsewhere,
+    or where it is refused, the thread keeps its priority)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as exc:  # no per-thread priority here: a checkpoint still runs
+        log.debug("checkpointer keeps its priority (%s)", type(exc).__name__)
+
+
+class _CheckpointThread:
+    """The checkpointer's own thread: opens its connection, checkpoints every ``interval``
+    seconds until stopped, then TRUNCATEs and closes."""
+
+    def __init__(self, path: str, interval: float) -> None:
+        self._path = path
+        self._interval = interval
+        self._stop = threading.Event()
+        self.opened = threading.Event()
+        self.open_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._serve, name="winkr-checkpointer", daemon=True)
+
+    def _serve(self) -> None:
+        lower_thread_priority()
+        try:
+            db = _open(self._path)
+        except BaseException as exc:  # noqa: BLE001 - handed to the trio side, which raises it
+            self.open_error = exc
+            self.opened.set()
+            return
+        self.opened.set()
+        try:
+            while not self._stop.wait(self._interval):
+                try:
+                    _checkpoint(db, "PASSIVE")
+                except sqlite3.Error as exc:  # busy or I/O trouble: the next round tries again
+                    log.warning("checkpoint failed: %s", exc)
+        finally:
+            try:
+                _checkpoint(db, "TRUNCATE")
+            except sqlite3.Error:
+                pass
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def _run_checkpoint_thread(path: str, interval: float, task_status: trio.TaskStatus[None]) -> None:
+    checkpointer = _CheckpointThread(path, interval)
+    checkpointer.thread.start()
+    try:
+        with trio.CancelScope(shield=True):  # the thread is started: it must be stopped and joined
+            await trio.to_thread.run_sync(checkpointer.opened.wait)
+        if checkpointer.open_error is not None:
+            raise checkpointer.open_error
+        task_status.started()
+        await trio.sleep_forever()
+    finally:
+        checkpointer.stop()
+        # Shielded: the last TRUNCATE must finish before the server closes the store.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(checkpointer.thread.join)

@@ -1,0 +1,56 @@
+"""The SQLite checkpointer with real threads: a thread of its own at the lowest CPU priority,
+its connection open before it counts as started, and the WAL emptied into the database file
+when it stops. A real database file, the real clock."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from winkr.store.checkpointer import BACKGROUND_NICE, run_checkpointer
+from winkr.store.schema import open_database
+
+
+def _threads_named(name: str) -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == name]
+
+
+@pytest.mark.sqlite_only
+async def test_the_checkpointer_runs_on_its_own_low_priority_thread_and_truncates_the_wal_when_it_stops(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "winkr.db")
+    writer = open_database(path)  # WAL, with the writer's own automatic checkpoint far away
+    try:
+        writer.executemany("INSERT INTO users (id, username) VALUES (?, ?)", [(f"u{i}", f"u{i}") for i in range(200)])
+        wal = Path(path + "-wal")
+        assert wal.stat().st_size > 0
+        async with trio.open_nursery() as nursery:
+            # An hour between rounds: only the last TRUNCATE runs in this test.
+            await nursery.start(partial(run_checkpointer, path, trio.to_thread.run_sync, interval=3600.0))
+            (thread,) = _threads_named("winkr-checkpointer")
+            assert thread.native_id is not None
+            assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == BACKGROUND_NICE
+            assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != BACKGROUND_NICE  # ours is untouched
+            nursery.cancel_scope.cancel()
+        assert not _threads_named("winkr-checkpointer")  # joined before run_checkpointer returned
+        assert wal.stat().st_size == 0
+        reader = sqlite3.connect(path)
+        try:
+            assert reader.execute("SELECT count(*) FROM users").fetchone()[0] == 200
+        finally:
+            reader.close()
+    finally:
+        writer.close()
+
+
+@pytest.mark.sqlite_only
+async def test_a_checkpointer_that_cannot_open_the_database_fails_to_start(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-folder" / "winkr.db")
+    with pytest.raises(sqlite3.OperationalError):
+        await run_checkpointer(missing, trio.to_thread.run_sync)
+    assert not _threads_named("winkr-checkpointer")
