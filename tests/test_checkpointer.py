@@ -16,6 +16,10 @@ from winkr.store.checkpointer import BACKGROUND_NICE, run_checkpointer
 from winkr.store.schema import open_database
 
 
+def _wal_size(path: str) -> int:
+    return Path(path + "-wal").stat().st_size
+
+
 def _threads_named(name: str) -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == name]
 
@@ -27,8 +31,7 @@ async def test_the_checkpointer_runs_on_its_own_low_priority_thread_and_truncate
     writer = open_database(path)  # WAL, with the writer's own automatic checkpoint far away
     try:
         writer.executemany("INSERT INTO users (id, username) VALUES (?, ?)", [(f"u{i}", f"u{i}") for i in range(200)])
-        wal = Path(path + "-wal")
-        assert wal.stat().st_size > 0
+        assert _wal_size(path) > 0
         async with trio.open_nursery() as nursery:
             # An hour between rounds: only the last TRUNCATE runs in this test.
             await nursery.start(partial(run_checkpointer, path, trio.to_thread.run_sync, interval=3600.0))
@@ -38,7 +41,7 @@ async def test_the_checkpointer_runs_on_its_own_low_priority_thread_and_truncate
             assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != BACKGROUND_NICE  # ours is untouched
             nursery.cancel_scope.cancel()
         assert not _threads_named("winkr-checkpointer")  # joined before run_checkpointer returned
-        assert wal.stat().st_size == 0
+        assert _wal_size(path) == 0
         reader = sqlite3.connect(path)
         try:
             assert reader.execute("SELECT count(*) FROM users").fetchone()[0] == 200
