@@ -422,3 +422,42 @@ async def test_the_socket_is_read_directly_only_once_nothing_is_left_to_replay()
     assert socket_to_read(trio.testing.memory_stream_pair()[0]) is None
     await client.aclose()
     await server.aclose()
+
+
+async def test_a_connection_over_tcp_reads_frames_and_pings_after_directly_read_messages() -> None:
+    """The reader skips wsproto while only whole text frames came (nothing fed to it); a ping
+    and a fragmented message after them still reach wsproto and are answered."""
+    client_stream, server_stream = await _tcp_pair()
+    async with trio.open_nursery() as nursery:
+        clients: list[Any] = []
+
+        async def connect() -> None:
+            clients.append(await wrap_client_stream(nursery, client_stream, "localhost", "/ws"))
+
+        nursery.start_soon(connect)
+        request = await wrap_server_stream(nursery, ReplayStream(b"", server_stream), max_message_size=1 << 20,
+                                           receive_buffer_size=4096)
+        server = await request.accept()
+        assert isinstance(server, WinkrWebSocket)
+        await trio.testing.wait_all_tasks_blocked()
+        client = clients[0]
+        received: list[str | bytes] = []
+
+        async def handle(message: str | bytes) -> None:
+            received.append(message)
+
+        nursery.start_soon(server.read_frames, handle)
+        await client.send_message("one")
+        await client.send_message("two")
+        await trio.testing.wait_all_tasks_blocked()
+        assert received == ["one", "two"]
+        assert server._read_socket is server_stream.socket  # read straight from the socket
+        await client.ping(b"12345678")  # answered: the pong comes back
+        await client._send(TextMessage(data="thr", message_finished=False))
+        await client._send(TextMessage(data="ee", message_finished=True))
+        await client.send_message("four")
+        await trio.testing.wait_all_tasks_blocked()
+        assert received == ["one", "two", "three", "four"]
+        nursery.cancel_scope.cancel()
+    await client_stream.aclose()
+    await server_stream.aclose()

@@ -75,6 +75,8 @@ class WinkrWebSocket(WebSocketConnection):
         self.unsent: bytes = b""
         # The TCP socket read directly once nothing is left to replay (see _receive).
         self._read_socket: trio.socket.SocketType | None = None
+        # Whether wsproto was given bytes since its events were last read (else it has none).
+        self._fed = True
 
     def take_unsent(self) -> bytes:
         """The waiting rest of a direct write (``b""``: none), to be sent before anything else;
@@ -135,6 +137,7 @@ class WinkrWebSocket(WebSocketConnection):
     async def _feed(self, data: bytes | bytearray) -> bool:
         """Hand bytes to wsproto; False when they broke the protocol (the stream is closed)."""
         if self._wsproto.state != ConnectionState.CLOSED:
+            self._fed = True
             try:
                 self._wsproto.receive_data(data)  # type: ignore[arg-type]  # trio returns bytearray; wsproto takes it
             except wsproto.utilities.RemoteProtocolError as err:
@@ -184,6 +187,11 @@ class WinkrWebSocket(WebSocketConnection):
                     self._reader_running = False
                 if not self._reader_running:
                     return
+            if not self._fed:  # only whole frames read directly since wsproto's events were read
+                if not await self._receive():
+                    return
+                continue
+            self._fed = False
             for event in proto.events():
                 try:
                     if isinstance(event, (TextMessage, BytesMessage)):
