@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import trio
+from trio.lowlevel import Abort, RaiseCancelT, Task, checkpoint, current_task, reschedule, wait_task_rescheduled
 
 from winkr.clock import WallClock, iso
 from winkr.errors import ProtocolError
@@ -17,33 +18,59 @@ T_co = TypeVar("T_co", covariant=True)
 
 
 class Reply(Generic[T]):
-    """An answer set once by the actor that owns the request, awaited by the asker."""
+    """An answer set once by the actor that owns the request, awaited by the asker (one task
+    at a time).
 
-    __slots__ = ("_done", "_value", "_error")
+    The waiting task is parked and rescheduled directly (``wait_task_rescheduled``) rather
+    than through a ``trio.Event``: one reply per store request and per actor question, and an
+    event (an object, its set of waiters, a closure per wait) did nothing a single waiter
+    needs (issue 10)."""
+
+    __slots__ = ("_done", "_value", "_error", "_waiter")
 
     def __init__(self) -> None:
-        self._done = trio.Event()
+        self._done = False
         self._value: T | None = None
         self._error: BaseException | None = None
+        self._waiter: Task | None = None
 
     def set(self, value: T) -> None:
         self._value = value
-        self._done.set()
+        self._finish()
 
     def is_set(self) -> bool:
-        return self._done.is_set()
+        return self._done
 
     def fail(self, error: BaseException) -> None:
         self._error = error
-        self._done.set()
+        self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            reschedule(waiter)
 
     async def wait(self) -> T:
         """The value, or the error the owner failed it with. Cancelling the wait does not
-        cancel the request: the owner still completes it."""
-        await self._done.wait()
+        cancel the request: the owner still completes it (and a later ``wait`` gets the
+        answer). A checkpoint, like ``trio.Event.wait``, also when the answer is already
+        there. ``trio.BusyResourceError`` if another task is waiting for it already."""
+        if self._done:
+            await checkpoint()
+        else:
+            if self._waiter is not None:
+                raise trio.BusyResourceError("another task is already waiting for this reply")
+            self._waiter = current_task()
+            await wait_task_rescheduled(self._abort_wait)
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]  # set() ran before _done
+
+    def _abort_wait(self, _: RaiseCancelT) -> Abort:
+        self._waiter = None  # cancelled: the answer, when it comes, waits for a later wait()
+        return Abort.SUCCEEDED
 
 
 async def hand_over(inbox: trio.MemorySendChannel[T], message: T) -> None:
