@@ -62,10 +62,15 @@ class Dialect:
     name: str
     for_update: str  # row lock until COMMIT: " FOR UPDATE" (SQLite: the writer holds the database lock)
     skip_locked: str  # " FOR UPDATE SKIP LOCKED": rows another node is working on are passed over
+    # Whether an UPDATE … RETURNING is the cheaper way to read and move a counter: one round trip
+    # instead of two on PostgreSQL; SQLite builds an ephemeral table for RETURNING, and a SELECT
+    # then a plain UPDATE costs fewer instructions (~8 k per send).
+    update_returning: bool
 
 
-SQLITE_DIALECT = Dialect(SQLITE, for_update="", skip_locked="")
-POSTGRES_DIALECT = Dialect(POSTGRESQL, for_update=" FOR UPDATE", skip_locked=" FOR UPDATE SKIP LOCKED")
+SQLITE_DIALECT = Dialect(SQLITE, for_update="", skip_locked="", update_returning=False)
+POSTGRES_DIALECT = Dialect(POSTGRESQL, for_update=" FOR UPDATE", skip_locked=" FOR UPDATE SKIP LOCKED",
+                           update_returning=True)
 
 
 class Database(Protocol):
