@@ -131,6 +131,8 @@ def _insert_and_notify(store: Store, conversation_id: str, items: Sequence[SendI
             continue
         if first_new is None:
             first_new = result.message.seq
+        if not unconnected:
+            continue
         for recipient in sorted(unconnected - {item.sender_id}):
             enqueue(store, MESSAGE_CREATED, message_created_data(
                 recipient, result.message, sender, store.unread_count(conversation_id, recipient)), now, enabled)

@@ -109,6 +109,9 @@ class SqliteDatabase:
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self.connection = connection
+        # BEGIN, COMMIT and ROLLBACK return no rows: one cursor of their own for every
+        # transaction instead of a new one per statement (connection.execute makes one).
+        self._control = connection.cursor()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         return self.connection.execute(sql, params)
@@ -117,13 +120,13 @@ class SqliteDatabase:
         self.connection.executemany(sql, params)
 
     def begin(self) -> None:
-        self.connection.execute("BEGIN IMMEDIATE")
+        self._control.execute("BEGIN IMMEDIATE")
 
     def commit(self) -> None:
-        self.connection.execute("COMMIT")
+        self._control.execute("COMMIT")
 
     def rollback(self) -> None:
-        self.connection.execute("ROLLBACK")
+        self._control.execute("ROLLBACK")
 
     @property
     def in_transaction(self) -> bool:
