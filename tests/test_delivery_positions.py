@@ -368,3 +368,65 @@ def test_a_send_passes_over_a_position_another_node_holds_and_the_next_send_move
         assert first_deliveries(2) == []  # the row below the position says nothing more
     finally:
         db.close()
+
+
+def test_a_runs_counter_and_position_end_where_its_stored_messages_end(tmp_path: Path, engine: Any) -> None:
+    """The send's first statement reads the counter (SQLite) or claims it for the whole run
+    reaching everyone (PostgreSQL: UPDATE … RETURNING); either way the counter ends at the run's
+    last stored message and the position moves only over messages everyone got: a retried
+    ``client_message_id``, a refused send, nobody reached, a position behind, a closed
+    conversation."""
+    from winkr.errors import ProtocolError
+    from winkr.ratelimit import Rate
+
+    settings = make_settings(tmp_path)
+    db = open_engine(settings.database).open_writer()
+    try:
+        store = Store(db)
+        db.begin()
+        conv = store.create_conversation("alice", ["bob"], is_service=False, max_participants=10,
+                                         now=time.time())[0].id
+        db.commit()
+
+        def run(*items: SendItem, rates: tuple[Rate, ...] = ()) -> list[int | str]:
+            """Each item's seq (negative: a duplicate of that seq) or error code."""
+            db.begin()
+            results = store.insert_messages(conv, items, time.time(), rates)
+            db.commit()
+            return [r.code if isinstance(r, ProtocolError) else -r.message.seq if r.duplicate else r.message.seq
+                    for r in results]
+
+        def counter() -> tuple[int, int]:
+            ((last, position),) = query(settings, "SELECT last_seq, delivered_seq FROM conversations WHERE id = ?",
+                                        (conv,))
+            return int(last), int(position)
+
+        def to_bob(text: str, cmid: str | None = None, counted: bool = True) -> SendItem:
+            return SendItem("alice", "text", text, {}, cmid, ("bob",), counted)
+
+        assert run(to_bob("a", "x"), to_bob("b")) == [1, 2]
+        assert counter() == (2, 2)
+        assert run(to_bob("c"), to_bob("a again", "x"), to_bob("d")) == [3, -1, 4]  # the retry takes no seq
+        assert counter() == (4, 4)
+        assert run(to_bob("a once more", "x")) == [-1]  # nothing stored: nothing moves
+        assert counter() == (4, 4)
+        one_a_minute = (Rate(1, "minute"),)
+        assert run(to_bob("e"), to_bob("refused"), to_bob("system", counted=False), rates=one_a_minute) == [
+            5, "RATE_LIMITED", 6]
+        assert counter() == (6, 6)
+        assert run(SendItem("alice", "text", "f", {}, None, ())) == [7]  # bob away: the position stays
+        assert counter() == (7, 6)
+        assert run(to_bob("g")) == [8]  # bob got 8 but not 7: a row, and the position stays behind
+        assert counter() == (8, 6)
+        assert rows(settings, conv) == [("bob", 8)]
+        assert store.record_delivered([StoredMessage(conv, 7, "alice", "text", "f", {}, None, 0, 0)], "bob",
+                                      time.time())
+        assert positions(settings, conv) == {"alice": 6, "bob": 8}
+        db.begin()
+        db.execute("UPDATE conversations SET closed_at = 1 WHERE id = ?", (conv,))
+        db.commit()
+        assert run(to_bob("h"), to_bob("i", "y")) == ["NOT_FOUND", "NOT_FOUND"]
+        assert counter() == (8, 6)
+        assert query(settings, "SELECT count(*) FROM messages WHERE conversation_id = ?", (conv,)) == [(8,)]
+    finally:
+        db.close()

@@ -4,6 +4,8 @@ connection, issue 10), frames still flow both ways, and a ping's pong is a flag.
 from __future__ import annotations
 
 import gc
+import socket
+import struct
 from typing import Any
 
 import pytest
@@ -18,12 +20,15 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, Ping, Request, TextMessage
 
+from winkr.plain_http import ReplayStream
 from winkr.transport import (
     Pong,
     WinkrWebSocket,
+    receive_from_socket,
     send_frames,
     send_ping,
     simple_text_frame,
+    socket_to_read,
     text_frame,
     wrap_server_stream,
 )
@@ -332,3 +337,127 @@ def test_simple_text_frames_are_what_wsproto_reads(frames: list[bytes], cut: int
     assert all(isinstance(e, TextMessage) and e.message_finished and len(e.data.encode()) <= max_size
                for e in events)
     assert at == sum(len(f) for f in frames[:len(taken)])
+
+
+# --- reading the TCP socket directly (receive_from_socket) -----------------------------------
+
+
+async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    client = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+    server = await listener.accept()
+    await listener.aclose()
+    assert isinstance(server, trio.SocketStream)
+    return client, server
+
+
+async def test_a_direct_read_returns_what_arrived_and_empty_bytes_at_the_end() -> None:
+    client, server = await _tcp_pair()
+    async with trio.open_nursery() as nursery:
+        got: list[bytes] = []
+
+        async def read() -> None:
+            got.append(await receive_from_socket(server.socket, 4096))
+
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []  # waiting for the socket
+        await client.send_all(b"hello")
+    assert got == [b"hello"]
+    await client.send_all(b"0123456789")
+    assert await receive_from_socket(server.socket, 4) == b"0123"  # at most max_bytes; the rest stays
+    assert await receive_from_socket(server.socket, 4096) == b"456789"
+    await client.aclose()
+    assert await receive_from_socket(server.socket, 4096) == b""
+    await server.aclose()
+
+
+async def test_a_direct_read_is_a_checkpoint_and_a_cancelled_one_takes_nothing() -> None:
+    client, server = await _tcp_pair()
+    await client.send_all(b"waiting")
+    await trio.testing.wait_all_tasks_blocked()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await receive_from_socket(server.socket, 4096)
+    assert scope.cancelled_caught
+    with trio.testing.assert_checkpoints():  # also when the bytes are already there
+        assert await receive_from_socket(server.socket, 4096) == b"waiting"
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_a_direct_read_of_a_closed_socket_is_closed_resource_error() -> None:
+    client, server = await _tcp_pair()
+    async with trio.open_nursery() as nursery:
+        async def read() -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await receive_from_socket(server.socket, 4096)
+
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        await server.aclose()  # closed by another task while the reader waits
+    with pytest.raises(trio.ClosedResourceError):  # and once closed
+        await receive_from_socket(server.socket, 4096)
+    await client.aclose()
+
+
+async def test_a_direct_read_of_a_reset_connection_is_broken_resource_error() -> None:
+    client, server = await _tcp_pair()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await client.aclose()  # a reset, not an orderly end
+    with pytest.raises(trio.BrokenResourceError):
+        await receive_from_socket(server.socket, 4096)
+    await server.aclose()
+
+
+async def test_the_socket_is_read_directly_only_once_nothing_is_left_to_replay() -> None:
+    client, server = await _tcp_pair()
+    replay = ReplayStream(b"GET", ReplayStream(b"", server))
+    assert socket_to_read(replay) is None  # the prefix first
+    assert await replay.receive_some(2) == b"GE"
+    assert socket_to_read(replay) is None
+    assert await replay.receive_some(10) == b"T"
+    assert socket_to_read(replay) is server.socket
+    assert socket_to_read(server) is server.socket
+    assert socket_to_read(trio.testing.memory_stream_pair()[0]) is None
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_a_connection_over_tcp_reads_frames_and_pings_after_directly_read_messages() -> None:
+    """The reader skips wsproto while only whole text frames came (nothing fed to it); a ping
+    and a fragmented message after them still reach wsproto and are answered."""
+    client_stream, server_stream = await _tcp_pair()
+    async with trio.open_nursery() as nursery:
+        clients: list[Any] = []
+
+        async def connect() -> None:
+            clients.append(await wrap_client_stream(nursery, client_stream, "localhost", "/ws"))
+
+        nursery.start_soon(connect)
+        request = await wrap_server_stream(nursery, ReplayStream(b"", server_stream), max_message_size=1 << 20,
+                                           receive_buffer_size=4096)
+        server = await request.accept()
+        assert isinstance(server, WinkrWebSocket)
+        await trio.testing.wait_all_tasks_blocked()
+        client = clients[0]
+        received: list[str | bytes] = []
+
+        async def handle(message: str | bytes) -> None:
+            received.append(message)
+
+        nursery.start_soon(server.read_frames, handle)
+        await client.send_message("one")
+        await client.send_message("two")
+        await trio.testing.wait_all_tasks_blocked()
+        assert received == ["one", "two"]
+        assert server._read_socket is server_stream.socket  # read straight from the socket
+        await client.ping(b"12345678")  # answered: the pong comes back
+        await client._send(TextMessage(data="thr", message_finished=False))
+        await client._send(TextMessage(data="ee", message_finished=True))
+        await client.send_message("four")
+        await trio.testing.wait_all_tasks_blocked()
+        assert received == ["one", "two", "three", "four"]
+        nursery.cancel_scope.cancel()
+    await client_stream.aclose()
+    await server_stream.aclose()

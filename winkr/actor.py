@@ -1,9 +1,22 @@
 """Small pieces every actor uses: a one-shot reply and a frame factory."""
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import trio
+from trio.lowlevel import (
+    Abort,
+    ParkingLot,
+    RaiseCancelT,
+    Task,
+    cancel_shielded_checkpoint,
+    checkpoint,
+    checkpoint_if_cancelled,
+    current_task,
+    reschedule,
+    wait_task_rescheduled,
+)
 
 from winkr.clock import WallClock, iso
 from winkr.errors import ProtocolError
@@ -14,39 +27,72 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
+T_contra = TypeVar("T_contra", contravariant=True)
 
 
 class Reply(Generic[T]):
-    """An answer set once by the actor that owns the request, awaited by the asker."""
+    """An answer set once by the actor that owns the request, awaited by the asker (one task
+    at a time).
 
-    __slots__ = ("_done", "_value", "_error")
+    The waiting task is parked and rescheduled directly (``wait_task_rescheduled``) rather
+    than through a ``trio.Event``: one reply per store request and per actor question, and an
+    event (an object, its set of waiters, a closure per wait) did nothing a single waiter
+    needs (issue 10)."""
+
+    __slots__ = ("_done", "_value", "_error", "_waiter")
 
     def __init__(self) -> None:
-        self._done = trio.Event()
+        self._done = False
         self._value: T | None = None
         self._error: BaseException | None = None
+        self._waiter: Task | None = None
 
     def set(self, value: T) -> None:
         self._value = value
-        self._done.set()
+        self._finish()
 
     def is_set(self) -> bool:
-        return self._done.is_set()
+        return self._done
 
     def fail(self, error: BaseException) -> None:
         self._error = error
-        self._done.set()
+        self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            reschedule(waiter)
 
     async def wait(self) -> T:
         """The value, or the error the owner failed it with. Cancelling the wait does not
-        cancel the request: the owner still completes it."""
-        await self._done.wait()
+        cancel the request: the owner still completes it (and a later ``wait`` gets the
+        answer). A checkpoint, like ``trio.Event.wait``, also when the answer is already
+        there. ``trio.BusyResourceError`` if another task is waiting for it already."""
+        if self._done:
+            await checkpoint()
+        else:
+            if self._waiter is not None:
+                raise trio.BusyResourceError("another task is already waiting for this reply")
+            self._waiter = current_task()
+            await wait_task_rescheduled(self._abort_wait)
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]  # set() ran before _done
 
+    def _abort_wait(self, _: RaiseCancelT) -> Abort:
+        self._waiter = None  # cancelled: the answer, when it comes, waits for a later wait()
+        return Abort.SUCCEEDED
 
-async def hand_over(inbox: trio.MemorySendChannel[T], message: T) -> None:
+
+class _Outlet(Protocol[T_contra]):
+    def send_nowait(self, value: T_contra) -> None: ...
+
+    async def send(self, value: T_contra) -> None: ...
+
+
+async def hand_over(inbox: _Outlet[T], message: T) -> None:
     """Put ``message`` in another actor's bounded inbox: at once when it has room — without a
     checkpoint, so the hand-off costs the sender no task step of its own (issue 10: an actor
     hop per message was a scheduler round trip) — else waiting for room like ``send``. Raises
@@ -71,6 +117,123 @@ def drain(inbox: _Inbox[T], first: T, limit: int) -> list[T]:
         except (trio.WouldBlock, trio.EndOfChannel):
             break
     return batch
+
+
+class Mailbox(Generic[T]):
+    """A bounded inbox with any number of senders and one receiving task: what an actor that
+    is woken per message (a room) waits on, instead of a trio memory channel pair. The same
+    contract for that use — ``send_nowait`` (``trio.WouldBlock`` when full), ``send`` (waits
+    for room), ``receive`` (a checkpoint; waits for an item), ``receive_nowait``, ``close`` (no
+    more sends: ``ClosedResourceError`` to senders, ``EndOfChannel`` to the receiver once
+    drained) and closing the receiving side (``async with``: ``BrokenResourceError`` to
+    senders, what was queued dropped) — without what the quiet path paid for the general one
+    (issue 10): an empty inbox raised and caught ``WouldBlock`` in the receiver's ``receive``
+    and again in :meth:`drain` (~5 k instructions each), and a waiting receiver was found
+    through an ordered dict and a set per wait, and woken with an outcome object. A sender
+    woken when room frees retries, so a ``send_nowait`` in between may go first (order
+    between different senders is not promised; each sender's own order is kept). It holds at
+    least one item."""
+
+    __slots__ = ("_items", "_size", "_receiver", "_senders", "_closed", "_receiving_closed")
+
+    def __init__(self, size: int) -> None:
+        self._items: deque[T] = deque()
+        self._size = max(1, size)
+        self._receiver: Task | None = None  # parked in receive() on an empty inbox
+        self._senders = ParkingLot()  # waiting for room in send()
+        self._closed = False  # close(): no more sends
+        self._receiving_closed = False  # the receiver is gone
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    # --- the senders' side -------------------------------------------------------------------
+
+    def send_nowait(self, value: T) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError
+        if self._receiving_closed:
+            raise trio.BrokenResourceError
+        if len(self._items) >= self._size:
+            raise trio.WouldBlock
+        self._items.append(value)
+        receiver = self._receiver
+        if receiver is not None:  # waiting on the empty inbox: it takes the item when it runs
+            self._receiver = None
+            reschedule(receiver)
+
+    async def send(self, value: T) -> None:
+        await checkpoint_if_cancelled()
+        while True:
+            try:
+                self.send_nowait(value)
+            except trio.WouldBlock:
+                await self._senders.park()
+                continue
+            await cancel_shielded_checkpoint()
+            return
+
+    def close(self) -> None:
+        """No more sends; the receiver gets what is queued, then ``EndOfChannel``."""
+        self._closed = True
+        receiver = self._receiver
+        if receiver is not None:  # it finds the inbox empty and closed: EndOfChannel
+            self._receiver = None
+            reschedule(receiver)
+        self._senders.unpark_all()  # they learn it: ClosedResourceError
+
+    # --- the receiver's side -----------------------------------------------------------------
+
+    def receive_nowait(self) -> T:
+        if self._receiving_closed:
+            raise trio.ClosedResourceError
+        if self._items:
+            value = self._items.popleft()
+            if self._senders:
+                self._senders.unpark()
+            return value
+        if self._closed:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
+
+    async def receive(self) -> T:
+        await checkpoint_if_cancelled()
+        if not (self._items or self._closed or self._receiving_closed):
+            if self._receiver is not None:
+                raise trio.BusyResourceError("another task is already receiving from this mailbox")
+            self._receiver = current_task()
+            await wait_task_rescheduled(self._abort_receive)  # woken by a send or the close
+            return self.receive_nowait()  # the item (or EndOfChannel): the wait was the checkpoint
+        value = self.receive_nowait()  # an item, or EndOfChannel / ClosedResourceError
+        await cancel_shielded_checkpoint()
+        return value
+
+    def _abort_receive(self, _: RaiseCancelT) -> Abort:
+        self._receiver = None  # cancelled while waiting: nothing was taken
+        return Abort.SUCCEEDED
+
+    def drain(self, first: T, limit: int) -> list[T]:
+        """:func:`drain` without an exception to learn that the inbox is empty."""
+        batch = [first]
+        items = self._items
+        while items and len(batch) < limit and not self._receiving_closed:
+            batch.append(items.popleft())
+        if self._senders:
+            self._senders.unpark(count=len(batch) - 1)
+        return batch
+
+    def close_receiving(self) -> None:
+        """The receiver is gone: senders get ``BrokenResourceError``, queued items are dropped."""
+        self._receiving_closed = True
+        self._items.clear()
+        self._senders.unpark_all()
+
+    async def __aenter__(self) -> Mailbox[T]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close_receiving()
+        await checkpoint()
 
 
 class Frames:

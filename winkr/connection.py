@@ -135,14 +135,20 @@ class Connection:
             self._budget_tat = max(self._budget_tat, trio.current_time()) + units / rate
 
     def check_send_budget(self) -> None:
+        rates = self._services.message_rates
+        if not rates:  # every message window off: no clock read
+            return
         now = self._services.frames.now()
-        for rate in self._services.message_rates:
+        for rate in rates:
             if wait := self._send_budget.would_allow("send", rate, now):
                 raise rate_limited(rate, wait, "messages")
 
     def count_send(self) -> None:
+        rates = self._services.message_rates
+        if not rates:
+            return
         now = self._services.frames.now()
-        for rate in self._services.message_rates:
+        for rate in rates:
             self._send_budget.hit("send", rate, now)
 
     # --- running -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import attrs
 import trio
 from prometheus_client import Gauge
 
-from winkr.actor import Reply
+from winkr.actor import Mailbox, Reply
 from winkr.room import RoomHandle, RoomMessage, RoomServices, run_room
 
 
@@ -72,9 +72,9 @@ async def run_hub(make_services: Callable[[HubHandle], RoomServices], *, rooms_g
                     case _GetRoom(conversation_id=conversation_id, reply=reply):
                         handle = rooms.get(conversation_id)
                         if handle is None:
-                            room_send, room_receive = trio.open_memory_channel[RoomMessage](room_inbox_size)
-                            handle = rooms[conversation_id] = RoomHandle(conversation_id, room_send)
-                            nursery.start_soon(run_room, conversation_id, services, handle, room_receive)
+                            mailbox = Mailbox[RoomMessage](room_inbox_size)
+                            handle = rooms[conversation_id] = RoomHandle(conversation_id, mailbox)
+                            nursery.start_soon(run_room, conversation_id, services, handle, mailbox)
                             if rooms_gauge is not None:
                                 rooms_gauge.inc()
                         reply.set(handle)

@@ -51,6 +51,11 @@ class ReplayStream(trio.abc.Stream):
         return self._stream
 
     @property
+    def replayed(self) -> bool:
+        """Whether the prefix has been read: every read from here goes to the wrapped stream."""
+        return not self._prefix
+
+    @property
     def socket(self) -> trio.socket.SocketType:
         """The underlying socket, for trio-websocket's ``local``/``remote`` (TCP streams only)."""
         sock: trio.socket.SocketType = getattr(self._stream, "socket")  # noqa: B009 - absent on memory streams

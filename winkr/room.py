@@ -19,7 +19,7 @@ from functools import partial
 import attrs
 import trio
 
-from winkr.actor import Frames, drain, hand_over
+from winkr.actor import Frames, Mailbox, hand_over
 from winkr.broker.base import Broker, BusEvent, conversation_topic
 from winkr.broker.events import CLOSED, DELETED, MESSAGE, TYPING, message_from_json, message_json
 from winkr.clock import iso
@@ -99,7 +99,7 @@ class RoomRetired(Exception):
 
 
 class RoomHandle:
-    def __init__(self, conversation_id: str, inbox: trio.MemorySendChannel[RoomMessage]) -> None:
+    def __init__(self, conversation_id: str, inbox: Mailbox[RoomMessage]) -> None:
         self.conversation_id = conversation_id
         self._inbox = inbox
 
@@ -350,6 +350,9 @@ class Room:
 
     async def handle_batch(self, batch: list[RoomMessage]) -> None:
         """Handle messages in order; consecutive calls of a batched route go together."""
+        if len(batch) == 1 and not self.retiring:  # the quiet conversation's usual batch
+            await self._handle(batch)
+            return
         i = 0
         while i < len(batch):
             if self.retiring:  # a message that raced the retirement goes to the new room
@@ -414,7 +417,7 @@ class Room:
 
 
 async def run_room(conversation_id: str, services: RoomServices, handle: RoomHandle,
-                   inbox: trio.MemoryReceiveChannel[RoomMessage]) -> None:
+                   inbox: Mailbox[RoomMessage]) -> None:
     """Serve one conversation until the hub closes its inbox (after it went idle). Subscribed
     to the conversation's topic meanwhile: subscribed first, then the store's ``last_seq`` read,
     so every message committed elsewhere is either in that position or on the bus."""
@@ -431,7 +434,7 @@ async def run_room(conversation_id: str, services: RoomServices, handle: RoomHan
 
 
 async def _serve_room(conversation_id: str, services: RoomServices, handle: RoomHandle,
-                      inbox: trio.MemoryReceiveChannel[RoomMessage]) -> None:
+                      inbox: Mailbox[RoomMessage]) -> None:
     participants, closed_at, last_seq = await services.store.call(
         lambda store: (store.participants(conversation_id), store.closed_at(conversation_id),
                        store.last_seq(conversation_id)))
@@ -453,6 +456,6 @@ async def _serve_room(conversation_id: str, services: RoomServices, handle: Room
             if first is None:
                 await room.on_timeout()
                 continue
-            await room.handle_batch(drain(inbox, first, MAX_BATCH))
+            await room.handle_batch(inbox.drain(first, MAX_BATCH))
             if room.anyone_typing:
                 await room.on_timeout()

@@ -28,6 +28,7 @@ This reaches into trio-websocket's internals (``_wsproto``, ``_stream``, ``_stre
 """
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import struct
@@ -50,6 +51,7 @@ FrameHandler = Callable[[str | bytes], Awaitable[None]]
 # RFC 6455 close codes of violations wsproto detects in what the client sent.
 _VIOLATIONS = {1007: "invalid_payload", 1009: "message_too_large"}
 PROTOCOL_ERROR = 1002
+DEFAULT_RECEIVE_BYTES = 65536  # trio.SocketStream's read size when none is given
 
 
 class WinkrWebSocket(WebSocketConnection):
@@ -71,6 +73,10 @@ class WinkrWebSocket(WebSocketConnection):
         # writer's batch, the reader's pong or close frame, the heartbeat's ping) sends it
         # first, so nothing lands in the middle of that frame.
         self.unsent: bytes = b""
+        # The TCP socket read directly once nothing is left to replay (see _receive).
+        self._read_socket: trio.socket.SocketType | None = None
+        # Whether wsproto was given bytes since its events were last read (else it has none).
+        self._fed = True
 
     def take_unsent(self) -> bytes:
         """The waiting rest of a direct write (``b""``: none), to be sent before anything else;
@@ -108,7 +114,14 @@ class WinkrWebSocket(WebSocketConnection):
         connection open, into ``_unparsed`` for :func:`simple_text_frame`; False when the
         connection is gone (the socket closed or broke, or the bytes broke the protocol)."""
         try:
-            data = await self._stream.receive_some(self._receive_buffer_size)
+            data: bytes | bytearray
+            sock = self._read_socket
+            if sock is None:
+                sock = self._read_socket = socket_to_read(self._stream)
+            if sock is not None:
+                data = await receive_from_socket(sock, self._receive_buffer_size or DEFAULT_RECEIVE_BYTES)
+            else:
+                data = await self._stream.receive_some(self._receive_buffer_size)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await self._abort_web_socket()
             return False
@@ -124,6 +137,7 @@ class WinkrWebSocket(WebSocketConnection):
     async def _feed(self, data: bytes | bytearray) -> bool:
         """Hand bytes to wsproto; False when they broke the protocol (the stream is closed)."""
         if self._wsproto.state != ConnectionState.CLOSED:
+            self._fed = True
             try:
                 self._wsproto.receive_data(data)  # type: ignore[arg-type]  # trio returns bytearray; wsproto takes it
             except wsproto.utilities.RemoteProtocolError as err:
@@ -173,6 +187,11 @@ class WinkrWebSocket(WebSocketConnection):
                     self._reader_running = False
                 if not self._reader_running:
                     return
+            if not self._fed:  # only whole frames read directly since wsproto's events were read
+                if not await self._receive():
+                    return
+                continue
+            self._fed = False
             for event in proto.events():
                 try:
                     if isinstance(event, (TextMessage, BytesMessage)):
@@ -318,6 +337,51 @@ async def _write(ws: WebSocketConnection, data: bytes) -> None:
             raise ConnectionClosed(ws.closed) from None
 
 
+def socket_to_read(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The TCP socket under ``stream`` when reads may go to it directly: ``stream`` is a
+    ``trio.SocketStream``, possibly behind ``plain_http.ReplayStream``s whose bytes have all
+    been replayed; else None (bytes still to replay, a memory stream in tests)."""
+    while isinstance(stream, ReplayStream):
+        if not stream.replayed:
+            return None
+        stream = stream.inner
+    if type(stream) is not trio.SocketStream:
+        return None
+    return stream.socket
+
+
+async def receive_from_socket(sock: trio.socket.SocketType, max_bytes: int) -> bytes:
+    """``trio.SocketStream.receive_some`` without its layers (the stream, its error-translating
+    context manager, the socket's method wrapper, its non-blocking helper and try-first
+    context: five coroutine frames crossed on every wait and wake-up of a connection's
+    reader, issue 10): what it returns and raises (``BrokenResourceError``,
+    ``ClosedResourceError``), with the same checkpoint — but it waits for the socket to be
+    readable first and then reads, where trio tries a read first. A connection's reader comes
+    back to its socket right after handling what it read, and in the usual quiet conversation
+    the client's next frame is not there yet: trio's first read fails (a system call and an
+    exception) before the wait. When it is there, the wait returns at the next scheduler
+    round, as trio's read does after its checkpoint. The descriptor is looked up again after
+    the wait (closed meanwhile: ``ClosedResourceError``, never another socket's read)."""
+    try:
+        while True:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("this socket was already closed")
+            await trio.lowlevel.wait_readable(fd)
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("this socket was already closed")
+            try:
+                return os.read(fd, max_bytes)
+            except BlockingIOError:
+                continue  # woken without data after all (another reader, a spurious wake-up): wait again
+    except OSError as exc:  # as trio.SocketStream translates them
+        if exc.errno in _CLOSED_SOCKET_ERRNOS:
+            raise trio.ClosedResourceError("this socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
+_CLOSED_SOCKET_ERRNOS = {errno.EBADF, errno.ENOTSOCK}
 _XOR_TABLES = [bytes(a ^ b for a in range(256)) for b in range(256)]
 
 

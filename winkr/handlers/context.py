@@ -9,7 +9,7 @@ Handlers never see the actors' internals, only these protocols; ``winkr.connecti
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import attrs
 
@@ -141,9 +141,10 @@ class RoomContext(Protocol):
         on (``NOT_FOUND``); returns the participants."""
 
 
-@attrs.frozen
-class RoomCall:
-    """A client request on its way to (and handled in) a room."""
+class RoomCall(NamedTuple):
+    """A client request on its way to (and handled in) a room. (A NamedTuple, immutable and
+    read-only for mypy like a frozen attrs class, but built as one tuple instead of a
+    ``object.__setattr__`` per field: one per message, 8.8 k -> 3.8 k instructions.)"""
 
     route: Route
     peer: Peer

@@ -58,14 +58,19 @@ async def send_run(room: RoomContext, calls: list[RoomCall]) -> None:
     # the same transaction (membership cannot change while this run is in flight).
     joined_users = {member.user_id for member in room.members()}
     items = []
+    senders = []
     for call in allowed:
         assert isinstance(call.request, MessageSend) and isinstance(call.prepared, CheckedMessage)
-        checked = call.prepared
-        items.append(SendItem(call.peer.user_id, checked.type, checked.content, checked.metadata,
-                              call.request.client_message_id, tuple(sorted(joined_users - {call.peer.user_id})),
+        checked, peer = call.prepared, call.peer
+        recipients = joined_users - {peer.user_id}
+        items.append(SendItem(peer.user_id, checked.type, checked.content, checked.metadata,
+                              call.request.client_message_id,
+                              tuple(sorted(recipients)) if len(recipients) > 1 else tuple(recipients),
                               counted=call.outcome is None))  # the server API's system messages are not counted
-    unconnected = await _unconnected(room, joined_users, allowed)
-    senders = [sender_object(call.peer.user_id, call.peer.username, call.peer.avatar_url) for call in allowed]
+        senders.append(sender_object(peer.user_id, peer.username, peer.avatar_url))
+    # (asked only when message.created is on: most servers send no webhooks)
+    unconnected = await _unconnected(room, joined_users, allowed) if room.webhooks.wants(MESSAGE_CREATED) \
+        else _NOBODY
     results, intervening = await room.store.call(partial(
         _insert_and_notify, conversation_id=room.id, items=items, now=room.frames.now(), rates=room.message_limits(),
         senders=senders, unconnected=unconnected, enabled=room.webhooks.events, seen_upto=room.delivered_seq))
@@ -96,18 +101,17 @@ async def send_run(room: RoomContext, calls: list[RoomCall]) -> None:
 
 
 async def _unconnected(room: RoomContext, joined_users: set[str], calls: list[RoomCall]) -> frozenset[str]:
-    """The participants with no open connection right now, when ``message.created`` is on: the
-    ones a push notification is for (contract §14). Presence is asked once per run, only about
+    """The participants with no open connection right now (asked when ``message.created`` is
+    on): the ones a push notification is for (contract §14). Presence is asked once per run, only about
     participants neither joined here nor sending (those are connected by definition). Asked just
     before the commit: someone connecting within that millisecond gets one push too many."""
-    if not room.webhooks.wants(MESSAGE_CREATED):
-        return frozenset()
     candidates = set(room.participant_ids) - joined_users - {call.peer.user_id for call in calls}
     if not candidates:
         return frozenset()
     return frozenset(candidates - await room.presence.connected(candidates))
 
 
+_NOBODY: frozenset[str] = frozenset()
 Intervening = list[tuple[StoredMessage, str | None, str | None]]
 
 
@@ -127,6 +131,8 @@ def _insert_and_notify(store: Store, conversation_id: str, items: Sequence[SendI
             continue
         if first_new is None:
             first_new = result.message.seq
+        if not unconnected:
+            continue
         for recipient in sorted(unconnected - {item.sender_id}):
             enqueue(store, MESSAGE_CREATED, message_created_data(
                 recipient, result.message, sender, store.unread_count(conversation_id, recipient)), now, enabled)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import urllib.parse
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -75,9 +75,9 @@ def _nests_deeper(value: Any, limit: int) -> bool:
     return True
 
 
-@attrs.frozen
-class CheckedMessage:
-    """A message that passed policy: ``content`` as stored, ``metadata`` a fresh dict."""
+class CheckedMessage(NamedTuple):
+    """A message that passed policy: ``content`` as stored, ``metadata`` a fresh dict. (A
+    NamedTuple: one per message, cheaper to build than a frozen attrs class.)"""
 
     type: str
     content: str

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import sys
 import threading
 
 import trio
@@ -75,8 +76,11 @@ async def run_checkpointer(path: str, run_sync: RunSync, *, interval: float = 1.
 
 
 def lower_thread_priority(nice: int = BACKGROUND_NICE) -> None:
-    """Give the calling thread the CPU priority ``nice`` (Linux sets it per thread; elsewhere,
-    or where it is refused, the thread keeps its priority)."""
+    """Give the calling thread the CPU priority ``nice`` on Linux, where a thread's id names
+    it to ``setpriority`` (elsewhere the id may not name a thread at all; there, or where it is
+    refused, the thread keeps its priority)."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError) as exc:  # no per-thread priority here: a checkpoint still runs

@@ -62,10 +62,15 @@ class Dialect:
     name: str
     for_update: str  # row lock until COMMIT: " FOR UPDATE" (SQLite: the writer holds the database lock)
     skip_locked: str  # " FOR UPDATE SKIP LOCKED": rows another node is working on are passed over
+    # Whether an UPDATE … RETURNING is the cheaper way to read and move a counter: one round trip
+    # instead of two on PostgreSQL; SQLite builds an ephemeral table for RETURNING, and a SELECT
+    # then a plain UPDATE costs fewer instructions (~8 k per send).
+    update_returning: bool
 
 
-SQLITE_DIALECT = Dialect(SQLITE, for_update="", skip_locked="")
-POSTGRES_DIALECT = Dialect(POSTGRESQL, for_update=" FOR UPDATE", skip_locked=" FOR UPDATE SKIP LOCKED")
+SQLITE_DIALECT = Dialect(SQLITE, for_update="", skip_locked="", update_returning=False)
+POSTGRES_DIALECT = Dialect(POSTGRESQL, for_update=" FOR UPDATE", skip_locked=" FOR UPDATE SKIP LOCKED",
+                           update_returning=True)
 
 
 class Database(Protocol):
@@ -104,6 +109,9 @@ class SqliteDatabase:
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self.connection = connection
+        # BEGIN, COMMIT and ROLLBACK return no rows: one cursor of their own for every
+        # transaction instead of a new one per statement (connection.execute makes one).
+        self._control = connection.cursor()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         return self.connection.execute(sql, params)
@@ -112,13 +120,13 @@ class SqliteDatabase:
         self.connection.executemany(sql, params)
 
     def begin(self) -> None:
-        self.connection.execute("BEGIN IMMEDIATE")
+        self._control.execute("BEGIN IMMEDIATE")
 
     def commit(self) -> None:
-        self.connection.execute("COMMIT")
+        self._control.execute("COMMIT")
 
     def rollback(self) -> None:
-        self.connection.execute("ROLLBACK")
+        self._control.execute("ROLLBACK")
 
     @property
     def in_transaction(self) -> bool:

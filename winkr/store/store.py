@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import attrs
 import orjson
 
 from winkr.errors import CONVERSATION_FULL, FORBIDDEN, NOT_FOUND, VALIDATION_ERROR, ProtocolError
@@ -98,6 +97,24 @@ _ADVANCE_SQL = ("UPDATE participants SET delivered_seq = " + _REACHABLE_SQL
                   "SELECT 1 FROM deliveries WHERE conversation_id = ? AND seq = ? AND user_id = ?) AND "
                 + _NOTHING_MISSING_SQL + " RETURNING delivered_seq")
 _INSERT_DELIVERY_SQL = "INSERT INTO deliveries (conversation_id, seq, user_id, delivered_at) VALUES (?, ?, ?, ?)"
+
+
+_INSERT_SQL = (f"INSERT INTO messages ({_MESSAGE_COLUMNS}, ttl_seconds) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)")
+_INSERT_PLAIN_SQL = (f"INSERT INTO messages ({_MESSAGE_COLUMNS}, ttl_seconds) "
+                     "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, NULL, NULL)")
+# The first statement of a send run, on the conversation's row. PostgreSQL claims the counter
+# for the whole run in one round trip (parameters: the run's length; the same if the run
+# reaches every participant but each message's sender, else 0; the conversation): the row lock
+# that serialises every node's sends into the conversation (an UPDATE that waited works on the
+# row as the other node committed it), and the delivery position moves with the counter when it
+# was at the counter (every right-hand side reads the row as it was). RETURNING gives the new
+# values. SQLite reads them instead (the writer holds the database lock): its RETURNING fills an
+# ephemeral table, and the read with a plain UPDATE at the end costs fewer instructions.
+_COUNTER_SQL = "SELECT last_seq, delivered_seq FROM conversations WHERE id = ? AND closed_at IS NULL"
+_CLAIM_SQL = ("UPDATE conversations SET last_seq = last_seq + ?, delivered_seq = CASE WHEN delivered_seq = last_seq "
+              "THEN last_seq + ? ELSE delivered_seq END WHERE id = ? AND closed_at IS NULL "
+              "RETURNING last_seq, delivered_seq")
 
 
 def _message(row: Sequence[Any], is_read: bool = False) -> StoredMessage:
@@ -208,17 +225,6 @@ class Store(SafetyQueries):
 
     # --- messages ----------------------------------------------------------------------
 
-    def _lock_conversation(self, conversation_id: str) -> tuple[int, int]:
-        """The conversation's ``last_seq`` and ``delivered_seq``, with its sends serialised until
-        COMMIT: on PostgreSQL a row lock that every node's send transaction takes first (before
-        the idempotency lookup, so a retry sent to two nodes at once is stored once); on SQLite
-        the writer already holds the database lock. ``NOT_FOUND`` for no such conversation."""
-        row = self.db.execute("SELECT last_seq, closed_at, delivered_seq FROM conversations WHERE id = ?"
-                              + self.db.dialect.for_update, (conversation_id,)).fetchone()
-        if row is None or row[1] is not None:  # a closed conversation is gone for everyone (§12)
-            raise ProtocolError(NOT_FOUND, "conversation not found", field="conversation_id")
-        return int(row[0]), int(row[2])
-
     def last_seq(self, conversation_id: str) -> int:
         row = self.db.execute("SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
         return int(row[0]) if row else 0
@@ -253,7 +259,7 @@ class Store(SafetyQueries):
         """Store a message with the next ``seq``; a repeated ``client_message_id`` returns the
         original and stores nothing. ``rates`` are the sender's message limits: checked and
         counted here, in the same transaction, so they hold across restarts."""
-        result = self.insert_messages(conversation_id, [attrs.evolve(item, reached=())], now, rates)[0]
+        result = self.insert_messages(conversation_id, [item._replace(reached=())], now, rates)[0]
         if isinstance(result, ProtocolError):
             raise result
         return result
@@ -261,21 +267,25 @@ class Store(SafetyQueries):
     def _insert_locked(self, conversation_id: str, item: SendItem, now: float, rates: tuple[Rate, ...],
                        seq: int) -> SendResult:
         """Store ``item`` at ``seq`` (the conversation is locked; the caller moves its counter)."""
-        if item.client_message_id is not None:
+        cmid = item.client_message_id
+        if cmid is not None:
             row = self.db.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND sender_id = ? "
-                "AND client_message_id = ?", (conversation_id, item.sender_id, item.client_message_id)).fetchone()
+                "AND client_message_id = ?", (conversation_id, item.sender_id, cmid)).fetchone()
             if row is not None:
                 return SendResult(_message(row), True)
         if rates and item.counted:
             self._count_messages(item.sender_id, rates, now)
+        metadata = orjson.dumps(item.metadata).decode() if item.metadata else "{}"
         ttl = item.metadata.get("ttl_seconds") if item.type == "photo_ephemeral" else None
-        self.db.execute(
-            f"INSERT INTO messages ({_MESSAGE_COLUMNS}, ttl_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
-            (conversation_id, seq, item.sender_id, item.type, item.content, orjson.dumps(item.metadata).decode(),
-             item.client_message_id, now, now, ttl))
+        if cmid is None and ttl is None:  # the usual message: no None to bind (sqlite3 adapts each one)
+            self.db.execute(_INSERT_PLAIN_SQL, (conversation_id, seq, item.sender_id, item.type, item.content,
+                                                metadata, now, now))
+        else:
+            self.db.execute(_INSERT_SQL, (conversation_id, seq, item.sender_id, item.type, item.content, metadata,
+                                          cmid, now, now, ttl))
         message = StoredMessage(conversation_id, seq, item.sender_id, item.type, item.content, item.metadata,
-                                item.client_message_id, now, now)
+                                cmid, now, now)
         return SendResult(message, False)
 
     def insert_messages(self, conversation_id: str, items: Sequence[SendItem], now: float,
@@ -284,16 +294,29 @@ class Store(SafetyQueries):
         reaches at once. A refusal (rate limit) writes nothing, so it needs no savepoint; it is
         returned in its place. In a closed conversation every send is ``NOT_FOUND``.
 
-        The run's seqs come from the locked counter (``last_seq + 1`` …), which moves once at
-        the end of the run, in the same transaction as the inserts, and with it the delivery
-        position of a conversation whose participants all got the run (``_deliver_new``). On
-        PostgreSQL every statement is a round trip, so a run costs 2 per message (idempotency
-        lookup, insert) plus 2 when it reaches everyone."""
+        The run's seqs come from the conversation's counter (``last_seq + 1`` …), read or claimed
+        by the run's first statement (``_COUNTER_SQL`` on SQLite, ``_CLAIM_SQL`` on PostgreSQL:
+        there the row lock, taken before the idempotency lookup, so a retry sent to two nodes at
+        once is stored once). The counter ends where the run's stored messages end, in the same
+        transaction as the inserts, and with it the delivery position of a conversation whose
+        participants all got the run (``_deliver_new``): one ``UPDATE`` at the end, unless the
+        claim already left both there (PostgreSQL, every message stored and reaching everyone).
+        On PostgreSQL every statement is a round trip, so a quiet run costs 1 plus 1 per message
+        (2 with a ``client_message_id``: the idempotency lookup)."""
         results: list[SendResult | ProtocolError] = []
-        try:
-            last_seq, delivered_seq = self._lock_conversation(conversation_id)
-        except ProtocolError as exc:
-            return [exc] * len(items)
+        if self.db.dialect.update_returning:
+            claimed = len(items)
+            everyone = claimed if self._reaches_everyone(conversation_id, items) else 0
+            row = self.db.execute(_CLAIM_SQL, (claimed, everyone, conversation_id)).fetchone()
+        else:  # SQLite: read (the writer holds the database lock), move at the end
+            claimed = everyone = 0
+            row = self.db.execute(_COUNTER_SQL, (conversation_id,)).fetchone()
+        if row is None:  # no such conversation, or closed: gone for everyone (contract §12)
+            return [ProtocolError(NOT_FOUND, "conversation not found", field="conversation_id")] * len(items)
+        claimed_last, claimed_delivered = int(row[0]), int(row[1])
+        last_seq = claimed_last - claimed
+        # The position moved with the counter only if it was at the counter (and the run reaches everyone).
+        delivered_seq = last_seq if everyone and claimed_delivered == claimed_last else claimed_delivered
         seq = last_seq
         deliveries: list[Delivery] = []
         new: list[tuple[str, tuple[Delivery, ...]]] = []  # each new message's sender and deliveries
@@ -308,16 +331,31 @@ class Store(SafetyQueries):
                 reached = tuple([Delivery(conversation_id, seq, item.sender_id, recipient, now)
                                  for recipient in dict.fromkeys(item.reached) if recipient != item.sender_id])
                 if reached:  # a message stored just now has no deliveries yet: all of these are first ones
-                    result = SendResult(result.message, False, reached)  # (attrs.evolve costs 4x as much)
+                    result = SendResult(result.message, False, reached)
                     deliveries += reached
                 new.append((item.sender_id, reached))
             results.append(result)
-        if seq != last_seq:
-            if deliveries:  # else nobody was reached: no position moves
-                delivered_seq = self._deliver_new(conversation_id, last_seq, delivered_seq, new, deliveries)
+        if deliveries:  # else nobody was reached: no position moves
+            delivered_seq = self._deliver_new(conversation_id, last_seq, delivered_seq, new, deliveries)
+        if seq != claimed_last or delivered_seq != claimed_delivered:
             self.db.execute("UPDATE conversations SET last_seq = ?, delivered_seq = ? WHERE id = ?",
                             (seq, delivered_seq, conversation_id))
         return results
+
+    def _reaches_everyone(self, conversation_id: str, items: Sequence[SendItem]) -> bool:
+        """Whether every item reaches every participant but its sender (``_deliver_new``'s
+        quiet conversation, told before the run is stored)."""
+        participants = self.participants(conversation_id)
+        if participants is None:
+            return False
+        for item in items:
+            count = 0
+            for recipient in dict.fromkeys(item.reached):
+                if recipient != item.sender_id and recipient in participants:
+                    count += 1
+            if count != len(participants) - (item.sender_id in participants):
+                return False
+        return True
 
     def _deliver_new(self, conversation_id: str, last_seq: int, delivered_seq: int,
                      new: Sequence[tuple[str, tuple[Delivery, ...]]], deliveries: Sequence[Delivery]) -> int:
