@@ -143,3 +143,15 @@ def test_whole_numbers_and_zero_where_it_means_none_are_accepted(tmp_path: Path)
     settings = load_settings(str(config), environ={"WINKR_PONG_TIMEOUT": "12.5", "WINKR_PORT": "8081"})
     assert (settings.presence_grace, settings.ping_interval, settings.typing_timeout) == (0, 15.0, 2.5)
     assert settings.pong_timeout == 12.5 and settings.port == 8081 and settings.limits.messages_per_minute == 0
+
+
+@pytest.mark.parametrize(("db", "expected"), [
+    # `winkr serve --db :memory:` ended in a DatabaseUrlError traceback (--database-url's own
+    # errors were already one clear line)
+    (":memory:", "--db: .*keeps its messages in a file"),
+    ("data/", "--db: .*no file name"),
+    ("what?.db", "--db: .*no query"),
+])
+def test_a_db_file_winkr_cannot_use_is_refused_naming_the_flag(db: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_settings(None, {"db": db}, environ={})

@@ -312,6 +312,11 @@ def _check(settings: Settings, name: Any) -> None:
             parse_database_url(settings.database_url)
         except DatabaseUrlError as exc:
             raise ConfigError(f"{name('database_url')}: {exc}") from None
+    else:  # the SQLite file `db` is the database: a name it cannot be is refused here, not at start
+        try:
+            parse_database_url(sqlite_url(settings.db))
+        except DatabaseUrlError as exc:
+            raise ConfigError(f"{name('db')}: {exc}") from None
     if settings.clustered and urlsplit(settings.broker_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"{name('broker_url')} must be empty (one node), memory, or a redis://, rediss:// "
                           "or unix:// URL")

@@ -17,7 +17,9 @@ With real threads the checkpointer is a thread of its own at the lowest CPU prio
 thread wakes it takes the core at once instead of sharing it with the copying (issue 10,
 phase 4: the realistic p99). A trio worker thread cannot be used for this: its priority
 would stay lowered for whatever job it runs next, and an unprivileged process cannot raise it
-again.
+again. The last TRUNCATE is not background work (the server waits for it before it closes the
+store): it runs on a trio worker thread at normal priority once the checkpointer's thread has
+stopped (a round under way is interrupted).
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ async def run_checkpointer(path: str, run_sync: RunSync, *, interval: float = 1.
     docstring); with any other ``run_sync`` (``run_inline`` under MockClock) from this task.
     Started (``nursery.start``) once its connection is open; raises what opening it raises."""
     if run_sync is trio.to_thread.run_sync:
-        await _run_checkpoint_thread(path, interval, task_status)
+        await _run_checkpoint_thread(_CheckpointThread(path, interval), task_status)
         return
     db = await run_sync(_open, path)
     task_status.started()
@@ -87,7 +89,9 @@ def lower_thread_priority(nice: int = BACKGROUND_NICE) -> None:
 
 class _CheckpointThread:
     """The checkpointer's own thread: opens its connection, checkpoints every ``interval``
-    seconds until stopped, then TRUNCATEs and closes."""
+    seconds until stopped. The last TRUNCATE and the close are :meth:`finish`'s, on a thread of
+    normal priority: the server waits for them, so they are not background work (at nice 19 a
+    machine busy with other processes stretched a SIGTERM from 0.2 s to seconds)."""
 
     def __init__(self, path: str, interval: float) -> None:
         self._path = path
@@ -95,6 +99,7 @@ class _CheckpointThread:
         self._stop = threading.Event()
         self.opened = threading.Event()
         self.open_error: BaseException | None = None
+        self.db: sqlite3.Connection | None = None  # set before ``opened``; closed by finish()
         self.thread = threading.Thread(target=self._serve, name="winkr-checkpointer", daemon=True)
 
     def _serve(self) -> None:
@@ -105,26 +110,37 @@ class _CheckpointThread:
             self.open_error = exc
             self.opened.set()
             return
+        self.db = db
         self.opened.set()
-        try:
-            while not self._stop.wait(self._interval):
-                try:
-                    _checkpoint(db, "PASSIVE")
-                except sqlite3.Error as exc:  # busy or I/O trouble: the next round tries again
-                    log.warning("checkpoint failed: %s", exc)
-        finally:
+        while not self._stop.wait(self._interval):
             try:
-                _checkpoint(db, "TRUNCATE")
-            except sqlite3.Error:
-                pass
-            db.close()
+                _checkpoint(db, "PASSIVE")
+            except sqlite3.Error as exc:  # busy or I/O trouble: the next round tries again
+                if self._stop.is_set():
+                    break  # stop() interrupted it
+                log.warning("checkpoint failed: %s", exc)
 
     def stop(self) -> None:
+        """End the rounds; a round under way is interrupted (what it copied stays copied)."""
         self._stop.set()
+        if self.db is not None:
+            self.db.interrupt()
+
+    def finish(self) -> None:
+        """Once the thread is joined: the last TRUNCATE, then close the connection."""
+        db, self.db = self.db, None
+        if db is None:
+            return
+        try:
+            _checkpoint(db, "TRUNCATE")
+        except sqlite3.Error:
+            pass
+        finally:
+            db.close()
 
 
-async def _run_checkpoint_thread(path: str, interval: float, task_status: trio.TaskStatus[None]) -> None:
-    checkpointer = _CheckpointThread(path, interval)
+async def _run_checkpoint_thread(checkpointer: _CheckpointThread,
+                                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     checkpointer.thread.start()
     try:
         with trio.CancelScope(shield=True):  # the thread is started: it must be stopped and joined
@@ -135,6 +151,8 @@ async def _run_checkpoint_thread(path: str, interval: float, task_status: trio.T
         await trio.sleep_forever()
     finally:
         checkpointer.stop()
-        # Shielded: the last TRUNCATE must finish before the server closes the store.
+        # Shielded: the last TRUNCATE must finish before the server closes the store. On a
+        # trio worker thread: normal priority.
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(checkpointer.thread.join)
+            await trio.to_thread.run_sync(checkpointer.finish)
