@@ -77,6 +77,9 @@ class WinkrWebSocket(WebSocketConnection):
         self._read_socket: trio.socket.SocketType | None = None
         # Whether wsproto was given bytes since its events were last read (else it has none).
         self._fed = True
+        # Whether _between_messages found wsproto between messages and nothing was given to it
+        # since: then it still is while the connection is open (only bytes fed change that).
+        self._between = False
 
     def take_unsent(self) -> bytes:
         """The waiting rest of a direct write (``b""``: none), to be sent before anything else;
@@ -138,6 +141,7 @@ class WinkrWebSocket(WebSocketConnection):
         """Hand bytes to wsproto; False when they broke the protocol (the stream is closed)."""
         if self._wsproto.state != ConnectionState.CLOSED:
             self._fed = True
+            self._between = False
             try:
                 self._wsproto.receive_data(data)  # type: ignore[arg-type]  # trio returns bytearray; wsproto takes it
             except wsproto.utilities.RemoteProtocolError as err:
@@ -150,12 +154,17 @@ class WinkrWebSocket(WebSocketConnection):
     def _between_messages(self) -> bool:
         """Whether wsproto holds nothing of an incoming frame or message (so the next bytes
         start a frame it has not seen) on an open connection without extensions."""
+        if self._between:  # nothing fed since it was (the quiet path: one message per read)
+            if self._wsproto.state is ConnectionState.OPEN:
+                return True
+            self._between = False
         proto = getattr(self._wsproto, "_proto", None)
         if proto is None or self._wsproto.state is not ConnectionState.OPEN or proto.extensions:
             return False
         frames = proto._frame_decoder
-        return (frames.header is None and not len(frames.buffer) and proto._message_decoder.opcode is None
-                and not self._message_parts)
+        self._between = (frames.header is None and not len(frames.buffer) and proto._message_decoder.opcode is None
+                         and not self._message_parts)
+        return self._between
 
     async def read_frames(self, handle: FrameHandler) -> None:
         """Read the open connection in this task until it closes: each complete message goes
