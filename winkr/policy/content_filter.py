@@ -319,8 +319,9 @@ class BlockList:
         present = 0
         for ch in set(text):
             present |= _LETTER_BITS.get(ch, 0)
+        absent = ~present  # (once, not per entry)
         for needed, hideable in self.needed:
-            missing = needed & ~present
+            missing = needed & absent
             if not missing or (missing & (missing - 1) == 0 and missing & hideable):
                 return True
         return False
