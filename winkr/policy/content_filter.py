@@ -304,7 +304,7 @@ def _letters_needed(entry: _Entry) -> list[tuple[int, int]]:
 class BlockList:
     """A compiled block list: ``pattern`` finds candidates (wildcards allowed),
     ``exceptions`` the phrases never masked, ``needed`` the letters each entry's matches
-    show (:meth:`may_match`)."""
+    show, with those of them it cannot hide (:meth:`may_match`)."""
 
     entries: tuple[_Entry, ...]
     pattern: re.Pattern[str]
@@ -320,10 +320,14 @@ class BlockList:
         for ch in set(text):
             present |= _LETTER_BITS.get(ch, 0)
         absent = ~present  # (once, not per entry)
-        for needed, hideable in self.needed:
-            missing = needed & absent
-            if not missing or (missing & (missing - 1) == 0 and missing & hideable):
-                return True
+        # An entry may match when what it misses is nothing, or one letter it can hide: the
+        # letters it cannot hide (``strict``) are all present, and at most one letter is
+        # missing. The first test rejects most entries in one operation.
+        for needed, strict in self.needed:
+            if not strict & absent:
+                missing = needed & absent
+                if not missing & (missing - 1):
+                    return True
         return False
 
     def acceptable(self, matched: str) -> bool:
@@ -366,7 +370,8 @@ def compile_block_list(words: tuple[str, ...]) -> BlockList | None:
         entries=listed,
         pattern=_compile(list(listed), wildcards=True),
         exceptions=_exception_pattern(exceptions),
-        needed=tuple(sorted({kind for entry in listed for kind in _letters_needed(entry)},
+        needed=tuple(sorted({(letters, letters & ~hideable) for entry in listed
+                             for letters, hideable in _letters_needed(entry)},
                             key=lambda kind: kind[0].bit_count())),
     )
 
