@@ -267,6 +267,7 @@ _LETTER_BITS: dict[str, int] = {}
 for _index, _letter in enumerate("abcdefghijklmnopqrstuvwxyz"):
     for _ch in _letter + _LOOKALIKES.get(_letter, ""):
         _LETTER_BITS[_ch] = _LETTER_BITS.get(_ch, 0) | 1 << _index
+_LETTER_ITEMS = tuple(_LETTER_BITS.items())
 
 
 def _letter_bit(letter: str) -> int:
@@ -317,8 +318,9 @@ class BlockList:
         themselves or look-alikes. Costs a few µs where the pattern costs 10-30 µs; a long
         line has most letters and passes, a short one or one of symbols and digits mostly not."""
         present = 0
-        for ch in set(text):
-            present |= _LETTER_BITS.get(ch, 0)
+        for ch, bit in _LETTER_ITEMS:  # 39 substring tests cost less than set(text) and a lookup per character
+            if ch in text:
+                present |= bit
         absent = ~present  # (once, not per entry)
         # An entry may match when what it misses is nothing, or one letter it can hide: the
         # letters it cannot hide (``strict``) are all present, and at most one letter is
