@@ -187,9 +187,12 @@ class Outbox:
             if direct is None or not direct.ready():  # not ready while a rest waits, too
                 break
             frames = self._take(self._batch_frames, self._batch_chars)
-            self._writing_since = trio.current_time()
             if not direct.write(frames):
-                break  # the rest waits in the stream: the writer's next write sends it first
+                # The rest waits in the stream: the writer's next write sends it first, and
+                # the write counts as begun now for the slow-consumer rule (a whole write
+                # began and ended here: nothing to time, no clock read).
+                self._writing_since = trio.current_time()
+                break
             self.drained()
         if self._queue or self._rest_waits():
             self._wake_writer()

@@ -334,7 +334,8 @@ class Room:
         return bool(self._typing)
 
     def next_deadline(self) -> float:
-        deadline = min((expiry for expiry, _ in self._typing.values()), default=math.inf)
+        typing = self._typing  # (nobody typing, the usual case: no generator and min())
+        deadline = min(expiry for expiry, _ in typing.values()) if typing else math.inf
         if not self._members and not self.retiring:
             deadline = min(deadline, self.idle_since + self.s.idle_timeout)
         return deadline

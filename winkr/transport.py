@@ -459,12 +459,14 @@ class DirectWriter:
     ``plain_http.ReplayStream``, whose sends go straight through): :func:`direct_writer`
     returns None otherwise (memory streams in tests, anything wrapped differently)."""
 
-    __slots__ = ("_ws", "_socket", "_metrics")
+    __slots__ = ("_ws", "_socket", "_metrics", "_plain")
 
     def __init__(self, ws: WinkrWebSocket, socket: trio.socket.SocketType, metrics: WriteMetrics | None) -> None:
         self._ws = ws
         self._socket = socket
         self._metrics = metrics
+        # Made once the connection is open: whether it has extensions is settled (see _encode).
+        self._plain = getattr(getattr(ws._wsproto, "_proto", None), "extensions", None) == []
 
     def ready(self) -> bool:
         ws = self._ws
@@ -480,7 +482,10 @@ class DirectWriter:
         the next write under the stream lock sends it first, and the caller must see that one
         happens (wake the writer). On a failing socket all of it waits, and that write meets the
         error and closes the connection the usual way."""
-        data = _encode(self._ws._wsproto, frames)
+        if self._plain:
+            data = text_frame(frames[0]) if len(frames) == 1 else b"".join([text_frame(frame) for frame in frames])
+        else:
+            data = _encode(self._ws._wsproto, frames)
         try:
             written = os.write(self._socket.fileno(), data)
         except OSError:  # EAGAIN: the socket's buffer is full; anything else: the writer learns it

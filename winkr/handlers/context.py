@@ -151,7 +151,7 @@ class RoomCall(NamedTuple):
     request: ClientRequest
     ref: str | None
     prepared: object = None  # what the route's ``prepare`` made of it (a checked message)
-    received_at: float | None = None  # trio time the frame was read (the send->ack metric)
+    received_at: float | None = None  # time.perf_counter() when the frame was read (the send->ack metric)
     # For callers that wait for the result: join (True/False); the server API (the handler's
     # result record, or the ProtocolError it failed with).
     outcome: Reply[Any] | None = None
