@@ -5,8 +5,9 @@ It runs on both engines through :class:`winkr.store.engine.Database` (portable S
 "Dialect rules"). It runs only inside the store writer's thread (one connection, one owner), so its cache
 (participants, which never change once a conversation exists) is a plain attribute. Methods
 return the records of ``winkr.records`` — never wire-format dicts — and raise
-``ProtocolError`` for what the client got wrong; the writer then rolls that request's
-savepoint back, and everything the request wrote (its ``seq`` counter too) goes with it.
+``ProtocolError`` for what the client got wrong; the writer then rolls back what that request
+wrote (its savepoint in a batch of several, the whole transaction when it ran alone), its
+``seq`` counter too.
 """
 from __future__ import annotations
 

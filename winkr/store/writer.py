@@ -2,8 +2,8 @@
 
 Requests wait in a bounded inbox. The writer takes everything waiting (up to
 ``max_batch``), runs it in ONE transaction on a worker thread, each request inside its own
-savepoint, commits once, and only then answers each request (group commit). A request's
-answer therefore always means "durable".
+savepoint when there are several, commits once, and only then answers each request (group
+commit). A request's answer therefore always means "durable".
 
 In production (``run_sync`` is ``trio.to_thread.run_sync``) the writer is a thread of its own
 (:class:`_WriterThread`) that takes requests straight from a thread-safe queue: it keeps
@@ -75,7 +75,7 @@ class StoreHandle:
 
     async def call(self, work: Callable[[Store], T]) -> T:
         """Run ``work`` in the writer's next transaction and return its result once committed;
-        raises what ``work`` raised (its savepoint rolled back) or ``INTERNAL_ERROR`` if the
+        raises what ``work`` raised (what it wrote rolled back) or ``INTERNAL_ERROR`` if the
         commit failed. Cancelling the wait does not cancel the work: it still commits."""
         pending: Reply[T] = Reply()
         await self._submit(_Request(work, pending))
@@ -282,7 +282,7 @@ async def _run_writer_thread(store: Store, inbox_size: int, max_batch: int, metr
 
 
 async def store_problem(store: StoreHandle, within: float = 2.0) -> str | None:
-    """None when the writer commits an empty request within ``within`` seconds (a savepoint: it
+    """None when the writer commits an empty request within ``within`` seconds (its transaction: it
     reaches the database), else why not (for readiness checks)."""
     with trio.move_on_after(within):
         try:
