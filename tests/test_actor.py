@@ -249,3 +249,22 @@ async def test_a_mailbox_has_one_receiver_at_a_time() -> None:
         with pytest.raises(trio.BusyResourceError):
             await box.receive()
         box.send_nowait(1)
+
+
+async def test_senders_waiting_for_room_are_served_first_come_first_served() -> None:
+    box: Mailbox[str] = Mailbox(1)
+    box.send_nowait("a")
+    async with trio.open_nursery() as nursery:
+        for item in ("b", "c"):
+            nursery.start_soon(box.send, item)
+            await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.WouldBlock):
+            box.send_nowait("late")  # no overtaking the waiting senders, room or not
+        got = [await box.receive()]
+        with pytest.raises(trio.WouldBlock):
+            box.send_nowait("late")  # "b" is woken, not yet in: still in line
+        for _ in range(2):
+            await trio.testing.wait_all_tasks_blocked()
+            got.append(await box.receive())
+    box.send_nowait("late")  # nobody waits: at once
+    assert got + box.drain(await box.receive(), 10) == ["a", "b", "c", "late"]

@@ -129,18 +129,18 @@ class Mailbox(Generic[T]):
     senders, what was queued dropped) — without what the quiet path paid for the general one
     (issue 10): an empty inbox raised and caught ``WouldBlock`` in the receiver's ``receive``
     and again in :meth:`drain` (~5 k instructions each), and a waiting receiver was found
-    through an ordered dict and a set per wait, and woken with an outcome object. A sender
-    woken when room frees retries, so a ``send_nowait`` in between may go first (order
-    between different senders is not promised; each sender's own order is kept). It holds at
-    least one item."""
+    through an ordered dict and a set per wait, and woken with an outcome object. Senders
+    waiting for room get it first come first served (``send_nowait`` refuses while any wait).
+    It holds at least one item."""
 
-    __slots__ = ("_items", "_size", "_receiver", "_senders", "_closed", "_receiving_closed")
+    __slots__ = ("_items", "_size", "_receiver", "_senders", "_waiting", "_closed", "_receiving_closed")
 
     def __init__(self, size: int) -> None:
         self._items: deque[T] = deque()
         self._size = max(1, size)
         self._receiver: Task | None = None  # parked in receive() on an empty inbox
-        self._senders = ParkingLot()  # waiting for room in send()
+        self._senders = ParkingLot()  # waiting for room in send(), first come first served
+        self._waiting = 0  # how many: while some wait, a new item queues behind them
         self._closed = False  # close(): no more sends
         self._receiving_closed = False  # the receiver is gone
 
@@ -150,6 +150,11 @@ class Mailbox(Generic[T]):
     # --- the senders' side -------------------------------------------------------------------
 
     def send_nowait(self, value: T) -> None:
+        if self._waiting and not (self._closed or self._receiving_closed):
+            raise trio.WouldBlock  # senders wait for room: no overtaking them
+        self._put(value)
+
+    def _put(self, value: T) -> None:
         if self._closed:
             raise trio.ClosedResourceError
         if self._receiving_closed:
@@ -164,14 +169,24 @@ class Mailbox(Generic[T]):
 
     async def send(self, value: T) -> None:
         await checkpoint_if_cancelled()
-        while True:
-            try:
-                self.send_nowait(value)
-            except trio.WouldBlock:
-                await self._senders.park()
-                continue
+        try:
+            self.send_nowait(value)
+        except trio.WouldBlock:
+            pass
+        else:
             await cancel_shielded_checkpoint()
             return
+        while True:  # in line behind the senders already waiting; each taken item wakes one
+            self._waiting += 1
+            try:
+                await self._senders.park()
+            finally:
+                self._waiting -= 1
+            try:
+                self._put(value)  # (the wait was the checkpoint)
+                return
+            except trio.WouldBlock:
+                continue
 
     def close(self) -> None:
         """No more sends; the receiver gets what is queued, then ``EndOfChannel``."""
@@ -189,7 +204,7 @@ class Mailbox(Generic[T]):
             raise trio.ClosedResourceError
         if self._items:
             value = self._items.popleft()
-            if self._senders:
+            if self._waiting:
                 self._senders.unpark()
             return value
         if self._closed:
@@ -218,7 +233,7 @@ class Mailbox(Generic[T]):
         items = self._items
         while items and len(batch) < limit and not self._receiving_closed:
             batch.append(items.popleft())
-        if self._senders:
+        if self._waiting:
             self._senders.unpark(count=len(batch) - 1)
         return batch
 
