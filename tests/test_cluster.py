@@ -25,6 +25,7 @@ from conftest import (
 
 from winkr.api.operations import disconnect_user
 from winkr.config import Settings
+from winkr.server import POSITION_CHECK_SECONDS
 
 
 def cluster_settings(tmp_path: Any, **overrides: Any) -> Settings:
@@ -374,3 +375,23 @@ async def test_an_ephemeral_photo_is_erased_even_when_the_node_that_set_its_dead
         deleted = await alice.expect("message:deleted")
         assert deleted["data"]["message_id"] == message["id"] and deleted["data"]["deleted_by"] == "system"
         assert trio.current_time() - read_at <= 5 + 30  # node 0's reaper looks at least every 30 s
+
+
+async def test_a_position_check_the_store_fails_is_made_again_at_the_next_one(
+        autojump_clock: Any, tmp_path: Any) -> None:
+    """Every 30 s each node reads its awake rooms' positions on a reader. When that read
+    failed (PostgreSQL restarted: the pool's connections dead) the exception ended the whole
+    node ("winkr: cannot open the database ...: terminating connection due to administrator
+    command", exit 2); now the check is made again at the next interval."""
+    async with running_cluster(cluster_settings(tmp_path)) as cluster:
+        alice, bob, conv = await pair_across(cluster)
+        store = cluster.nodes[0].server.gateway.services.store  # one database behind every node
+        # A real failure of the real store, for the readers too: the conversations table is gone.
+        await store.call(lambda s: s.db.execute("ALTER TABLE conversations RENAME TO conversations_away"))
+        await trio.sleep(POSITION_CHECK_SECONDS + 1)  # every node's check failed meanwhile
+        await store.call(lambda s: s.db.execute("ALTER TABLE conversations_away RENAME TO conversations"))
+        cluster.bus.lose(lambda event, node: event.kind == "message")
+        lost = await send_text(alice, conv, "found by the next position check")
+        t0 = trio.current_time()
+        got = await bob.expect("message:new")
+        assert got["data"]["message"] == lost and trio.current_time() - t0 <= POSITION_CHECK_SECONDS + 1

@@ -374,3 +374,25 @@ async def test_a_user_who_left_while_redis_was_down_goes_offline_once_it_is_back
             offline = await bob.expect("user:offline")
             assert offline["data"]["user_id"] == "alice"
             assert named(await bob.nothing_more(2), "user:offline") == []
+
+
+@only_once
+async def test_an_offline_check_that_ends_while_redis_is_down_does_not_stop_the_node(
+        own_redis: OwnRedis, tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # Found over loopback: the check's question to the registry raised RegistryUnavailable
+    # out of the presence actor (its grace timers run outside its exception barrier), and the
+    # whole node exited. Now the check is made again a moment later, until Redis answers.
+    await own_redis.start()
+    settings = make_settings(tmp_path, limits=RATE_LIMITS_OFF, broker_url=own_redis.url, presence_grace=0.5)
+    with trio.fail_after(60):
+        async with running_cluster(settings) as cluster:
+            alice, bob, _ = await pair_across(cluster, alice_joined=False, bob_joined=False)
+            await alice.close()
+            node0 = cluster.nodes[0].server.metrics
+            await until(lambda: metric(node0.text(), "winkr_online_users") == 0)  # her check began on node 0
+            own_redis.kill()
+            await until(lambda: "offline check" in caplog.text)  # it ended while Redis was down
+            await own_redis.start()  # empty
+            offline = await bob.expect("user:offline")
+            assert offline["data"]["user_id"] == "alice"
+            assert named(await bob.nothing_more(2), "user:offline") == []

@@ -36,6 +36,10 @@ from winkr.store.writer import StoreHandle
 
 log = logging.getLogger("winkr.presence")
 _failures = ThrottledLog(log)
+# An offline check whose end the registry could not be asked about (Redis away, §17.9) is made
+# again this soon. Grace timers run outside the actor's exception barrier: what one let through
+# stopped the whole node.
+GRACE_RETRY_SECONDS = 1.0
 
 MAX_BATCH = 256
 
@@ -840,7 +844,11 @@ class _Presence:
             if state is None or state.peers or generation != state.grace_generation:
                 continue
             state.grace_pending = False
-            await self._grace_expired(user_id)
+            try:
+                await self._grace_expired(user_id)
+            except RegistryUnavailable as exc:  # once a minute in the log, however many users wait
+                _failures.exception(exc, "offline check: the presence registry cannot be reached; trying again")
+                self._start_grace(user_id, state, GRACE_RETRY_SECONDS)
 
     async def _grace_expired(self, user_id: str) -> None:
         """The end of an offline check: the registry says whether this node announces it."""
@@ -1018,4 +1026,7 @@ async def run_presence(frames: Frames, store: StoreHandle, *, grace: float, onli
                     await presence.handle_batch(drain(receive, request, MAX_BATCH))
                 except Exception as exc:  # a bug must not take every user's presence down with it
                     _failures.exception(exc, "presence failed on a request")
-            await presence.expire_grace()
+            try:
+                await presence.expire_grace()
+            except Exception as exc:  # as above: an offline check that failed (the store) is lost, not the node
+                _failures.exception(exc, "presence failed on an offline check")

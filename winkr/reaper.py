@@ -6,6 +6,7 @@ the reaper only sleeps until the earliest one. A room that sets a new deadline n
 """
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 
@@ -15,6 +16,13 @@ from winkr.clock import WallClock
 from winkr.room import GetRoom, SystemDeleted, send_to_room
 from winkr.store.store import Store
 from winkr.store.writer import StoreHandle
+
+log = logging.getLogger("winkr.reaper")
+
+# After a store failure (the database unreachable for a moment): look again this soon. The
+# reaper runs unsupervised among the server's actors, so a failure it let through stopped the
+# whole node (a cluster node's reaper polls every 30 s: any dropped database connection).
+STORE_RETRY_SECONDS = 5.0
 
 
 class ReaperHandle:
@@ -40,12 +48,20 @@ async def run_reaper(store: StoreHandle, get_room: GetRoom, clock: WallClock,
     (a cluster): look again at least this often, since a deadline another node set nudges only
     that node's reaper, and that node may die before it."""
     while True:
-        next_expiry = await store.call(lambda s: s.next_expiry())
-        if next_expiry is not None and next_expiry <= clock():
+        try:
+            next_expiry = await store.call(lambda s: s.next_expiry())
             now = clock()
-            for conversation_id, message_id in await store.call(partial(Store.expire_due, now=now)):
-                await send_to_room(get_room, conversation_id, SystemDeleted(message_id, now))
-            continue
-        wait = min(poll, math.inf if next_expiry is None else next_expiry - clock())
+            due = (await store.call(partial(Store.expire_due, now=now))
+                   if next_expiry is not None and next_expiry <= now else None)
+        except Exception as exc:  # noqa: BLE001 - the store failed (nothing was erased): try again soon
+            log.warning("reaper: the store failed (%s); trying again in %.0f s", type(exc).__name__,
+                        STORE_RETRY_SECONDS)
+            wait = STORE_RETRY_SECONDS
+        else:
+            if due is not None:
+                for conversation_id, message_id in due:
+                    await send_to_room(get_room, conversation_id, SystemDeleted(message_id, now))
+                continue
+            wait = min(poll, math.inf if next_expiry is None else next_expiry - clock())
         with trio.move_on_after(wait):
             await receive.receive()

@@ -43,6 +43,10 @@ _failures = ThrottledLog(log)
 
 MAX_BATCH = 64  # requests taken from the inbox at once (a run of sends is one group commit)
 UNKNOWN_ROOM_SECONDS = 1.0  # how long a room for a conversation that does not exist stays awake
+# A room whose load failed (the store failing for a moment) loads again this soon; what waits
+# in its inbox waits with it. The load runs before the room's exception barrier, in the hub's
+# nursery: a failure it let through stopped the whole server.
+ROOM_LOAD_RETRY_SECONDS = 1.0
 CATCH_UP_PAGE = 200  # messages read from the store per gap-filling query
 UNSUBSCRIBE_SECONDS = 2.0  # a retiring room's unsubscribe does not outlive a broken bus by more
 
@@ -436,9 +440,15 @@ async def run_room(conversation_id: str, services: RoomServices, handle: RoomHan
 
 async def _serve_room(conversation_id: str, services: RoomServices, handle: RoomHandle,
                       inbox: Mailbox[RoomMessage]) -> None:
-    participants, closed_at, last_seq = await services.store.call(
-        lambda store: (store.participants(conversation_id), store.closed_at(conversation_id),
-                       store.last_seq(conversation_id)))
+    while True:
+        try:
+            participants, closed_at, last_seq = await services.store.call(
+                lambda store: (store.participants(conversation_id), store.closed_at(conversation_id),
+                               store.last_seq(conversation_id)))
+            break
+        except Exception as exc:  # noqa: BLE001 - the store failed: load again soon (see ROOM_LOAD_RETRY_SECONDS)
+            _failures.exception(exc, "room %s could not load its conversation; trying again", conversation_id)
+            await trio.sleep(ROOM_LOAD_RETRY_SECONDS)
     room = Room(conversation_id, services, handle, participants, closed_at is not None, last_seq)
     if participants is None or closed_at is not None:  # unknown or closed: answer what waits, sleep soon
         room.idle_since = trio.current_time() - services.idle_timeout + UNKNOWN_ROOM_SECONDS
