@@ -29,6 +29,7 @@ from trio_websocket import (
     WebSocketConnection,
     open_websocket_url,
 )
+from wsproto.utilities import LocalProtocolError
 
 from winkr.client.cache import MemoryCache, Message, MessageCache
 
@@ -397,6 +398,11 @@ class Client:
         except (HandshakeError, OSError, ConnectionClosed) as exc:
             if ending is None:
                 ending = _Ending(reason=f"cannot connect: {exc!r}")
+        except LocalProtocolError as exc:
+            # trio-websocket answering a ping that crossed our close frame (wsproto refuses a
+            # pong once it is out): the connection ends all the same, as it was going to.
+            if ending is None:
+                ending = _Ending(reason=f"closed: {exc!r}")
         self._connection_lost()
         return ending
 
