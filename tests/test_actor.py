@@ -1,6 +1,8 @@
 """winkr.actor.Reply: a one-shot answer with one waiting task."""
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 import trio
 import trio.testing
@@ -181,22 +183,32 @@ async def test_a_mailbox_receive_is_a_checkpoint_also_when_items_wait() -> None:
         box.receive_nowait()
 
 
-async def test_closing_a_mailbox_ends_its_receiver_after_what_was_queued_and_refuses_senders() -> None:
-    box: Mailbox[int] = Mailbox(1)
+async def _what_a_waiting_sender_gets(box: Mailbox[int], end: Callable[[], Awaitable[None]]) -> list[str]:
+    """Fill ``box`` (one item), let a sender wait for room, run ``end``: what the sender got."""
     box.send_nowait(1)
     outcomes: list[str] = []
 
     async def blocked_sender() -> None:
         try:
             await box.send(2)
-        except trio.ClosedResourceError:
-            outcomes.append("closed")
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            outcomes.append(type(exc).__name__)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(blocked_sender)
         await trio.testing.wait_all_tasks_blocked()
+        await end()
+    return outcomes
+
+
+async def test_closing_a_mailbox_ends_its_receiver_after_what_was_queued_and_refuses_senders() -> None:
+    box: Mailbox[int] = Mailbox(1)
+
+    async def close() -> None:
         box.close()
-    assert outcomes == ["closed"]
+
+    outcomes = await _what_a_waiting_sender_gets(box, close)
+    assert outcomes == ["ClosedResourceError"]
     with pytest.raises(trio.ClosedResourceError):
         box.send_nowait(3)
     assert await box.receive() == 1
@@ -214,26 +226,17 @@ async def test_closing_a_mailbox_ends_its_receiver_after_what_was_queued_and_ref
         nursery.start_soon(receiver)
         await trio.testing.wait_all_tasks_blocked()
         waiting.close()
-    assert outcomes == ["closed", "ended"]
+    assert outcomes == ["ClosedResourceError", "ended"]
 
 
 async def test_a_mailbox_whose_receiver_is_gone_breaks_its_senders() -> None:
     box: Mailbox[int] = Mailbox(1)
-    box.send_nowait(1)
-    outcomes: list[str] = []
 
-    async def blocked_sender() -> None:
-        try:
-            await box.send(2)
-        except trio.BrokenResourceError:
-            outcomes.append("broken")
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(blocked_sender)
-        await trio.testing.wait_all_tasks_blocked()
+    async def receiver_ends() -> None:
         async with box:
-            pass  # the receiver's task ends
-    assert outcomes == ["broken"]
+            pass
+
+    assert await _what_a_waiting_sender_gets(box, receiver_ends) == ["BrokenResourceError"]
     assert len(box) == 0  # what was queued is dropped
     with pytest.raises(trio.BrokenResourceError):
         box.send_nowait(3)
