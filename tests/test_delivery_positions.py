@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from conftest import (
 from winkr.config import Settings
 from winkr.records import SendItem, StoredMessage
 from winkr.store import maintenance
-from winkr.store.engine import open_engine
+from winkr.store.engine import Database, open_engine
 from winkr.store.schema import migration_sql
 from winkr.store.store import Store
 
@@ -318,6 +320,22 @@ def test_the_migration_turns_delivery_rows_without_a_gap_into_positions_and_keep
         db.close()
 
 
+@contextmanager
+def _writer_with_a_pair(settings: Settings) -> Iterator[tuple[Database, Store, str]]:
+    """A writer's connection (closed on the way out), its ``Store`` and a new, committed
+    alice-bob conversation."""
+    db = open_engine(settings.database).open_writer()
+    try:
+        store = Store(db)
+        db.begin()
+        conv = store.create_conversation("alice", ["bob"], is_service=False, max_participants=10,
+                                         now=time.time())[0].id
+        db.commit()
+        yield db, store, conv
+    finally:
+        db.close()
+
+
 @pytest.mark.postgres_only
 def test_a_send_passes_over_a_position_another_node_holds_and_the_next_send_moves_it(
         tmp_path: Path, engine: Any) -> None:
@@ -328,13 +346,7 @@ def test_a_send_passes_over_a_position_another_node_holds_and_the_next_send_move
     import psycopg
 
     settings = make_settings(tmp_path)
-    db = open_engine(settings.database).open_writer()
-    try:
-        store = Store(db)
-        db.begin()
-        conv = store.create_conversation("alice", ["bob"], is_service=False, max_participants=10,
-                                         now=time.time())[0].id
-        db.commit()
+    with _writer_with_a_pair(settings) as (db, store, conv):
 
         def send(reached: tuple[str, ...]) -> int:
             db.begin()
@@ -366,8 +378,6 @@ def test_a_send_passes_over_a_position_another_node_holds_and_the_next_send_move
         assert positions(settings, conv) == {"alice": 3, "bob": 3}
         assert query(settings, "SELECT delivered_seq FROM conversations WHERE id = ?", (conv,)) == [(3,)]
         assert first_deliveries(2) == []  # the row below the position says nothing more
-    finally:
-        db.close()
 
 
 def test_a_runs_counter_and_position_end_where_its_stored_messages_end(tmp_path: Path, engine: Any) -> None:
@@ -380,13 +390,7 @@ def test_a_runs_counter_and_position_end_where_its_stored_messages_end(tmp_path:
     from winkr.ratelimit import Rate
 
     settings = make_settings(tmp_path)
-    db = open_engine(settings.database).open_writer()
-    try:
-        store = Store(db)
-        db.begin()
-        conv = store.create_conversation("alice", ["bob"], is_service=False, max_participants=10,
-                                         now=time.time())[0].id
-        db.commit()
+    with _writer_with_a_pair(settings) as (db, store, conv):
 
         def run(*items: SendItem, rates: tuple[Rate, ...] = ()) -> list[int | str]:
             """Each item's seq (negative: a duplicate of that seq) or error code."""
@@ -428,5 +432,3 @@ def test_a_runs_counter_and_position_end_where_its_stored_messages_end(tmp_path:
         assert run(to_bob("h"), to_bob("i", "y")) == ["NOT_FOUND", "NOT_FOUND"]
         assert counter() == (8, 6)
         assert query(settings, "SELECT count(*) FROM messages WHERE conversation_id = ?", (conv,)) == [(8,)]
-    finally:
-        db.close()
