@@ -446,13 +446,24 @@ def text_frame(message: str) -> bytes:
     return _HEADER_64.pack(_FINAL_TEXT, 127, size) + payload
 
 
+def _without_extensions(proto: WSConnection) -> bool:
+    """Whether the open connection negotiated no extensions: then :func:`text_frame` frames
+    its messages (wsproto keeps no state for a complete outgoing message)."""
+    return getattr(getattr(proto, "_proto", None), "extensions", None) == []
+
+
+def _text_frames(frames: list[str]) -> bytes:
+    """The frames as one write, each by :func:`text_frame`."""
+    if len(frames) == 1:
+        return text_frame(frames[0])
+    return b"".join([text_frame(frame) for frame in frames])
+
+
 def _encode(proto: WSConnection, frames: list[str]) -> bytes:
-    """The frames as one write: by :func:`text_frame` when the connection has no extensions
-    (wsproto keeps no state for a complete outgoing message), else by wsproto."""
-    if getattr(getattr(proto, "_proto", None), "extensions", None) == []:
-        if len(frames) == 1:
-            return text_frame(frames[0])
-        return b"".join([text_frame(frame) for frame in frames])
+    """The frames as one write: by :func:`text_frame` when the connection has no extensions,
+    else by wsproto."""
+    if _without_extensions(proto):
+        return _text_frames(frames)
     return b"".join([proto.send(TextMessage(data=frame)) for frame in frames])
 
 
@@ -475,7 +486,7 @@ class DirectWriter:
         self._socket = socket
         self._metrics = metrics
         # Made once the connection is open: whether it has extensions is settled (see _encode).
-        self._plain = getattr(getattr(ws._wsproto, "_proto", None), "extensions", None) == []
+        self._plain = _without_extensions(ws._wsproto)
 
     def ready(self) -> bool:
         ws = self._ws
@@ -492,7 +503,7 @@ class DirectWriter:
         happens (wake the writer). On a failing socket all of it waits, and that write meets the
         error and closes the connection the usual way."""
         if self._plain:
-            data = text_frame(frames[0]) if len(frames) == 1 else b"".join([text_frame(frame) for frame in frames])
+            data = _text_frames(frames)
         else:
             data = _encode(self._ws._wsproto, frames)
         try:
