@@ -10,8 +10,8 @@ import trio.testing
 from winkr.actor import Mailbox, Reply
 
 
-async def test_wait_gets_the_value_set_later() -> None:
-    reply: Reply[int] = Reply()
+async def _what_a_waiting_task_gets(reply: Reply[int], meanwhile: Callable[[], Awaitable[None]]) -> list[int]:
+    """Park a task in ``reply.wait()``, run ``meanwhile`` while it waits: what the task got."""
     got: list[int] = []
 
     async def asker() -> None:
@@ -20,10 +20,19 @@ async def test_wait_gets_the_value_set_later() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(asker)
         await trio.testing.wait_all_tasks_blocked()
+        await meanwhile()
+    return got
+
+
+async def test_wait_gets_the_value_set_later() -> None:
+    reply: Reply[int] = Reply()
+
+    async def answer() -> None:
         assert not reply.is_set()
         reply.set(7)
         assert reply.is_set()
-    assert got == [7]
+
+    assert await _what_a_waiting_task_gets(reply, answer) == [7]
 
 
 async def test_wait_raises_the_failure() -> None:
@@ -82,32 +91,22 @@ async def test_cancelled_while_parked_then_a_new_wait_gets_the_answer() -> None:
         await trio.testing.wait_all_tasks_blocked()
         scopes[0].cancel()
     assert cancelled == [True]
-    got: list[int] = []
 
-    async def second() -> None:
-        got.append(await reply.wait())
-
-    async with trio.open_nursery() as nursery:  # the first waiter's place was given up
-        nursery.start_soon(second)
-        await trio.testing.wait_all_tasks_blocked()
+    async def answer() -> None:
         reply.set(5)
-    assert got == [5]
+
+    assert await _what_a_waiting_task_gets(reply, answer) == [5]  # the first waiter's place was given up
 
 
 async def test_a_second_waiter_at_once_is_refused() -> None:
     reply: Reply[int] = Reply()
-    got: list[int] = []
 
-    async def asker() -> None:
-        got.append(await reply.wait())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(asker)
-        await trio.testing.wait_all_tasks_blocked()
+    async def second_waiter_then_answer() -> None:
         with pytest.raises(trio.BusyResourceError):
             await reply.wait()
         reply.set(1)  # the first waiter is still there and gets it
-    assert got == [1]
+
+    assert await _what_a_waiting_task_gets(reply, second_waiter_then_answer) == [1]
 
 
 # --- Mailbox: a room's inbox -------------------------------------------------------------------
