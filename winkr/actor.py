@@ -30,7 +30,37 @@ T_co = TypeVar("T_co", covariant=True)
 T_contra = TypeVar("T_contra", contravariant=True)
 
 
-class Reply(Generic[T]):
+class OneWaiter:
+    """The place for one parked task, for an object that wakes exactly one waiting task (a
+    reply's asker, a room mailbox's receiver, an outbox's writer) instead of a ``trio.Event``
+    or ``ParkingLot`` (an object, an ordered dict and an outcome per wait: issue 10). A
+    subclass parks with ``self._take_place(...)`` then ``await
+    wait_task_rescheduled(self._give_up)`` (a checkpoint: a cancelled wait gives the place up
+    and takes nothing) and wakes the task with :meth:`_wake`."""
+
+    __slots__ = ("_waiter",)
+
+    def __init__(self) -> None:
+        self._waiter: Task | None = None
+
+    def _take_place(self, busy: str) -> None:
+        """The current task is the one waiting; ``trio.BusyResourceError(busy)`` if one already is."""
+        if self._waiter is not None:
+            raise trio.BusyResourceError(busy)
+        self._waiter = current_task()
+
+    def _give_up(self, _: RaiseCancelT) -> Abort:
+        self._waiter = None  # the wait was cancelled: nothing was taken
+        return Abort.SUCCEEDED
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            reschedule(waiter)
+
+
+class Reply(OneWaiter, Generic[T]):
     """An answer set once by the actor that owns the request, awaited by the asker (one task
     at a time).
 
@@ -39,13 +69,13 @@ class Reply(Generic[T]):
     event (an object, its set of waiters, a closure per wait) did nothing a single waiter
     needs (issue 10)."""
 
-    __slots__ = ("_done", "_value", "_error", "_waiter")
+    __slots__ = ("_done", "_value", "_error")
 
     def __init__(self) -> None:
+        super().__init__()
         self._done = False
         self._value: T | None = None
         self._error: BaseException | None = None
-        self._waiter: Task | None = None
 
     def set(self, value: T) -> None:
         self._value = value
@@ -60,10 +90,7 @@ class Reply(Generic[T]):
 
     def _finish(self) -> None:
         self._done = True
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            reschedule(waiter)
+        self._wake()
 
     async def wait(self) -> T:
         """The value, or the error the owner failed it with. Cancelling the wait does not
@@ -73,17 +100,11 @@ class Reply(Generic[T]):
         if self._done:
             await checkpoint()
         else:
-            if self._waiter is not None:
-                raise trio.BusyResourceError("another task is already waiting for this reply")
-            self._waiter = current_task()
-            await wait_task_rescheduled(self._abort_wait)
+            self._take_place("another task is already waiting for this reply")
+            await wait_task_rescheduled(self._give_up)  # a cancelled wait: a later wait() gets the answer
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]  # set() ran before _done
-
-    def _abort_wait(self, _: RaiseCancelT) -> Abort:
-        self._waiter = None  # cancelled: the answer, when it comes, waits for a later wait()
-        return Abort.SUCCEEDED
 
 
 class _Outlet(Protocol[T_contra]):
@@ -119,7 +140,7 @@ def drain(inbox: _Inbox[T], first: T, limit: int) -> list[T]:
     return batch
 
 
-class Mailbox(Generic[T]):
+class Mailbox(OneWaiter, Generic[T]):
     """A bounded inbox with any number of senders and one receiving task: what an actor that
     is woken per message (a room) waits on, instead of a trio memory channel pair. The same
     contract for that use — ``send_nowait`` (``trio.WouldBlock`` when full), ``send`` (waits
@@ -133,12 +154,12 @@ class Mailbox(Generic[T]):
     waiting for room get it first come first served (``send_nowait`` refuses while any wait).
     It holds at least one item."""
 
-    __slots__ = ("_items", "_size", "_receiver", "_senders", "_waiting", "_closed", "_receiving_closed")
+    __slots__ = ("_items", "_size", "_senders", "_waiting", "_closed", "_receiving_closed")
 
     def __init__(self, size: int) -> None:
+        super().__init__()  # the waiter: the receiver, parked in receive() on an empty inbox
         self._items: deque[T] = deque()
         self._size = max(1, size)
-        self._receiver: Task | None = None  # parked in receive() on an empty inbox
         self._senders = ParkingLot()  # waiting for room in send(), first come first served
         self._waiting = 0  # how many: while some wait, a new item queues behind them
         self._closed = False  # close(): no more sends
@@ -162,10 +183,7 @@ class Mailbox(Generic[T]):
         if len(self._items) >= self._size:
             raise trio.WouldBlock
         self._items.append(value)
-        receiver = self._receiver
-        if receiver is not None:  # waiting on the empty inbox: it takes the item when it runs
-            self._receiver = None
-            reschedule(receiver)
+        self._wake()  # a receiver waiting on the empty inbox takes the item when it runs
 
     async def send(self, value: T) -> None:
         await checkpoint_if_cancelled()
@@ -191,10 +209,7 @@ class Mailbox(Generic[T]):
     def close(self) -> None:
         """No more sends; the receiver gets what is queued, then ``EndOfChannel``."""
         self._closed = True
-        receiver = self._receiver
-        if receiver is not None:  # it finds the inbox empty and closed: EndOfChannel
-            self._receiver = None
-            reschedule(receiver)
+        self._wake()  # a waiting receiver finds the inbox empty and closed: EndOfChannel
         self._senders.unpark_all()  # they learn it: ClosedResourceError
 
     # --- the receiver's side -----------------------------------------------------------------
@@ -214,18 +229,12 @@ class Mailbox(Generic[T]):
     async def receive(self) -> T:
         await checkpoint_if_cancelled()
         if not (self._items or self._closed or self._receiving_closed):
-            if self._receiver is not None:
-                raise trio.BusyResourceError("another task is already receiving from this mailbox")
-            self._receiver = current_task()
-            await wait_task_rescheduled(self._abort_receive)  # woken by a send or the close
+            self._take_place("another task is already receiving from this mailbox")
+            await wait_task_rescheduled(self._give_up)  # woken by a send or the close
             return self.receive_nowait()  # the item (or EndOfChannel): the wait was the checkpoint
         value = self.receive_nowait()  # an item, or EndOfChannel / ClosedResourceError
         await cancel_shielded_checkpoint()
         return value
-
-    def _abort_receive(self, _: RaiseCancelT) -> Abort:
-        self._receiver = None  # cancelled while waiting: nothing was taken
-        return Abort.SUCCEEDED
 
     def drain(self, first: T, limit: int) -> list[T]:
         """:func:`drain` without an exception to learn that the inbox is empty."""

@@ -37,7 +37,9 @@ from contextvars import ContextVar
 from typing import Protocol
 
 import trio
-from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, reschedule, wait_task_rescheduled
+from trio.lowlevel import wait_task_rescheduled
+
+from winkr.actor import OneWaiter
 
 CoalesceKey = Hashable
 """What makes two frames "the same state": a newer one replaces an older one still queued."""
@@ -91,17 +93,18 @@ class _Slot:
         self.key = key
 
 
-class Outbox:
+class Outbox(OneWaiter):
     """Memory per connection matters here (thousands of idle connections each hold one): the
     queue is a list (an empty deque allocates a 64-slot block, ~700 bytes), the coalescing index
     exists only while a keyed frame waits, and the writer waits as a parked task rather than on
     a ``trio.Event`` made for every wait (docs/performance.md, issue 10)."""
 
     __slots__ = ("_queue", "_keyed", "_chars", "_max_frames", "_max_chars", "_slow_seconds", "_closed",
-                 "_writer", "_room", "close_request", "_writing_since", "_interrupt", "_direct",
+                 "_room", "close_request", "_writing_since", "_interrupt", "_direct",
                  "_batch_frames", "_batch_chars", "_flush_pending")
 
     def __init__(self, max_frames: int, max_bytes: int, slow_seconds: float) -> None:
+        super().__init__()  # the waiter: the writer, while it waits for frames or the close
         # Oldest first; the writer takes a prefix at once (``receive_batch``), so a list's cost
         # of deleting from the front is one move of what is left per batch.
         self._queue: list[str | _Slot] = []
@@ -111,7 +114,6 @@ class Outbox:
         self._max_chars = max_bytes or 1 << 40
         self._slow_seconds = slow_seconds
         self._closed = False
-        self._writer: Task | None = None  # the writer, while it waits for frames or the close
         self._room: trio.Event | None = None  # the connection waits for room in ``put``
         self.close_request: str | None = None  # a reason another actor asked the connection to close with
         self._writing_since: float | None = None  # when the writer's current write began
@@ -146,10 +148,10 @@ class Outbox:
                 and trio.current_time() - self._writing_since > self._slow_seconds):
             self.request_close("slow_consumer")
             return False
-        if self._writer is not None:  # else the writer is busy and takes the frame next
+        if self._waiter is not None:  # else the writer is busy and takes the frame next
             pending = _deferred.get() if self._direct is not None else None
             if pending is None:
-                self._wake_writer()
+                self._wake()
             elif not self._flush_pending:
                 self._flush_pending = True
                 pending.append(self)
@@ -169,7 +171,7 @@ class Outbox:
         await trio.lowlevel.checkpoint_if_cancelled()
         self._queue.append(frame)
         self._chars += len(frame)
-        self._wake_writer()
+        self._wake()
 
     def attach_direct(self, direct: DirectWrite, max_frames: int, max_chars: int) -> None:
         """Let :meth:`flush` write to the socket itself through ``direct``, in batches bounded
@@ -183,7 +185,7 @@ class Outbox:
         not take it all, or a direct write could not start) goes to the writer. Never blocks."""
         self._flush_pending = False
         direct = self._direct
-        while self._queue and self._writer is not None:
+        while self._queue and self._waiter is not None:
             if direct is None or not direct.ready():  # not ready while a rest waits, too
                 break
             frames = self._take(self._batch_frames, self._batch_chars)
@@ -195,7 +197,7 @@ class Outbox:
                 break
             self.drained()
         if self._queue or self._rest_waits():
-            self._wake_writer()
+            self._wake()
 
     def request_close(self, reason: str) -> None:
         """Ask the connection to close with ``reason``; the first reason wins. The owner learns
@@ -220,7 +222,7 @@ class Outbox:
     def close(self) -> None:
         """No more frames; the writer still gets what is queued, then ``EndOfChannel``."""
         self._closed = True
-        self._wake_writer()
+        self._wake()
         if self._room is not None:
             self._room.set()
 
@@ -232,10 +234,8 @@ class Outbox:
         the write sends the rest first). Raises ``trio.EndOfChannel`` when closed and drained.
         Cancelling the wait loses nothing."""
         while not self._queue and not self._rest_waits() and not self._closed:
-            if self._writer is not None:
-                raise trio.BusyResourceError("another task is already waiting for this outbox")
-            self._writer = current_task()
-            await wait_task_rescheduled(self._abort_wait)
+            self._take_place("another task is already waiting for this outbox")
+            await wait_task_rescheduled(self._give_up)  # a cancelled wait (a timer, the close) takes nothing
         await trio.lowlevel.checkpoint_if_cancelled()
         if not self._queue and not self._rest_waits():
             raise trio.EndOfChannel
@@ -268,10 +268,6 @@ class Outbox:
         self._chars -= chars
         return batch
 
-    def _abort_wait(self, _: RaiseCancelT) -> Abort:
-        self._writer = None  # the wait was cancelled (a timer, the close): nothing was taken
-        return Abort.SUCCEEDED
-
     def drained(self) -> None:
         """The writer finished a socket write: the client is reading."""
         self._writing_since = None
@@ -281,11 +277,6 @@ class Outbox:
     def _full(self) -> bool:
         return len(self._queue) >= self._max_frames or self._chars >= self._max_chars // 2
 
-    def _wake_writer(self) -> None:
-        writer = self._writer
-        if writer is not None:
-            self._writer = None
-            reschedule(writer)
 
     def __len__(self) -> int:
         return len(self._queue)
