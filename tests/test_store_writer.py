@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from conftest import make_settings, query
 
-from winkr.errors import INVALID_MESSAGE_TYPE, ProtocolError
+from winkr.errors import INTERNAL_ERROR, INVALID_MESSAGE_TYPE, ProtocolError
 from winkr.metrics import Metrics
 from winkr.store.engine import SqliteDatabase, open_engine
 from winkr.store.store import Store
@@ -190,3 +190,28 @@ async def test_a_lone_request_runs_without_a_savepoint_and_its_failure_rolls_bac
     assert not [s for s in statements if "SAVEPOINT" in s or "RELEASE" in s], statements
     assert "ROLLBACK" in statements
     assert _users(settings) == {"alone", "after"}  # the refused request's upsert ("ghost") is gone
+
+
+def _lose_the_connection(store: Store) -> None:
+    """A request whose database connection dies under it (the server ends the session)."""
+    store.db.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+
+@pytest.mark.postgres_only
+async def test_a_lone_request_whose_connection_breaks_fails_as_a_storage_failure(tmp_path: Path) -> None:
+    """Alone in its batch, a request that loses the connection is answered as one in a shared
+    batch is (where its ROLLBACK TO meets the broken connection): INTERNAL_ERROR, "storage
+    failure", not the driver's error; the writer connects again and goes on."""
+    settings = make_settings(tmp_path)
+    db = open_engine(settings.database).open_writer()
+    try:
+        async with trio.open_nursery() as nursery:
+            store: StoreHandle = await nursery.start(partial(run_store_writer, Store(db), trio.to_thread.run_sync))
+            with pytest.raises(ProtocolError) as failed:
+                await store.call(_lose_the_connection)
+            assert failed.value.code == INTERNAL_ERROR
+            assert await store.call(partial(_upsert, "after")) == "after"
+            nursery.cancel_scope.cancel()
+    finally:
+        db.close()
+    assert _users(settings) == {"after"}

@@ -124,7 +124,11 @@ def _run_batch_once(store: Store, batch: list[_Request]) -> Results:
                 if db.is_transient(exc):
                     raise  # another node holds what we need: the whole batch goes again
                 if alone:
-                    db.rollback()
+                    # A statement, as ROLLBACK TO is in a shared batch: on a connection that
+                    # broke under the request it fails too, and the batch's failure (a storage
+                    # failure, the connection made again) answers the request, not the driver's
+                    # error. (``db.rollback()`` passes over a broken connection.)
+                    db.execute("ROLLBACK")
                     return [(None, exc)]
                 db.execute("ROLLBACK TO request")
                 db.execute("RELEASE request")
